@@ -1,0 +1,46 @@
+# Two commands do all the set-up on a fresh machine:
+#   make test   the full test suite (Triton kernels through the interpreter on the CPU)
+#   make demo   the end-to-end example on the bundled data
+# Each creates .venv if it is missing and installs metamoe with its test extras (which builds the
+# C++/CUDA extension); both are quick when everything is already in place.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.metamoe-installed
+# Rebuild/reinstall when the build inputs change.
+BUILD_INPUTS := setup.py pyproject.toml CMakeLists.txt $(shell find csrc -type f 2>/dev/null) metamoe/version.py
+
+PYTEST_ARGS ?= -q
+DEMO_OUT ?= demo_out
+SEED ?= 0
+
+.PHONY: test demo install build bench clean info
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): $(PY) $(BUILD_INPUTS)
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $@
+
+install: $(STAMP)
+
+# Rebuild the extension in place (after editing csrc/).
+build: $(STAMP)
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_ARGS) tests
+
+demo: $(STAMP)
+	$(PY) -m metamoe demo --out $(DEMO_OUT) --seed $(SEED)
+
+info: $(STAMP)
+	$(PY) -m metamoe.info
+
+bench: $(STAMP)
+	$(PY) -m metamoe bench
+
+clean:
+	rm -rf build $(VENV) metamoe/_C*.so metamoe/_build_info.json *.egg-info

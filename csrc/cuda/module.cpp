@@ -1,0 +1,36 @@
+// metamoe._C_cuda: bindings of the CUDA kernels. Compiled by the host compiler (pybind11 stays out of
+// nvcc); kernels live in *.cu files and are reached through the launchers declared in
+// metamoe/cuda_ops.h. Tensors arrive as raw device pointers (torch.Tensor.data_ptr(), CuPy's
+// __cuda_array_interface__), so the module never links libtorch.
+#include <cuda_runtime.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "metamoe/cuda_ops.h"
+
+namespace py = pybind11;
+
+namespace metamoe {
+void register_dpp_greedy_cuda(py::module_& m);
+}  // namespace metamoe
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "metamoe CUDA kernels";
+  m.attr("__version__") = METAMOE_VERSION;
+  m.attr("cuda_runtime_version") = CUDART_VERSION;
+  m.def(
+      "device_count",
+      []() -> py::tuple {
+        int n = 0;
+        cudaError_t err = cudaGetDeviceCount(&n);
+        if (err != cudaSuccess) {
+          std::string msg = std::string("cudaGetDeviceCount: ") + cudaGetErrorString(err);
+          cudaGetLastError();
+          return py::make_tuple(0, msg);
+        }
+        return py::make_tuple(n, std::string(n > 0 ? "ok" : "no CUDA device"));
+      },
+      "(count, message): CUDA devices the runtime sees.");
+  metamoe::register_dpp_greedy_cuda(m);
+}

@@ -1,0 +1,24 @@
+"""Backend dispatch: each op's implementations (torch, triton, cpp, cuda), chosen per call."""
+
+from .availability import backend_unavailable_reason, build_info, extension, triton_interpret
+from .registry import (
+    BACKENDS,
+    ENV_VAR,
+    BackendError,
+    BackendNotSupportedError,
+    CallSpec,
+    Implementation,
+    NoBackendError,
+    Op,
+    all_ops,
+    define_op,
+    get_op,
+    resolve_backend,
+)
+from .tensors import dtype_name, device_type
+
+__all__ = [
+    "BACKENDS", "ENV_VAR", "BackendError", "BackendNotSupportedError", "CallSpec", "Implementation",
+    "NoBackendError", "Op", "all_ops", "define_op", "get_op", "resolve_backend", "backend_unavailable_reason",
+    "build_info", "extension", "triton_interpret", "dtype_name", "device_type",
+]

@@ -1,0 +1,90 @@
+"""Input checks shared by the selectors: clear errors that name the argument and what was expected."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional
+
+import numpy as np
+
+from ..backends.tensors import as_torch, device_type, dtype_name, is_torch
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def check_embeddings(X: Any, name: str = "X", *, check_finite: bool = True, chunk_rows: int = 65536):
+    """Validate a (N, D) floating-point embedding matrix; returns it as a torch tensor (zero copy where possible).
+
+    Raises TypeError for non-array or integer input and ValueError for wrong shape, empty or NaN/inf rows.
+    """
+    if isinstance(X, (list, tuple)):
+        raise TypeError(f"{name} must be a NumPy array, torch tensor or CuPy array of floats, got a {type(X).__name__}")
+    if not (is_torch(X) or hasattr(X, "__cuda_array_interface__") or isinstance(X, np.ndarray)):
+        raise TypeError(f"{name} must be a NumPy array, torch tensor or CuPy array, got {type(X).__name__}")
+    dt = dtype_name(X)
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype ({', '.join(FLOAT_DTYPES)}), got {dt}")
+    if len(X.shape) != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, dim), got shape {tuple(X.shape)}")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(X.shape)}")
+    t = as_torch(X)
+    if check_finite:
+        for start in range(0, t.shape[0], chunk_rows):
+            block = t[start : start + chunk_rows]
+            bad = ~torch_isfinite_rows(block)
+            if bool(bad.any()):
+                row = start + int(bad.nonzero()[0, 0])
+                raise ValueError(f"{name} has NaN or inf values (first in row {row})")
+    return t
+
+
+def torch_isfinite_rows(block):
+    import torch
+
+    return torch.isfinite(block).all(dim=1)
+
+
+def check_k(k: Any, n: int, name: str = "k") -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(k).__name__}")
+    k = int(k)
+    if k <= 0:
+        raise ValueError(f"{name} must be >= 1, got {k}")
+    if k > n:
+        raise ValueError(f"{name}={k} is larger than the pool (N={n})")
+    return k
+
+
+def check_relevance(relevance: Optional[Any], n: int, name: str = "relevance") -> np.ndarray:
+    """A float64 NumPy array of length n in [0, 1] (all ones when None)."""
+    if relevance is None:
+        return np.ones(n, dtype=np.float64)
+    if is_torch(relevance):
+        r = relevance.detach().to("cpu").double().numpy()
+    elif hasattr(relevance, "__cuda_array_interface__"):
+        r = as_torch(relevance).to("cpu").double().numpy()
+    else:
+        r = np.asarray(relevance)
+        if not np.issubdtype(r.dtype, np.number) or np.issubdtype(r.dtype, np.complexfloating):
+            raise TypeError(f"{name} must be a real-valued array, got dtype {r.dtype}")
+        r = r.astype(np.float64)
+    if r.ndim != 1 or r.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) to match the pool, got {tuple(r.shape)}")
+    if not np.isfinite(r).all():
+        raise ValueError(f"{name} has NaN or inf values (first at {int(np.flatnonzero(~np.isfinite(r))[0])})")
+    if r.min() < 0 or r.max() > 1:
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{r.min():.4g}, {r.max():.4g}]")
+    return np.ascontiguousarray(r)
+
+
+def check_nonnegative(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+__all__ = ["check_embeddings", "check_k", "check_relevance", "check_nonnegative", "device_type", "FLOAT_DTYPES"]
