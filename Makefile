@@ -15,7 +15,7 @@ PYTEST_ARGS ?= -q
 DEMO_OUT ?= demo_out
 SEED ?= 0
 
-.PHONY: test demo install build bench clean info
+.PHONY: test demo install ext bench clean info
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,9 @@ $(STAMP): $(PY) $(BUILD_INPUTS)
 
 install: $(STAMP)
 
-# Rebuild the extension in place (after editing csrc/).
-build: $(STAMP)
+# Rebuild only the extension, in place, after editing csrc/ (no reinstall, no dependency check).
+ext: $(PY)
+	$(PY) setup.py -q build_ext --inplace
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_ARGS) tests

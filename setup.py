@@ -164,6 +164,8 @@ setup(
             "matplotlib>=3.6",
             "pytest>=7",
             "pytest-benchmark>=4",
+            "pybind11>=2.10",  # for `make ext` (in-place rebuilds without build isolation)
+            "setuptools>=64",
         ],
     },
     entry_points={"console_scripts": ["metamoe=metamoe.cli:main"]},
