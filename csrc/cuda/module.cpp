@@ -25,12 +25,20 @@ PYBIND11_MODULE(_C_cuda, m) {
         int n = 0;
         cudaError_t err = cudaGetDeviceCount(&n);
         if (err != cudaSuccess) {
-          std::string msg = std::string("cudaGetDeviceCount: ") + cudaGetErrorString(err);
+          std::string msg;
+          if (err == cudaErrorInsufficientDriver) {
+            msg = "no usable NVIDIA driver: it is missing or older than this module's CUDA runtime " +
+                  std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
+          } else if (err == cudaErrorNoDevice) {
+            msg = "the NVIDIA driver reports no CUDA device";
+          } else {
+            msg = std::string("cudaGetDeviceCount failed: ") + cudaGetErrorString(err);
+          }
           cudaGetLastError();
           return py::make_tuple(0, msg);
         }
-        return py::make_tuple(n, std::string(n > 0 ? "ok" : "no CUDA device"));
+        return py::make_tuple(n, std::string(n > 0 ? "ok" : "the NVIDIA driver reports no CUDA device"));
       },
-      "(count, message): CUDA devices the runtime sees.");
+      "(count, message): CUDA devices the runtime sees, and why none when there are none.");
   metamoe::register_dpp_greedy_cuda(m);
 }

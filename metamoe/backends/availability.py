@@ -95,7 +95,7 @@ def cuda_extension_reason() -> Optional[str]:
         return reason
     count, err = mod.device_count()
     if count <= 0:
-        return f"no CUDA device is visible to metamoe._C_cuda ({err})"
+        return f"no CUDA device is available to metamoe._C_cuda: {err}"
     return None
 
 

@@ -144,6 +144,11 @@ class Op:
                 raise BackendNotSupportedError(
                     f"backend '{requested}' has no implementation of {self.name} (it has: {have})"
                 )
+            unavailable = impl.unavailable_reason()
+            if unavailable:
+                raise BackendNotSupportedError(
+                    f"backend '{requested}' cannot run {self.name}: {requested} is not available here: {unavailable}"
+                )
             reasons = impl.not_supported_reasons(spec)
             if reasons:
                 raise BackendNotSupportedError(
