@@ -115,7 +115,7 @@ def backend_unavailable_reason(backend: str) -> Optional[str]:
             return None
         cuda = torch_cuda_reason()
         if cuda:
-            return f"{cuda}, and TRITON_INTERPRET is not set (Triton runs on the CPU only through its interpreter)"
+            return f"{cuda}, and TRITON_INTERPRET=1 is not set (Triton runs on the CPU only through its interpreter)"
         return None
     raise ValueError(f"unknown backend {backend!r}")
 

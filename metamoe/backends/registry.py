@@ -144,15 +144,11 @@ class Op:
                 raise BackendNotSupportedError(
                     f"backend '{requested}' has no implementation of {self.name} (it has: {have})"
                 )
-            unavailable = impl.unavailable_reason()
-            if unavailable:
-                raise BackendNotSupportedError(
-                    f"backend '{requested}' cannot run {self.name}: {requested} is not available here: {unavailable}"
-                )
-            reasons = impl.not_supported_reasons(spec)
+            reasons = impl.not_supported_reasons(spec)  # the availability reason, if any, comes first
             if reasons:
+                head = f"{requested} is not available here: " if impl.unavailable_reason() else ""
                 raise BackendNotSupportedError(
-                    f"backend '{requested}' cannot run {self.name}: " + "; ".join(reasons)
+                    f"backend '{requested}' cannot run {self.name}: {head}" + "; ".join(reasons)
                 )
             return impl
         all_reasons = []
