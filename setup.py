@@ -69,6 +69,13 @@ def _cuda_switch() -> str:
     raise SystemExit(f"METAMOE_CUDA must be 0, 1 or unset (auto); got {raw!r}")
 
 
+def _replace_file(src: Path, dest: Path) -> None:
+    """Copy then rename: a process that has the old module loaded keeps its (unchanged) inode."""
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dest)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str, optional: bool = False):
         super().__init__(name, sources=[])
@@ -123,10 +130,10 @@ class CMakeBuild(build_ext):
                     print(f"metamoe: {ext.name} was not built (see build_info.json for why)", flush=True)
                     continue
                 raise SystemExit(f"CMake finished but produced no {stem} module in {build_dir}")
-            shutil.copy2(built[0], dest)
+            _replace_file(built[0], dest)
         if info.exists():
             pkg_dir = Path(self.get_ext_fullpath("metamoe._C")).parent
-            shutil.copy2(info, pkg_dir / "_build_info.json")
+            _replace_file(info, pkg_dir / "_build_info.json")
 
 
 setup(
