@@ -1,0 +1,485 @@
+"""Client side of the unification pipeline: embed with the frozen seed, train a proxy-aligned LoRA expert.
+
+* :func:`embed` runs the frozen seed model over a data set in batches and returns the pooled representation
+  its classifier head sees (what relevance scoring and proxy selection work on).
+* :func:`train_expert` copies the seed, puts LoRA on every FFN projection, and fine-tunes on the private data
+  together with the proxies (DESIGN.md section 1, stage 2). Classification: a new head over the
+  concatenated label spaces, private classes first, then the public classes (a proxy keeps its public
+  label ``j``, trained as class ``len(private) + j``). Causal LM: next-token prediction on both.
+  Afterwards it records, for every FFN layer, the mean FFN input over the training data: the expert's
+  router prototype (the paper's Eq. 7), computed with the trained expert in eval mode, every valid token
+  weighted equally.
+
+Selection of the proxies (relevance scores, DPP, ...) lives in :mod:`metamoe.selection`; this module takes
+the chosen proxies as (x, y) arrays.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.ffn import ffn_input_hooks
+from ..models.lora import LoRAConfig, apply_lora, has_lora, lora_state_dict
+from ..models.registry import SeedModel, _seeded, weight_hash
+
+PROTOTYPE_DATA = ("train", "private")
+
+
+def _progress(total: int, enabled: bool, desc: str, unit: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=(None if enabled else True), leave=False)
+
+
+def _check_seed_model(model: Any, name: str = "seed_model") -> SeedModel:
+    if not isinstance(model, SeedModel):
+        raise TypeError(
+            f"{name} must be a SeedModel (metamoe.models.create_seed_model), got {type(model).__name__}"
+        )
+    return model
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return batch_size
+
+
+class _TrainFlag:
+    """Context manager: set a module's training flag, restore it afterwards."""
+
+    def __init__(self, module: nn.Module, mode: bool):
+        self.module, self.mode = module, mode
+
+    def __enter__(self):
+        self.prev = self.module.training
+        self.module.train(self.mode)
+
+    def __exit__(self, *exc):
+        self.module.train(self.prev)
+
+
+@torch.no_grad()
+def embed(model: SeedModel, data: Any, batch_size: int = 256, progress: bool = True) -> np.ndarray:
+    """Pooled representations of ``data`` under the model in eval mode: float32 NumPy array (n, D).
+
+    Args:
+        model: a :class:`~metamoe.models.SeedModel`; D = ``model.feature_dim``. Not modified.
+        data: images (n, C, H, W) / (n, H, W) float for timm; token ids (n, L) int or a mapping with
+            ``input_ids`` and ``attention_mask`` (n, L) for transformers. NumPy or torch.
+        batch_size: rows per forward pass.
+        progress: show a tqdm bar.
+
+    Returns:
+        (n, D) float32: ``forward_head(pre_logits=True)`` for a timm ViT, the pooler output for BERT, the final
+        hidden state averaged over valid tokens for a causal LM.
+    """
+    model = _check_seed_model(model, "model")
+    batch_size = _check_batch_size(batch_size)
+    n = SeedModel.num_samples(data)
+    if n == 0:
+        raise ValueError("data is empty (0 samples)")
+    out = np.empty((n, model.feature_dim), dtype=np.float32)
+    with _TrainFlag(model, False), _progress(n, progress, f"embed ({model.name})", "sample") as bar:
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            batch = model.prepare(SeedModel.take(data, slice(start, stop)))
+            out[start:stop] = model.features(batch).float().cpu().numpy()
+            bar.update(stop - start)
+    return out
+
+
+@torch.no_grad()
+def compute_prototypes(
+    model: SeedModel, data: Any, batch_size: int = 256, progress: bool = False
+) -> Tuple[torch.Tensor, int]:
+    """Mean FFN input of every FFN layer over ``data`` (eval mode): ((L, D) float32, number of tokens averaged).
+
+    Every token that the model's attention mask keeps counts once (all tokens of a ViT: class token and
+    patches). Sums run in float64.
+    """
+    model = _check_seed_model(model, "model")
+    batch_size = _check_batch_size(batch_size)
+    layers = model.ffn_layers()
+    if not layers:
+        raise ValueError(f"{model.name} has no FFN layers")
+    n = SeedModel.num_samples(data)
+    if n == 0:
+        raise ValueError("data is empty (0 samples)")
+    dims = {layer.hidden_size for layer in layers}
+    if len(dims) != 1:
+        raise ValueError(
+            f"FFN layers of {model.name} have different widths {sorted(dims)}; prototypes need one width"
+        )
+    sums = torch.zeros(len(layers), dims.pop(), dtype=torch.float64)
+    counts = torch.zeros(len(layers), dtype=torch.float64)
+    state = {}
+
+    def record(i, x):
+        x = x.detach().double().cpu()
+        mask = state["mask"]
+        if mask is None:
+            sums[i] += x.reshape(-1, x.shape[-1]).sum(0)
+            counts[i] += x.shape[0] * x.shape[1]
+        else:
+            m = mask.to(x.dtype).cpu().unsqueeze(-1)
+            sums[i] += (x * m).sum((0, 1))
+            counts[i] += m.sum()
+
+    with (
+        _TrainFlag(model, False),
+        ffn_input_hooks(model.net, layers, record),
+        _progress(n, progress, "prototypes", "sample") as bar,
+    ):
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            batch = model.prepare(SeedModel.take(data, slice(start, stop)))
+            state["mask"] = model.token_mask(batch)
+            model(batch)
+            bar.update(stop - start)
+    if not bool((counts > 0).all()):
+        raise ValueError("no valid tokens in data (every attention_mask entry is 0)")
+    tokens = int(counts[0].item())
+    return (sums / counts.unsqueeze(1)).float(), tokens
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainedExpert:
+    """What :func:`train_expert` returns.
+
+    Attributes:
+        model: the trained expert (a deep copy of the seed with LoRA and, for classification, the new head);
+            for evaluation on the client. Never shipped.
+        seed_name, seed_hash: the seed model's name and :func:`~metamoe.models.weight_hash`.
+        lora_config: rank, alpha, dropout, projections.
+        lora_state: {``layers.{i}.{proj}.lora_A`` (r, in), ``.lora_B`` (out, r)} float32 CPU tensors.
+        head_state: {``weight`` (C, D), ``bias`` (C,)} of the new head, or None (causal LM).
+        prototypes: (L, D) float32: mean FFN input per FFN layer over the training data.
+        label_space: ``{"kind": "classes", "private": [...], "public": [...]}`` or
+            ``{"kind": "vocabulary", "size": V}``.
+        metrics: aggregate numbers only (losses per epoch, accuracies, counts, seconds); nothing per sample.
+    """
+
+    model: SeedModel
+    seed_name: str
+    seed_hash: str
+    lora_config: LoRAConfig
+    lora_state: Dict[str, torch.Tensor]
+    head_state: Optional[Dict[str, torch.Tensor]]
+    prototypes: torch.Tensor
+    label_space: Dict[str, Any]
+    metrics: Dict[str, Any] = field(default_factory=dict)
+
+
+def _as_tensor(x: Any, name: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    raise TypeError(f"{name} must be a NumPy array or torch tensor, got {type(x).__name__}")
+
+
+def _as_inputs(x: Any, name: str):
+    if isinstance(x, Mapping):
+        if "input_ids" not in x:
+            raise ValueError(f"{name} as a mapping needs 'input_ids', got keys {sorted(x)}")
+        out = {"input_ids": _as_tensor(x["input_ids"], f"{name}['input_ids']")}
+        mask = x.get("attention_mask")
+        out["attention_mask"] = (
+            torch.ones_like(out["input_ids"])
+            if mask is None
+            else _as_tensor(mask, f"{name}['attention_mask']")
+        )
+        return out
+    return _as_tensor(x, name)
+
+
+def _concat(a, b, name_a: str, name_b: str):
+    if isinstance(a, dict) != isinstance(b, dict):  # token ids without a mask: every token is valid
+        a, b = (
+            {"input_ids": t, "attention_mask": torch.ones_like(t)} if not isinstance(t, dict) else t
+            for t in (a, b)
+        )
+    try:
+        if isinstance(a, dict):
+            return {k: torch.cat([a[k], b[k].to(a[k].dtype)]) for k in a}
+        return torch.cat([a, b.to(a.dtype)])
+    except RuntimeError as exc:
+        raise ValueError(f"{name_a} and {name_b} samples have different shapes: {exc}") from None
+
+
+def _labels(y: Any, n: int, n_classes: int, name: str) -> torch.Tensor:
+    t = _as_tensor(y, name)
+    if t.dim() != 1 or len(t) != n:
+        raise ValueError(f"{name} must be 1-D with one label per sample ({n}), got shape {tuple(t.shape)}")
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class indices, got {t.dtype}")
+    t = t.long()
+    if n and (int(t.min()) < 0 or int(t.max()) >= n_classes):
+        raise ValueError(
+            f"{name} must lie in [0, {n_classes}) (its label space), got [{int(t.min())}, {int(t.max())}]"
+        )
+    return t
+
+
+def _check_label_spaces(label_spaces: Any) -> Tuple[List[str], List[str]]:
+    if not isinstance(label_spaces, Mapping) or set(label_spaces) != {"private", "public"}:
+        raise ValueError(
+            "label_spaces must be a mapping with exactly the keys 'private' and 'public' (lists of class names)"
+        )
+    out = []
+    for key in ("private", "public"):
+        names = label_spaces[key]
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise TypeError(
+                f"label_spaces[{key!r}] must be a list of class names, got {type(names).__name__}"
+            )
+        names = list(names)
+        if any(not isinstance(s, str) or not s for s in names):
+            raise ValueError(f"label_spaces[{key!r}] must hold non-empty strings")
+        if len(set(names)) != len(names):
+            raise ValueError(f"label_spaces[{key!r}] has duplicate class names")
+        out.append(names)
+    private, public = out
+    if not private:
+        raise ValueError("label_spaces['private'] is empty")
+    clash = sorted(set(private) & set(public))
+    if clash:
+        raise ValueError(
+            f"label spaces collide: private and public both name {clash[:5]}; private names must be distinct "
+            "(prefix them with the client's domain)"
+        )
+    return private, public
+
+
+def _split_xy(data: Any, name: str, needs_labels: bool):
+    if isinstance(data, tuple) and len(data) == 2:
+        x, y = data
+    elif needs_labels:
+        raise TypeError(f"{name} must be a tuple (x, y)")
+    else:
+        x, y = data, None
+    if needs_labels and y is None:
+        raise ValueError(f"{name} needs labels y for a classification model")
+    if not needs_labels and y is not None:
+        raise ValueError(f"{name}: a causal LM trains on next tokens; pass x alone or (x, None), not labels")
+    return _as_inputs(x, f"{name} x"), y
+
+
+def train_expert(
+    seed_model: SeedModel,
+    private: Any,
+    proxies: Any = None,
+    label_spaces: Optional[Mapping[str, Sequence[str]]] = None,
+    *,
+    lora_rank: int = 8,
+    lora_alpha: Optional[float] = None,
+    lora_dropout: float = 0.0,
+    epochs: int = 5,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    prototype_data: str = "train",
+    progress: bool = False,
+) -> TrainedExpert:
+    """Proxy-aligned LoRA fine-tuning of a copy of ``seed_model`` (the seed itself is not modified).
+
+    Args:
+        seed_model: the shared seed (:func:`~metamoe.models.create_seed_model`), without LoRA.
+        private: classification: ``(x, y)`` with x as :func:`embed` takes it (n_private samples) and y (n_private,)
+            int in ``[0, len(label_spaces["private"]))``; causal LM: token ids x (n, L) (or ``(x, None)``).
+        proxies: ``(x, y_public)`` of the selected public samples, y_public in ``[0, len(label_spaces["public"]))``
+            (causal LM: token ids). None trains on the private data alone (the ``no_alignment`` ablation);
+            an empty set is an error.
+        label_spaces: ``{"private": [names], "public": [names]}``, disjoint, for classification; None for a causal LM.
+            The head predicts ``private + public`` classes in that order.
+        lora_rank, lora_alpha, lora_dropout: LoRA on every FFN projection (alpha defaults to 2 * rank).
+        epochs, lr, batch_size, weight_decay: AdamW over the LoRA weights and the head.
+        seed: LoRA init, head init, shuffling and dropout all derive from it: same seed, same expert (on the CPU).
+        prototype_data: ``"train"`` (private + proxies, the default) or ``"private"``: the data the
+            per-layer mean FFN input is taken over.
+        progress: tqdm bars.
+
+    Returns:
+        :class:`TrainedExpert`: the trained model, LoRA state, head state, prototypes (L, D) float32, label space,
+        aggregate metrics.
+    """
+    seed_model = _check_seed_model(seed_model)
+    if has_lora(seed_model):
+        raise ValueError("seed_model already has LoRA adapters; pass the plain seed model")
+    for nm, v in (("epochs", epochs), ("lora_rank", lora_rank)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{nm} must be a positive int, got {v!r}")
+    batch_size = _check_batch_size(batch_size)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if prototype_data not in PROTOTYPE_DATA:
+        raise ValueError(f"prototype_data must be one of {', '.join(PROTOTYPE_DATA)}, got {prototype_data!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+
+    causal = seed_model.task == "causal_lm"
+    if causal and label_spaces is not None:
+        raise ValueError(
+            "label_spaces applies to classification; a causal LM's label space is its vocabulary"
+        )
+    if not causal and label_spaces is None:
+        raise ValueError(
+            "label_spaces is required for a classification seed model: {'private': [...], 'public': [...]}"
+        )
+
+    x_priv, y_priv = _split_xy(private, "private", not causal)
+    n_priv = SeedModel.num_samples(x_priv)
+    if n_priv == 0:
+        raise ValueError("private is empty (0 samples)")
+    x_prox, y_prox, n_prox = None, None, 0
+    if proxies is not None:
+        x_prox, y_prox = _split_xy(proxies, "proxies", not causal)
+        n_prox = SeedModel.num_samples(x_prox)
+        if n_prox == 0:
+            raise ValueError(
+                "proxies is empty (zero proxies); pass proxies=None to train on the private data only"
+            )
+
+    if causal:
+        label_space = {"kind": "vocabulary", "size": int(seed_model.net.config.vocab_size)}
+        y_all = None
+    else:
+        priv_names, pub_names = _check_label_spaces(label_spaces)
+        label_space = {"kind": "classes", "private": priv_names, "public": pub_names}
+        y_p = _labels(y_priv, n_priv, len(priv_names), "private y")
+        parts = [y_p]
+        if x_prox is not None:
+            if not pub_names:
+                raise ValueError("proxies are given but label_spaces['public'] is empty")
+            parts.append(_labels(y_prox, n_prox, len(pub_names), "proxies y") + len(priv_names))
+        y_all = torch.cat(parts)
+    # validate the inputs up front (shapes, dtypes, token range), each set under its own name
+    for name, x in (("private", x_priv), ("proxies", x_prox)):
+        if x is not None:
+            try:
+                seed_model.prepare(x)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{name}: {exc}") from None
+    x_all = x_priv if x_prox is None else _concat(x_priv, x_prox, "private", "proxies")
+
+    t0 = time.perf_counter()
+    seed_hash = weight_hash(seed_model)
+    expert = copy.deepcopy(seed_model)
+    n_total = n_priv + n_prox
+    losses: List[float] = []
+    with _seeded(int(seed)):
+        head = None
+        if not causal:
+            head = expert.replace_head(len(priv_names) + len(pub_names), seed=int(seed))
+        cfg = apply_lora(expert, lora_rank, lora_alpha, lora_dropout, seed=int(seed))
+        if head is not None:
+            for p in head.parameters():
+                p.requires_grad_(True)
+        params = [p for p in expert.net.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=float(weight_decay))
+        gen = torch.Generator().manual_seed(int(seed))
+        steps = epochs * math.ceil(n_total / batch_size)
+        expert.train()
+        with _progress(steps, progress, f"train expert ({expert.name})", "step") as bar:
+            for _ in range(epochs):
+                perm = torch.randperm(n_total, generator=gen)
+                total, count = 0.0, 0
+                for start in range(0, n_total, batch_size):
+                    idx = perm[start : start + batch_size]
+                    batch = expert.prepare(SeedModel.take(x_all, idx))
+                    loss, n_items = _loss(expert, batch, None if y_all is None else y_all[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach()) * n_items
+                    count += n_items
+                    bar.update(1)
+                losses.append(total / max(count, 1))
+        expert.eval()
+    train_seconds = time.perf_counter() - t0
+
+    metrics: Dict[str, Any] = {
+        "epochs": epochs,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": float(lr),
+        "weight_decay": float(weight_decay),
+        "seed": int(seed),
+        "n_private": n_priv,
+        "n_proxies": n_prox,
+        "loss_per_epoch": losses,
+        "train_seconds": train_seconds,
+    }
+    metrics["private_accuracy"] = _accuracy(
+        expert, x_priv, None if y_all is None else y_all[:n_priv], batch_size
+    )
+    if x_prox is not None:
+        metrics["proxy_accuracy"] = _accuracy(
+            expert, x_prox, None if y_all is None else y_all[n_priv:], batch_size
+        )
+    proto_x = x_all if prototype_data == "train" else x_priv
+    prototypes, tokens = compute_prototypes(expert, proto_x, batch_size=batch_size, progress=progress)
+    metrics["prototype_data"] = prototype_data
+    metrics["prototype_tokens"] = tokens
+
+    head_state = None
+    if head is not None:
+        head_state = {k: v.detach().cpu().contiguous().clone() for k, v in head.state_dict().items()}
+    return TrainedExpert(
+        model=expert,
+        seed_name=seed_model.name,
+        seed_hash=seed_hash,
+        lora_config=cfg,
+        lora_state=lora_state_dict(expert),
+        head_state=head_state,
+        prototypes=prototypes,
+        label_space=label_space,
+        metrics=metrics,
+    )
+
+
+def _loss(model: SeedModel, batch, y) -> Tuple[torch.Tensor, int]:
+    logits = model(batch)
+    if y is not None:
+        return nn.functional.cross_entropy(logits.float(), y.to(logits.device)), int(len(y))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    tgt = ids[:, 1:][valid]
+    n = int(valid.sum())
+    if n == 0:
+        return logits.sum() * 0.0, 0
+    return nn.functional.cross_entropy(logits[:, :-1][valid].float(), tgt), n
+
+
+@torch.no_grad()
+def _accuracy(model: SeedModel, x, y, batch_size: int) -> float:
+    """Classification: fraction of argmax == y; causal LM: next-token accuracy over valid positions (None if none)."""
+    n = SeedModel.num_samples(x)
+    hit, tot = 0, 0
+    with _TrainFlag(model, False):
+        for start in range(0, n, batch_size):
+            batch = model.prepare(SeedModel.take(x, slice(start, start + batch_size)))
+            logits = model(batch)
+            if y is not None:
+                yy = y[start : start + batch_size].to(logits.device)
+                hit += int((logits.argmax(-1) == yy).sum())
+                tot += len(yy)
+            else:
+                ids, mask = batch["input_ids"], batch["attention_mask"]
+                valid = (mask[:, 1:] * mask[:, :-1]).bool()
+                hit += int((logits[:, :-1].argmax(-1) == ids[:, 1:])[valid].sum())
+                tot += int(valid.sum())
+    return hit / tot if tot else None
