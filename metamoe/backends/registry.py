@@ -154,6 +154,10 @@ class Op:
         all_reasons = []
         for impl in self.ordered():
             reasons = impl.not_supported_reasons(spec)
+            if not reasons and impl.backend == "triton" and spec.device == "cpu":
+                # The interpreter runs Triton kernels on the CPU for testing, far slower than torch:
+                # it runs when asked for by name, never as the automatic choice.
+                reasons = ["the Triton interpreter (TRITON_INTERPRET=1) runs only when backend='triton' is asked for"]
             if not reasons:
                 return impl
             all_reasons.append(f"  {impl.backend}: " + "; ".join(reasons))

@@ -1,0 +1,242 @@
+"""Benchmark metamoe.ops.moe_experts (grouped dispatch: gather-fused and scatter-fused grouped GEMMs).
+
+Peers, timed in the same run on the same inputs (same weights, transformers' MixtralExperts layout):
+  hf-eager        transformers' MixtralExperts.forward: the per-expert Python loop (the paper's pattern)
+  hf-grouped_mm   transformers' "grouped_mm" experts implementation (sort + torch._grouped_mm, its own
+                  fallback where _grouped_mm cannot run)
+  metamoe-torch   moe_experts(backend="torch") with the per-expert loop: the reference / fallback
+  torch-grouped_mm  metamoe's torch path on torch._grouped_mm (only where it runs: sm90+, bf16)
+  liger           liger-kernel's LigerFusedMoEFunction, if liger_kernel imports
+  metamoe-triton  moe_experts(backend="triton"): the Triton kernels (GPU; on the CPU only through
+                  TRITON_INTERPRET=1, where the time is the interpreter's and says nothing about the kernel)
+Modes: fwd (inference, no autograd graph) and fwd+bwd (forward, then backward of <y, g> into x, both weights
+and the routing weights).
+
+FLOPs counted: forward 2*T*k*d*(rows of w_gate_up + f) (SwiGLU: 6*T*k*d*f), fwd+bwd 3x forward. TFLOP/s,
+fraction of --peak-tflops (default: the measured ceiling of this GPU if known, else the H200 bf16 dense 790),
+and the speed-up over hf-eager are printed; each impl's max |y - y(metamoe-torch)| is checked in the same run.
+Rows are appended to benchmarks/results/moe.csv.
+
+  python benchmarks/bench_moe.py                         # GPU sweep (bf16): Mixtral and Qwen3-30B-A3B shapes
+  python benchmarks/bench_moe.py --quick                 # tiny CPU shapes (what runs without a GPU)
+  python benchmarks/bench_moe.py --shapes mixtral --T 16384
+
+Targets (issue 4, H200, bf16, T = 16k): forward >= 450 TFLOP/s (Mixtral) and >= 300 (Qwen3-30B-A3B);
+fwd+bwd >= 1.3x the torch._grouped_mm path and >= 10x the per-expert loop.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from benchmarks.utils import (  # noqa: E402
+    append_csv, common_parser, environment, measured_peak, pick_device, print_table, time_fn,
+)
+from metamoe.backends import CallSpec  # noqa: E402
+from metamoe.ops import moe_experts, moe_routing  # noqa: E402
+from metamoe.ops.moe_experts import grouped_mm_supported, moe_experts_op, moe_experts_torch  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+H200_BF16_TFLOPS = 790.0
+
+# name: (E, k, d, f)
+SHAPES = {
+    "mixtral": (8, 2, 4096, 14336),  # Mixtral-8x7B
+    "qwen3": (128, 8, 2048, 768),  # Qwen3-30B-A3B
+    "olmoe": (64, 8, 2048, 1024),  # OLMoE-1B-7B
+    "tiny": (8, 2, 64, 96),
+    "tiny-many": (16, 4, 32, 48),
+}
+GPU_SHAPES = ("mixtral", "qwen3", "olmoe")
+QUICK_SHAPES = ("tiny", "tiny-many")
+
+
+def hf_experts(wgu, wd, implementation):
+    """transformers' MixtralExperts sharing (not copying) our weights, with the given experts implementation."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    E, two_f, d = wgu.shape
+    cfg = MixtralConfig(hidden_size=d, intermediate_size=two_f // 2, num_local_experts=E, hidden_act="silu")
+    cfg._experts_implementation = implementation
+    with torch.device("meta"):
+        mod = MixtralExperts(cfg)
+    mod.gate_up_proj = torch.nn.Parameter(wgu, requires_grad=wgu.requires_grad)
+    mod.down_proj = torch.nn.Parameter(wd, requires_grad=wd.requires_grad)
+    return mod
+
+
+def liger_fn():
+    try:
+        from liger_kernel.ops import LigerFusedMoEFunction
+    except Exception as exc:  # not installed, or no GPU build
+        return None, f"liger_kernel not importable ({type(exc).__name__}: {exc})"
+    return LigerFusedMoEFunction, None
+
+
+def make_impls(names, x_dev, d, f, dtype):
+    """name -> factory(w_gate_up, w_down) -> callable(x, tw, ids) -> y (modules built once per weights),
+    plus {name: why skipped}."""
+    impls, skipped = {}, {}
+    for name in names:
+        if name in ("hf-eager", "hf-grouped_mm"):
+            def factory(wgu, wd, impl=name.split("-", 1)[1]):
+                mod = hf_experts(wgu, wd, impl)
+                return lambda x, tw, ids: mod(x, ids, tw)
+
+            impls[name] = factory
+        elif name == "metamoe-torch":
+            impls[name] = lambda wgu, wd: (lambda x, tw, ids: moe_experts_torch(x, tw, ids, wgu, wd, grouped_mm=False))
+        elif name == "torch-grouped_mm":
+            probe = torch.empty(0, device=x_dev, dtype=dtype)
+            ok, why = grouped_mm_supported(probe, d, f)
+            if ok:
+                impls[name] = lambda wgu, wd: (lambda x, tw, ids: moe_experts_torch(x, tw, ids, wgu, wd,
+                                                                                     grouped_mm=True))
+            else:
+                skipped[name] = why
+        elif name == "liger":
+            fn, why = liger_fn()
+            if fn is None or x_dev.type != "cuda":
+                skipped[name] = why or "liger's fused MoE needs a CUDA device"
+            else:
+                impls[name] = lambda wgu, wd, fn=fn: (lambda x, tw, ids: fn.apply(x, wgu, wd, ids.to(torch.int32), tw))
+        elif name == "metamoe-triton":
+            spec = CallSpec(x_dev.type, str(dtype).replace("torch.", ""), {"E": 1})
+            reasons = moe_experts_op.impls["triton"].not_supported_reasons(spec)
+            if reasons:
+                skipped[name] = "; ".join(reasons)
+            else:
+                impls[name] = lambda wgu, wd: (lambda x, tw, ids: moe_experts(x, tw, ids, wgu, wd, backend="triton"))
+        else:
+            raise ValueError(f"unknown impl {name!r}")
+    return impls, skipped
+
+
+def run_case(shape_name, T, E, k, d, f, dtype, mode, device, impls, warmup, rep, peak):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(T, d, device=device, dtype=dtype, generator=g)
+    logits = torch.randn(T, E, device=device, dtype=torch.float32, generator=g)
+    tw, ids = logits.softmax(-1).topk(k, dim=-1)
+    tw = (tw / tw.sum(-1, keepdim=True)).to(dtype)
+    wgu = (torch.randn(E, 2 * f, d, device=device, dtype=torch.float32, generator=g) / d**0.5).to(dtype)
+    wd = (torch.randn(E, d, f, device=device, dtype=torch.float32, generator=g) / f**0.5).to(dtype)
+    gy = torch.randn(T, d, device=device, dtype=dtype, generator=g)
+    counts = moe_routing(ids, E).counts
+    flops = 2.0 * T * k * d * (2 * f + f) * (3 if mode == "fwd+bwd" else 1)
+    train = mode == "fwd+bwd"
+    leaves = [t.detach().clone().requires_grad_(train) for t in (x, tw, wgu, wd)]
+
+    with torch.no_grad():
+        y_ref = impls["metamoe-torch"](wgu, wd)(x, tw, ids).float() if "metamoe-torch" in impls else None
+    rows = []
+    for name, factory in impls.items():
+        fn = factory(wgu, wd)
+        if train:
+            fn_train = factory(leaves[2], leaves[3])
+
+            def step(fn_train=fn_train):
+                fn_train(leaves[0], leaves[1], ids).backward(gy)
+
+            def clear():
+                for t in leaves:
+                    t.grad = None
+        else:
+            def step(fn=fn):
+                with torch.no_grad():
+                    fn(x, tw, ids)
+
+            clear = None
+        with torch.no_grad():
+            y = fn(x, tw, ids).float()
+        err = (y - y_ref).abs().max().item() if y_ref is not None and T else None
+        interp = name == "metamoe-triton" and torch.device(device).type == "cpu"
+        # the interpreter takes seconds per call: fewer repeats (its time is not a kernel time anyway)
+        t = time_fn(step, device=device, warmup=min(warmup, 1) if interp else warmup,
+                    rep=min(rep, 3) if interp else rep, setup=clear)
+        tflops = flops / t.median / 1e12
+        rows.append({
+            "op": "moe_experts", "mode": mode, "impl": name, "shape": shape_name, "T": T, "E": E, "k": k, "d": d,
+            "f": f, "dtype": str(dtype).replace("torch.", ""), **t.as_row("ms"), "TFLOP/s": tflops,
+            "%peak": 100.0 * tflops / peak, "peak_tflops": peak, "max_err_vs_torch": err,
+            "max_tokens_per_expert": int(counts.max()) if T else 0,
+        })
+    base = next((r for r in rows if r["impl"] == "hf-eager"), None)
+    gmm = next((r for r in rows if r["impl"] == "torch-grouped_mm"), None) or next(
+        (r for r in rows if r["impl"] == "hf-grouped_mm"), None)
+    for r in rows:
+        r["vs_hf_eager"] = base["median_ms"] / r["median_ms"] if base else None
+        r["vs_grouped_mm"] = gmm["median_ms"] / r["median_ms"] if gmm else None
+        r["grouped_mm_peer"] = gmm["impl"] if gmm else None
+    return rows
+
+
+def main(argv=None):
+    p = common_parser(__doc__)
+    p.add_argument("--T", type=int, nargs="*", default=None, help="tokens")
+    p.add_argument("--shapes", nargs="*", default=None, choices=sorted(SHAPES), help="named (E, k, d, f) presets")
+    p.add_argument("--E", type=int, default=None, help="custom shape: experts (with --k, --d, --f)")
+    p.add_argument("--k", type=int, default=None)
+    p.add_argument("--d", type=int, default=None)
+    p.add_argument("--f", type=int, default=None)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--modes", nargs="*", default=None, choices=["fwd", "fwd+bwd"])
+    p.add_argument("--impls", nargs="*", default=None,
+                   choices=["hf-eager", "hf-grouped_mm", "metamoe-torch", "torch-grouped_mm", "liger",
+                            "metamoe-triton"])
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    on_gpu = device.startswith("cuda")
+    quick = args.quick or not on_gpu
+    if quick:
+        T_list = args.T or [128]
+        shape_names = args.shapes or list(QUICK_SHAPES)
+        warmup, rep = (args.warmup if args.warmup is not None else 2), args.rep or 5
+    else:
+        T_list = args.T or [4096, 16384]
+        shape_names = args.shapes or list(GPU_SHAPES)
+        warmup, rep = (args.warmup if args.warmup is not None else 5), args.rep or 20
+    shapes = {n: SHAPES[n] for n in shape_names}
+    if args.E is not None:
+        if None in (args.k, args.d, args.f):
+            p.error("--E needs --k, --d and --f")
+        shapes = {f"E{args.E}k{args.k}d{args.d}f{args.f}": (args.E, args.k, args.d, args.f)}
+    dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
+    modes = args.modes or ["fwd", "fwd+bwd"]
+    peak = args.peak_tflops or measured_peak(device, "tflops_bf16") or H200_BF16_TFLOPS
+    names = args.impls or ["hf-eager", "hf-grouped_mm", "metamoe-torch", "torch-grouped_mm", "liger",
+                           "metamoe-triton"]
+
+    env = environment(device)
+    dev = torch.device(device)
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}  "
+          f"peak for %peak: {peak} TFLOP/s")
+    rows, skipped_all = [], {}
+    for mode in modes:
+        for sname, (E, k, d, f) in shapes.items():
+            impls, skipped = make_impls(names, dev, d, f, dtype)
+            skipped_all.update(skipped)
+            for T in T_list:
+                rows += run_case(sname, T, E, k, d, f, dtype, mode, device, impls, warmup, rep, peak)
+    interp = not on_gpu
+    for r in rows:
+        if interp and r["impl"] == "metamoe-triton":
+            r["impl"] = "metamoe-triton(interp)"
+    for name, why in skipped_all.items():
+        print(f"{name} skipped: {why}")
+    if interp and any(r["impl"] == "metamoe-triton(interp)" for r in rows):
+        print("note: metamoe-triton runs in the Triton interpreter here; its times are not kernel times")
+    print_table(rows, ["mode", "impl", "shape", "T", "E", "k", "d", "f", "dtype", "median_ms", "p20_ms", "p80_ms",
+                       "TFLOP/s", "%peak", "vs_hf_eager", "vs_grouped_mm", "grouped_mm_peer", "max_err_vs_torch"])
+    if not args.no_csv:
+        path = append_csv("moe", rows, env)
+        print(f"appended {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Shared helpers for the benchmark scripts (``benchmarks/bench_*.py``).
+
+What every benchmark here does with them:
+
+1. ``args = common_parser(__doc__).parse_args()``: the shared flags (``--quick``, ``--device``, ``--warmup``,
+   ``--rep``, ``--no-csv``, ``--peak-gbps``, ``--peak-tflops``).
+2. ``t = time_fn(fn, device=dev, warmup=..., rep=...)``: median and 20/80 % quantiles over ``rep`` timed
+   calls after ``warmup`` untimed ones. On a GPU each call is timed with its own pair of CUDA events, the L2
+   cache is flushed before each call (``flush_l2=True``, as ``triton.testing.do_bench`` does) and the host
+   synchronises once at the end; on the CPU each call is timed with ``time.perf_counter``.
+3. ``print_table(rows, columns)`` for the terminal, ``append_csv(name, rows)`` for
+   ``benchmarks/results/<name>.csv``: every row gets the environment columns of :func:`environment`
+   (time, device name, torch/triton/metamoe versions, git commit) in front.
+
+Always time a peer (at least the plain PyTorch path) in the same run and print the ratio; never write a
+number for a device the script did not run on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import functools
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Measured device ceilings (DESIGN.md section 5). Only measured numbers belong here: a device that is not
+# listed gets no "fraction of peak" column unless --peak-gbps / --peak-tflops are given.
+MEASURED_PEAKS: Dict[str, Dict[str, float]] = {
+    "H200": {"gbps": 4300.0, "tflops_bf16": 790.0},
+}
+
+ENV_COLUMNS = ("timestamp", "device", "torch", "triton", "metamoe", "commit")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: ``median``, ``p20``, ``p80`` over ``n`` timed calls."""
+
+    median: float
+    p20: float
+    p80: float
+    n: int
+
+    @property
+    def us(self) -> float:
+        return self.median * 1e6
+
+    def as_row(self, unit: str = "us") -> Dict[str, float]:
+        """``{"median_<unit>", "p20_<unit>", "p80_<unit>"}`` with ``unit`` in us/ms/s."""
+        scale = {"us": 1e6, "ms": 1e3, "s": 1.0}[unit]
+        return {
+            f"median_{unit}": round(self.median * scale, 4),
+            f"p20_{unit}": round(self.p20 * scale, 4),
+            f"p80_{unit}": round(self.p80 * scale, 4),
+        }
+
+
+def _quantile(sorted_vals: Sequence[float], q: float) -> float:
+    if len(sorted_vals) == 1:
+        return sorted_vals[0]
+    pos = q * (len(sorted_vals) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
+
+
+def summarize(samples: Iterable[float]) -> Timing:
+    """Median and 20/80 % quantiles (linear interpolation) of per-call times in seconds."""
+    vals = sorted(float(s) for s in samples)
+    if not vals:
+        raise ValueError("summarize needs at least one sample")
+    return Timing(statistics.median(vals), _quantile(vals, 0.2), _quantile(vals, 0.8), len(vals))
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_flush_buffer(device_index: int):
+    import torch
+
+    # 256 MiB: larger than any current GPU's L2 (H100/H200: 50 MiB), so a memset evicts the inputs.
+    return torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=f"cuda:{device_index}")
+
+
+def time_fn(
+    fn: Callable[[], Any],
+    *,
+    device: Any = "cpu",
+    warmup: int = 10,
+    rep: int = 50,
+    flush_l2: bool = True,
+    setup: Optional[Callable[[], Any]] = None,
+) -> Timing:
+    """Time ``fn()`` (no arguments; close over the inputs).
+
+    Args:
+        fn: the call to time. Its result is discarded.
+        device: where ``fn`` runs (``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``). CUDA: CUDA
+            events around each call on the current stream; CPU: ``time.perf_counter``.
+        warmup: untimed calls first (compilation, autotuning, caches).
+        rep: timed calls; the result summarises these.
+        flush_l2: GPU only: overwrite a 256 MiB buffer before each timed call so that inputs come from HBM.
+        setup: called (untimed) before each timed call, e.g. to clear gradients.
+
+    Returns:
+        :class:`Timing` in seconds per call.
+    """
+    import torch
+
+    dev = torch.device(device)
+    if warmup < 0 or rep < 1:
+        raise ValueError(f"need warmup >= 0 and rep >= 1, got warmup={warmup}, rep={rep}")
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    if dev.type == "cuda":
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        cache = _l2_flush_buffer(index) if flush_l2 else None
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+        torch.cuda.synchronize(index)
+        for i in range(rep):
+            if setup is not None:
+                setup()
+            if cache is not None:
+                cache.zero_()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize(index)
+        return summarize(s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends))
+    samples = []
+    for _ in range(rep):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return summarize(samples)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def device_name(device: Any = "cpu") -> str:
+    """The GPU's name (``torch.cuda.get_device_name``) or the CPU's model name, with its core count."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+@functools.lru_cache(maxsize=None)
+def git_commit() -> str:
+    """Short hash of HEAD (with ``+dirty`` when tracked files differ from it), or ``unknown``."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=REPO_ROOT, capture_output=True,
+                               timeout=10).returncode
+        return sha + ("+dirty" if dirty == 1 else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _version(name: str) -> str:
+    try:
+        mod = __import__(name)
+    except Exception:
+        return "not installed"
+    return str(getattr(mod, "__version__", "unknown"))
+
+
+def environment(device: Any = "cpu") -> Dict[str, str]:
+    """The columns every CSV row starts with: timestamp (UTC), device, torch, triton, metamoe, commit."""
+    return {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": device_name(device),
+        "torch": _version("torch"),
+        "triton": _version("triton"),
+        "metamoe": _version("metamoe"),
+        "commit": git_commit(),
+    }
+
+
+def measured_peak(device: Any, key: str) -> Optional[float]:
+    """A measured ceiling (``"gbps"`` or ``"tflops_bf16"``) for this device from :data:`MEASURED_PEAKS`."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(dev)
+    for tag, peaks in MEASURED_PEAKS.items():
+        if tag in name:
+            return peaks.get(key)
+    return None
+
+
+# --------------------------------------------------------------------------- output
+
+
+def append_csv(name: str, rows: Sequence[Mapping[str, Any]], env: Mapping[str, Any],
+               results_dir: Path = RESULTS_DIR) -> Path:
+    """Append ``rows`` to ``<results_dir>/<name>.csv``, each prefixed with the ``env`` columns.
+
+    A new column (one that the file's header lacks) rewrites the file once with the union of the columns,
+    so older rows keep their values and get blanks in the new ones. Returns the path.
+    """
+    if not rows:
+        raise ValueError("append_csv needs at least one row")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.csv"
+    full = [{**env, **r} for r in rows]
+    columns: List[str] = list(env)
+    for r in full:
+        columns += [c for c in r if c not in columns]
+    old_rows: List[Dict[str, str]] = []
+    old_cols: List[str] = []
+    if path.exists() and path.stat().st_size > 0:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old_cols = list(reader.fieldnames or [])
+            if [c for c in columns if c not in old_cols]:
+                old_rows = list(reader)
+    if old_cols and not [c for c in columns if c not in old_cols]:
+        with path.open("a", newline="") as f:  # same columns (or a subset): plain append
+            w = csv.DictWriter(f, fieldnames=old_cols)
+            w.writerows(full)
+        return path
+    merged = old_cols + [c for c in columns if c not in old_cols]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=merged)
+        w.writeheader()
+        w.writerows(old_rows)
+        w.writerows(full)
+    return path
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v == 0 or 0.01 <= abs(v) < 1e5:
+            return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
+        return f"{v:.3e}"
+    return str(v)
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], title: str = "") -> None:
+    """Fixed-width table of ``rows`` (dicts) with the given ``columns``; missing cells print ``-``."""
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    if title:
+        print(title)
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def common_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
+    """argparse with the flags every benchmark takes."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (what runs on a CPU)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
+    p.add_argument("--rep", type=int, default=None, help="timed calls (the median is over these)")
+    p.add_argument("--no-csv", action="store_true", help="print only, do not append to benchmarks/results/")
+    p.add_argument("--peak-gbps", type=float, default=None,
+                   help="measured memory bandwidth, GB/s, for the %%peak column")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="measured dense TFLOP/s, for the %%peak column")
+    return p
+
+
+def pick_device(arg: Optional[str], threads: Optional[int] = None) -> str:
+    """``arg``, else ``"cuda"`` when torch sees a GPU, else ``"cpu"``; sets torch's CPU threads if given."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    if arg:
+        return arg
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,500 @@
+"""Grouped GEMMs of a dropless top-k MoE with the gather and the weighted scatter fused in (Triton).
+
+What it fuses (forward, expert-sorted rows i, pair p = sorted_pairs[i], token t = p // k, expert e):
+  1. ``_moe_gather_gemm_fwd_kernel``: A[i] = x[t] @ W_gate_up[e]^T with x rows GATHERED through
+     sorted_pairs // k inside the GEMM (no (T*k, d) permuted copy is written) and the activation fused
+     in the epilogue: h[i] = silu(A_gate) * A_up (SwiGLU, gate and up accumulated side by side in one
+     program so the pair is never stored apart) or gelu(A). Writes h (T*k, f) and, for training, the
+     pre-activation A (T*k, 2f or f).
+  2. ``_moe_scatter_gemm_kernel``: y[t] += w[p] * (h[i] @ W_down[e]^T): the routing weight is applied in
+     the epilogue and rows are atomically added into a float32 (T, d) buffer (plain stores when k == 1),
+     so no (T*k, d) expert-output copy is written either. Reused for dx (dA @ W_gate_up[e], no weight).
+Backward:
+  3. ``_moe_gather_gemm_bwd_kernel``: G[i] = dy[t] @ W_down[e] (gathered rows of dy), with the epilogue
+     d topk_weights[p] = <G[i], h[i]> (= <expert output, dy[t]>, so the (T*k, d) expert output never has
+     to be stored or recomputed), dh = w[p] G, dA = dh * act'(A), and h recomputed for the weight grad.
+  4. ``_moe_weight_grad_kernel``: dW[e] = sum over the expert's rows of L[i]^T R[i], with either side
+     gathered (dW_down: L = w[p] dy[t], R = h; dW_gate_up: L = dA, R = x[t]). One program owns one output
+     tile of one expert and loops over that expert's rows: no atomics, empty experts get zeros.
+
+Tile -> expert schedule: built on the device inside each kernel from the (E+1,) offsets (a cumsum of
+ceil(count_e / BLOCK_M) over E lanes), so nothing is read back to the host and the launch grid is a static
+upper bound (ceil(T*k / BLOCK_M) + min(E, T*k) row tiles); programs past the last tile return at once.
+Trade-offs: atomics make the float32 sums order-nondeterministic (ulp-level); the weight-gradient kernel
+does not split an expert's rows across programs (fine for the many output tiles of real layers, slow for
+one huge expert with a tiny weight). Row indices and all offsets are int64 (T*k*d may pass 2^31).
+Constants: BLOCK_* are kernel parameters; on a GPU they come from ``triton.autotune`` (Hopper-shaped tiles
+of 64-128 rows, 64-256 columns, 32-64 deep, 3-4 stages), under the interpreter from fixed defaults
+(32 x 64 x 64: few programs, which is what costs time there) so CPU tests stay fast. float32 inputs use
+IEEE dots unless torch allows TF32 matmuls. Compiled for sm_90 (checked ahead of time on a CPU by
+tests/test_moe_experts.py) every kernel uses wgmma with multi-stage cp.async loads once d and f are multiples
+of 16 (the JIT's divisibility specialisation); with ragged sizes the masked loads are not vectorised and the
+loop is not pipelined. Not measured on a GPU yet: the autotune list is a starting point, not a tuned table.
+Under the interpreter, bfloat16 dot operands are widened first (see ``_mma``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACT_SWIGLU = 0
+ACT_GELU = 1
+ACT_GELU_TANH = 2
+ACTIVATIONS = {"swiglu": ACT_SWIGLU, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
+
+# --------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _expert_of_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Expert owning row tile ``pid_m`` (E when past the last tile), the tile's first row, the expert's end row."""
+    es = tl.arange(0, BLOCK_E)
+    emask = es < E
+    start = tl.load(offsets_ptr + es, mask=emask, other=0)
+    end = tl.load(offsets_ptr + es + 1, mask=emask, other=0)
+    ntiles = (end - start + BLOCK_M - 1) // BLOCK_M
+    if BLOCK_E <= 64:
+        # inclusive prefix sum as a masked triangular reduction: cheap at this size on a GPU, and far
+        # faster than tl.cumsum under the interpreter
+        tri = es[None, :] <= es[:, None]
+        cum = tl.sum(tl.where(tri, ntiles[None, :], 0), axis=1)
+    else:
+        cum = tl.cumsum(ntiles, axis=0)
+    e = tl.sum((cum <= pid_m).to(tl.int32), axis=0)
+    first_tile = tl.sum(tl.where(es < e, ntiles, 0), axis=0)
+    seg_start = tl.sum(tl.where(es == e, start, 0), axis=0)
+    seg_end = tl.sum(tl.where(es == e, end, 0), axis=0)
+    row0 = seg_start + (pid_m - first_tile) * BLOCK_M
+    return e, row0, seg_end
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b in float32. UPCAST (interpreter + bfloat16 only): the Triton interpreter multiplies the
+    raw bit patterns of bfloat16 dot operands (triton-lang/triton#11584), so they are widened first; the
+    products of bfloat16 values are exact in float32, so this matches a bf16 MMA with fp32 accumulation."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _gelu_fwd(a, ACT: tl.constexpr):
+    if ACT == 1:
+        return 0.5 * a * (1.0 + tl.erf(a * 0.7071067811865476))
+    else:
+        inner = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        th = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        return 0.5 * a * (1.0 + th)
+
+
+@triton.jit
+def _gelu_grad(a, ACT: tl.constexpr):
+    if ACT == 1:
+        cdf = 0.5 * (1.0 + tl.erf(a * 0.7071067811865476))
+        pdf = 0.3989422804014327 * tl.exp(-0.5 * a * a)
+        return cdf + a * pdf
+    else:
+        inner = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+        th = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        dinner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * a * a)
+        return 0.5 * (1.0 + th) + 0.5 * a * (1.0 - th * th) * dinner
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _moe_gather_gemm_fwd_kernel(
+    x_ptr, w_ptr, pairs_ptr, offsets_ptr, pre_ptr, h_ptr,
+    E, F, D,
+    stride_xt, stride_xd,
+    stride_we, stride_wn, stride_wd,
+    stride_pre, stride_h,
+    TOPK: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(F, BLOCK_N)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    e, row0, seg_end = _expert_of_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    if e >= E:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    rmask = rows < seg_end
+    pairs = tl.load(pairs_ptr + rows, mask=rmask, other=0)
+    toks = pairs // TOPK
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < F
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + toks[:, None] * stride_xt + ks[None, :] * stride_xd
+    w_base = w_ptr + e.to(tl.int64) * stride_we
+    wg_ptrs = w_base + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wd
+    wu_ptrs = wg_ptrs + F * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kmask = (ks + k0) < D
+        a = tl.load(x_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        bmask = kmask[:, None] & cmask[None, :]
+        b = tl.load(wg_ptrs, mask=bmask, other=0.0)
+        acc_g = _mma(a, b, acc_g, DOT_PREC, UPCAST)
+        if ACT == 0:
+            bu = tl.load(wu_ptrs, mask=bmask, other=0.0)
+            acc_u = _mma(a, bu, acc_u, DOT_PREC, UPCAST)
+        x_ptrs += BLOCK_K * stride_xd
+        wg_ptrs += BLOCK_K * stride_wd
+        wu_ptrs += BLOCK_K * stride_wd
+    omask = rmask[:, None] & cmask[None, :]
+    pre_ptrs = pre_ptr + rows[:, None] * stride_pre + cols[None, :]
+    if ACT == 0:
+        if STORE_PRE:
+            tl.store(pre_ptrs, acc_g.to(pre_ptr.dtype.element_ty), mask=omask)
+            tl.store(pre_ptrs + F, acc_u.to(pre_ptr.dtype.element_ty), mask=omask)
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+    else:
+        if STORE_PRE:
+            tl.store(pre_ptrs, acc_g.to(pre_ptr.dtype.element_ty), mask=omask)
+        h = _gelu_fwd(acc_g, ACT)
+    tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _moe_scatter_gemm_kernel(
+    a_ptr, w_ptr, pairs_ptr, offsets_ptr, scale_ptr, out_ptr,
+    E, N, KD,
+    stride_am, stride_ak,
+    stride_we, stride_wn, stride_wk,
+    stride_ot,
+    TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    e, row0, seg_end = _expert_of_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    if e >= E:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    rmask = rows < seg_end
+    pairs = tl.load(pairs_ptr + rows, mask=rmask, other=0)
+    toks = pairs // TOPK
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = w_ptr + e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, KD, BLOCK_K):
+        kmask = (ks + k0) < KD
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = _mma(a, b, acc, DOT_PREC, UPCAST)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_wk
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + pairs, mask=rmask, other=0.0).to(tl.float32)
+        acc = acc * s[:, None]
+    omask = rmask[:, None] & cmask[None, :]
+    o_ptrs = out_ptr + toks[:, None] * stride_ot + cols[None, :]
+    if ATOMIC:
+        tl.atomic_add(o_ptrs, acc, mask=omask)
+    else:
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _moe_gather_gemm_bwd_kernel(
+    dy_ptr, w_ptr, pairs_ptr, offsets_ptr, scale_ptr, pre_ptr, da_ptr, h_ptr, dw_ptr,
+    E, F, D,
+    stride_dyt, stride_dyd,
+    stride_we, stride_wd, stride_wf,
+    stride_pre, stride_da, stride_h,
+    TOPK: tl.constexpr, ACT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(F, BLOCK_N)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    e, row0, seg_end = _expert_of_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
+    if e >= E:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    rmask = rows < seg_end
+    pairs = tl.load(pairs_ptr + rows, mask=rmask, other=0)
+    toks = pairs // TOPK
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < F
+    ks = tl.arange(0, BLOCK_K)
+    dy_ptrs = dy_ptr + toks[:, None] * stride_dyt + ks[None, :] * stride_dyd
+    b_ptrs = w_ptr + e.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wf + ks[:, None] * stride_wd
+    g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kmask = (ks + k0) < D
+        a = tl.load(dy_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        g = _mma(a.to(b.dtype), b, g, DOT_PREC, UPCAST)
+        dy_ptrs += BLOCK_K * stride_dyd
+        b_ptrs += BLOCK_K * stride_wd
+    omask = rmask[:, None] & cmask[None, :]
+    s = tl.load(scale_ptr + pairs, mask=rmask, other=0.0).to(tl.float32)
+    dh = g * s[:, None]
+    pre_ptrs = pre_ptr + rows[:, None] * stride_pre + cols[None, :]
+    da_ptrs = da_ptr + rows[:, None] * stride_da + cols[None, :]
+    if ACT == 0:
+        ag = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
+        au = tl.load(pre_ptrs + F, mask=omask, other=0.0).to(tl.float32)
+        sg = tl.sigmoid(ag)
+        silu = ag * sg
+        h = silu * au
+        dg = dh * au * sg * (1.0 + ag * (1.0 - sg))
+        du = dh * silu
+        tl.store(da_ptrs, dg.to(da_ptr.dtype.element_ty), mask=omask)
+        tl.store(da_ptrs + F, du.to(da_ptr.dtype.element_ty), mask=omask)
+    else:
+        a_pre = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
+        h = _gelu_fwd(a_pre, ACT)
+        tl.store(da_ptrs, (dh * _gelu_grad(a_pre, ACT)).to(da_ptr.dtype.element_ty), mask=omask)
+    tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=omask)
+    # d topk_weights[p] = <expert output, dy[t]> = <h, dy[t] @ W_down[e]> = <h, g>: partial over this column tile
+    part = tl.sum(tl.where(omask, g * h, 0.0), axis=1)
+    tl.atomic_add(dw_ptr + rows, part, mask=rmask)
+
+
+@triton.jit
+def _moe_weight_grad_kernel(
+    l_ptr, r_ptr, pairs_ptr, offsets_ptr, scale_ptr, out_ptr,
+    N1, N2,
+    stride_lm, stride_ln, stride_rm, stride_rn,
+    stride_oe, stride_o1, stride_o2,
+    TOPK: tl.constexpr, L_GATHER: tl.constexpr, L_SCALE: tl.constexpr, R_GATHER: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    n2_tiles = tl.cdiv(N2, BLOCK_N2)
+    pid_1 = pid // n2_tiles
+    pid_2 = pid % n2_tiles
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    c1 = pid_1 * BLOCK_N1 + tl.arange(0, BLOCK_N1)
+    c2 = pid_2 * BLOCK_N2 + tl.arange(0, BLOCK_N2)
+    c1mask = c1 < N1
+    c2mask = c2 < N2
+    acc = tl.zeros((BLOCK_N1, BLOCK_N2), dtype=tl.float32)
+    ms = tl.arange(0, BLOCK_M).to(tl.int64)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + ms
+        rmask = rows < end
+        pairs = tl.load(pairs_ptr + rows, mask=rmask, other=0)
+        toks = pairs // TOPK
+        if L_GATHER:
+            lrows = toks
+        else:
+            lrows = rows
+        if R_GATHER:
+            rrows = toks
+        else:
+            rrows = rows
+        lv = tl.load(l_ptr + lrows[:, None] * stride_lm + c1[None, :] * stride_ln,
+                     mask=rmask[:, None] & c1mask[None, :], other=0.0)
+        rv = tl.load(r_ptr + rrows[:, None] * stride_rm + c2[None, :] * stride_rn,
+                     mask=rmask[:, None] & c2mask[None, :], other=0.0)
+        if L_SCALE:
+            s = tl.load(scale_ptr + pairs, mask=rmask, other=0.0).to(tl.float32)
+            lv = (lv.to(tl.float32) * s[:, None]).to(rv.dtype)
+        else:
+            lv = lv.to(rv.dtype)
+        acc = _mma(tl.trans(lv), rv, acc, DOT_PREC, UPCAST)
+    o_ptrs = out_ptr + e.to(tl.int64) * stride_oe + c1[:, None].to(tl.int64) * stride_o1 + c2[None, :] * stride_o2
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=c1mask[:, None] & c2mask[None, :])
+
+
+# --------------------------------------------------------------------------- tuning
+
+_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 32, 4, 4),
+        (32, 64, 64, 4, 3),
+        (16, 64, 64, 4, 3),
+    ]
+]
+_WGRAD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N1": b1, "BLOCK_N2": b2}, num_warps=w, num_stages=s)
+    for bm, b1, b2, w, s in [
+        (64, 128, 128, 8, 3),
+        (32, 128, 256, 8, 3),
+        (64, 128, 64, 4, 4),
+        (32, 64, 64, 4, 4),
+        (16, 64, 64, 4, 3),
+    ]
+]
+
+_gather_fwd_tuned = triton.autotune(_GEMM_CONFIGS, key=["F", "D", "TOPK"])(_moe_gather_gemm_fwd_kernel)
+_scatter_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "KD", "TOPK"], reset_to_zero=["out_ptr"])(
+    _moe_scatter_gemm_kernel
+)
+_gather_bwd_tuned = triton.autotune(_GEMM_CONFIGS, key=["F", "D", "TOPK"], reset_to_zero=["dw_ptr"])(
+    _moe_gather_gemm_bwd_kernel
+)
+_wgrad_tuned = triton.autotune(_WGRAD_CONFIGS, key=["N1", "N2", "TOPK"])(_moe_weight_grad_kernel)
+
+# Interpreter (and explicit) defaults: small tiles keep the CPU emulation fast on test shapes.
+INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}
+INTERPRET_WGRAD_BLOCKS = {"BLOCK_M": 32, "BLOCK_N1": 64, "BLOCK_N2": 64}
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and _interpreting()
+
+
+def _block_e(E: int) -> int:
+    return max(2, triton.next_power_of_2(E))
+
+
+def _launch(tuned, plain, grid_fn, args, kwargs, blocks):
+    """Autotuned launch on a GPU; fixed blocks under the interpreter or when ``blocks`` is given."""
+    if blocks is None and not _interpreting():
+        tuned[lambda meta: (grid_fn(meta),)](*args, **kwargs)
+        return
+    meta = dict(blocks if blocks is not None else INTERPRET_BLOCKS)
+    plain[(grid_fn(meta),)](*args, **kwargs, **meta)
+
+
+def _row_tiles(n_rows: int, E: int, block_m: int) -> int:
+    # upper bound on sum_e ceil(count_e / BLOCK_M)
+    return triton.cdiv(n_rows, block_m) + min(E, n_rows)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def moe_gather_gemm_fwd(x, w_gate_up, sorted_pairs, offsets, top_k: int, F: int, activation: str,
+                        store_pre: bool, blocks=None):
+    """h (T*k, F) [x.dtype] and pre (T*k, 2F or F) [x.dtype; (0, .) if not store_pre], rows expert-sorted."""
+    act = ACTIVATIONS[activation]
+    M = sorted_pairs.shape[0]
+    E, NGU, D = w_gate_up.shape
+    h = torch.empty((M, F), device=x.device, dtype=x.dtype)
+    pre = torch.empty((M if store_pre else 0, NGU), device=x.device, dtype=x.dtype)
+    if M == 0 or F == 0:
+        return h, pre
+    pre_arg = pre if store_pre else h
+
+    def grid(meta):
+        return _row_tiles(M, E, meta["BLOCK_M"]) * triton.cdiv(F, meta["BLOCK_N"])
+
+    args = (x, w_gate_up, sorted_pairs, offsets, pre_arg, h, E, F, D,
+            x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
+            pre_arg.stride(0), h.stride(0))
+    kwargs = dict(TOPK=top_k, ACT=act, STORE_PRE=store_pre, DOT_PREC=_dot_prec(x.dtype), UPCAST=_upcast(x.dtype),
+                  BLOCK_E=_block_e(E))
+    _launch(_gather_fwd_tuned, _moe_gather_gemm_fwd_kernel, grid, args, kwargs, blocks)
+    return h, pre
+
+
+def moe_scatter_gemm(a, w, w_transposed: bool, sorted_pairs, offsets, top_k: int, T: int, scale=None,
+                     blocks=None):
+    """out (T, N) float32: out[t] = sum over the rows i of token t of scale[p] * (a[i] @ B_e), B_e = w[e]^T
+    (``w_transposed=False``, w (E, N, KD)) or w[e] (``w_transposed=True``, w (E, KD, N))."""
+    M, KD = a.shape
+    E = w.shape[0]
+    if w_transposed:
+        N = w.shape[2]
+        s_wn, s_wk = w.stride(2), w.stride(1)
+    else:
+        N = w.shape[1]
+        s_wn, s_wk = w.stride(1), w.stride(2)
+    atomic = top_k > 1
+    out = (torch.zeros if atomic or M == 0 else torch.empty)((T, N), device=a.device, dtype=torch.float32)
+    if M == 0 or N == 0:
+        return out
+    if KD == 0:
+        return out.zero_()
+
+    def grid(meta):
+        return _row_tiles(M, E, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+
+    scale_arg = scale if scale is not None else out
+    args = (a, w, sorted_pairs, offsets, scale_arg, out, E, N, KD, a.stride(0), a.stride(1),
+            w.stride(0), s_wn, s_wk, out.stride(0))
+    kwargs = dict(TOPK=top_k, HAS_SCALE=scale is not None, ATOMIC=atomic, DOT_PREC=_dot_prec(a.dtype), UPCAST=_upcast(a.dtype),
+                  BLOCK_E=_block_e(E))
+    _launch(_scatter_tuned, _moe_scatter_gemm_kernel, grid, args, kwargs, blocks)
+    return out
+
+
+def moe_gather_gemm_bwd(dy, w_down, sorted_pairs, offsets, scale, pre, top_k: int, activation: str, blocks=None):
+    """From dy (T, D): dA (T*k, 2F or F) [pre.dtype], h (T*k, F) [pre.dtype], dw_sorted (T*k,) float32."""
+    act = ACTIVATIONS[activation]
+    M = sorted_pairs.shape[0]
+    E, D, F = w_down.shape
+    da = torch.empty((M, pre.shape[1]), device=dy.device, dtype=pre.dtype)
+    h = torch.empty((M, F), device=dy.device, dtype=pre.dtype)
+    dw = torch.zeros((M,), device=dy.device, dtype=torch.float32)
+    if M == 0 or F == 0:
+        return da.zero_(), h.zero_(), dw
+    if D == 0:
+        return da.zero_(), h, dw  # h unused when D == 0 (weight grads are empty)
+
+    def grid(meta):
+        return _row_tiles(M, E, meta["BLOCK_M"]) * triton.cdiv(F, meta["BLOCK_N"])
+
+    args = (dy, w_down, sorted_pairs, offsets, scale, pre, da, h, dw, E, F, D,
+            dy.stride(0), dy.stride(1), w_down.stride(0), w_down.stride(1), w_down.stride(2),
+            pre.stride(0), da.stride(0), h.stride(0))
+    kwargs = dict(TOPK=top_k, ACT=act, DOT_PREC=_dot_prec(w_down.dtype), UPCAST=_upcast(w_down.dtype),
+                  BLOCK_E=_block_e(E))
+    _launch(_gather_bwd_tuned, _moe_gather_gemm_bwd_kernel, grid, args, kwargs, blocks)
+    return da, h, dw
+
+
+def moe_weight_grad(left, l_gather: bool, right, r_gather: bool, sorted_pairs, offsets, top_k: int, out_shape,
+                    out_dtype, scale=None, blocks=None):
+    """out (E, N1, N2) [out_dtype]: out[e] = sum over expert e's sorted rows i of L[i]^T R[i], where L[i] is
+    left[t] (gathered, optionally times scale[p]) or left[i], and likewise R[i]."""
+    E, N1, N2 = out_shape
+    out = torch.empty(out_shape, device=left.device, dtype=out_dtype)
+    M = sorted_pairs.shape[0]
+    if M == 0 or E == 0 or N1 == 0 or N2 == 0:
+        return out.zero_()
+
+    def grid(meta):
+        return triton.cdiv(N1, meta["BLOCK_N1"]) * triton.cdiv(N2, meta["BLOCK_N2"])
+
+    scale_arg = scale if scale is not None else left
+    args = (left, right, sorted_pairs, offsets, scale_arg, out, N1, N2,
+            left.stride(0), left.stride(1), right.stride(0), right.stride(1),
+            out.stride(0), out.stride(1), out.stride(2))
+    kwargs = dict(TOPK=top_k, L_GATHER=l_gather, L_SCALE=scale is not None, R_GATHER=r_gather,
+                  DOT_PREC=_dot_prec(right.dtype), UPCAST=_upcast(right.dtype))
+    if blocks is None and not _interpreting():
+        _wgrad_tuned[lambda meta: (grid(meta), E)](*args, **kwargs)
+    else:
+        meta = dict(blocks if blocks is not None else INTERPRET_WGRAD_BLOCKS)
+        _moe_weight_grad_kernel[(grid(meta), E)](*args, **kwargs, **meta)
+    return out
