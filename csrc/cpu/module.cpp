@@ -11,6 +11,7 @@ namespace py = pybind11;
 
 namespace metamoe {
 void register_dpp_greedy(py::module_& m);
+void register_facility_location(py::module_& m);
 }  // namespace metamoe
 
 PYBIND11_MODULE(_C, m) {
@@ -26,4 +27,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_num_threads", [](int) {}, py::arg("n"));
 #endif
   metamoe::register_dpp_greedy(m);
+  metamoe::register_facility_location(m);
 }

@@ -13,6 +13,7 @@ namespace py = pybind11;
 
 namespace metamoe {
 void register_dpp_greedy_cuda(py::module_& m);
+void register_facility_location_cuda(py::module_& m);
 }  // namespace metamoe
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -41,4 +42,5 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       "(count, message): CUDA devices the runtime sees, and why none when there are none.");
   metamoe::register_dpp_greedy_cuda(m);
+  metamoe::register_facility_location_cuda(m);
 }

@@ -1,0 +1,333 @@
+"""select_facility_location against a naive float64 NumPy greedy, for every CPU backend and optimizer."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import metamoe.selection.facility_location as fl_mod
+from metamoe.backends import BackendNotSupportedError, availability
+from metamoe.selection import KnnGraph, Selection, build_knn_graph, select_facility_location
+from references import csr_to_dense, facility_location_greedy_naive, facility_location_value
+
+CPU_BACKENDS = ["cpp", "torch"]
+EXACT = ["lazy", "naive"]
+
+
+def _skip_unavailable(backend):
+    reason = availability.backend_unavailable_reason(backend)
+    if reason:
+        pytest.skip(reason)
+
+
+def _cosine(A, B):
+    A = np.asarray(A, np.float64)
+    B = np.asarray(B, np.float64)
+    A = A / np.linalg.norm(A, axis=1, keepdims=True)
+    B = B / np.linalg.norm(B, axis=1, keepdims=True)
+    return A @ B.T
+
+
+def _check_against(sel, S, k, weights=None):
+    ref_idx, ref_gains, ref_obj = facility_location_greedy_naive(S, k, weights)
+    np.testing.assert_array_equal(sel.indices, ref_idx)
+    np.testing.assert_allclose(sel.gains, ref_gains, rtol=1e-9, atol=1e-9)
+    assert sel.objective == pytest.approx(ref_obj, rel=1e-9, abs=1e-9)
+    assert sel.objective == pytest.approx(facility_location_value(S, sel.indices, weights), rel=1e-9, abs=1e-9)
+    assert sel.objective == pytest.approx(sel.gains.sum(), rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("optimizer", EXACT)
+@pytest.mark.parametrize("ground", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_knn_graph_matches_naive_reference(backend, optimizer, ground, weighted, rng):
+    _skip_unavailable(backend)
+    X = rng.standard_normal((173, 8)).astype(np.float32)
+    P = rng.standard_normal((61, 8)).astype(np.float32) if ground else None
+    m = 61 if ground else 173
+    w = rng.uniform(0.0, 2.0, m) if weighted else None
+    if weighted:
+        w[::7] = 0.0  # zero-weight ground points never count
+    g = build_knn_graph(X, 9, queries=P, progress=False)
+    sel = select_facility_location(X, 17, ground=P, weights=w, graph=g, optimizer=optimizer, backend=backend,
+                                   progress=False)
+    assert sel.backend == backend and sel.method == "facility_location" and len(sel) == 17
+    S = csr_to_dense(g.indptr, g.indices, g.similarities, 173)  # the graph's own float32 values
+    _check_against(sel, S, 17, w)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("optimizer", EXACT)
+@pytest.mark.parametrize("ground", [False, True])
+def test_dense_graph_matches_float64_reference(backend, optimizer, ground, rng):
+    _skip_unavailable(backend)
+    X = rng.standard_normal((97, 6)).astype(np.float32)
+    P = rng.standard_normal((45, 6)).astype(np.float32) if ground else None
+    w = rng.uniform(0.5, 1.5, 45 if ground else 97)
+    sel = select_facility_location(X, 12, ground=P, weights=w, graph="dense", optimizer=optimizer, backend=backend,
+                                   progress=False)
+    S = _cosine(X if P is None else P, X)  # independent float64 similarities
+    ref_idx, ref_gains, ref_obj = facility_location_greedy_naive(S, 12, w)
+    np.testing.assert_array_equal(sel.indices, ref_idx)
+    np.testing.assert_allclose(sel.gains, ref_gains, rtol=1e-5, atol=1e-6)
+    assert sel.objective == pytest.approx(ref_obj, rel=1e-6)
+
+
+def test_knn_option_builds_the_same_graph(rng):
+    X = rng.standard_normal((150, 7)).astype(np.float32)
+    P = rng.standard_normal((40, 7)).astype(np.float32)
+    for ground in (None, P):
+        g = build_knn_graph(X, 8, queries=ground, progress=False)
+        a = select_facility_location(X, 10, ground=ground, graph="knn", n_neighbors=8, progress=False)
+        b = select_facility_location(X, 10, ground=ground, graph=g, progress=False)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        assert a.objective == b.objective
+        assert a.info["graph"] == "knn" and a.info["n_neighbors"] == 8
+
+
+@pytest.mark.parametrize("optimizer", ["lazy", "naive", "stochastic"])
+def test_cpp_and_torch_agree_on_larger_pool(optimizer, rng):
+    _skip_unavailable("cpp")
+    X = rng.standard_normal((2500, 16)).astype(np.float32)
+    g = build_knn_graph(X, 15, progress=False)
+    k = 60
+    a = select_facility_location(X, k, graph=g, optimizer=optimizer, backend="cpp", progress=False)
+    b = select_facility_location(X, k, graph=g, optimizer=optimizer, backend="torch", progress=False)
+    if optimizer == "stochastic":  # different random streams: compare quality, not picks
+        assert b.objective == pytest.approx(a.objective, rel=0.05)
+    else:
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_allclose(a.gains, b.gains, rtol=1e-12)
+        assert a.objective == pytest.approx(b.objective, rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("optimizer", EXACT)
+@pytest.mark.parametrize("graph", ["dense", "knn"])
+def test_ties_go_to_lowest_index_and_k_equals_n(backend, optimizer, graph):
+    _skip_unavailable(backend)
+    # three copies of four orthogonal directions: every step is an exact tie
+    X = np.concatenate([np.eye(4, dtype=np.float32)] * 3)
+    sel = select_facility_location(X, 12, graph=graph, n_neighbors=3, optimizer=optimizer, backend=backend,
+                                   progress=False)
+    np.testing.assert_array_equal(sel.indices, np.arange(12))
+    np.testing.assert_allclose(sel.gains, [3, 3, 3, 3] + [0] * 8, atol=1e-6)
+    assert sel.objective == pytest.approx(12.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("optimizer", EXACT)
+def test_exact_ties_between_different_candidates(backend, optimizer, rng):
+    _skip_unavailable(backend)
+    # a hand-made graph with dyadic similarities: gains tie exactly in any summation order
+    n = 24
+    X = rng.standard_normal((n, 3)).astype(np.float32)
+    g = build_knn_graph(X, 4, progress=False)
+    sims = rng.choice([0.125, 0.25, 0.5, 0.75, 1.0], size=g.nnz).astype(np.float32)
+    g2 = KnnGraph(g.indptr, g.indices, sims, g.n_points, g.metric, g.n_neighbors, g.self_included,
+                  g.pool_fingerprint, g.query_fingerprint, dict(g.info))
+    w = rng.choice([0.5, 1.0, 2.0], size=n)
+    sel = select_facility_location(X, n, weights=w, graph=g2, optimizer=optimizer, backend=backend, progress=False)
+    S = csr_to_dense(g2.indptr, g2.indices, g2.similarities, n)
+    _check_against(sel, S, n, w)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("optimizer", ["lazy", "naive", "stochastic"])
+def test_k_equals_n_random(backend, optimizer, rng):
+    _skip_unavailable(backend)
+    X = rng.standard_normal((40, 5)).astype(np.float32)
+    g = build_knn_graph(X, 6, progress=False)
+    sel = select_facility_location(X, 40, graph=g, optimizer=optimizer, backend=backend, progress=False)
+    assert sorted(sel.indices.tolist()) == list(range(40))
+    S = csr_to_dense(g.indptr, g.indices, g.similarities, 40)
+    assert sel.objective == pytest.approx(facility_location_value(S, range(40)), rel=1e-9)
+    if optimizer != "stochastic":
+        _check_against(sel, S, 40)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_stochastic_valid_reproducible_and_near_greedy(backend, rng):
+    _skip_unavailable(backend)
+    X = rng.standard_normal((1200, 12)).astype(np.float32)
+    g = build_knn_graph(X, 10, progress=False)
+    k, eps = 50, 0.01
+    a = select_facility_location(X, k, graph=g, optimizer="stochastic", epsilon=eps, seed=3, backend=backend,
+                                 progress=False)
+    b = select_facility_location(X, k, graph=g, optimizer="stochastic", epsilon=eps, seed=3, backend=backend,
+                                 progress=False)
+    lazy = select_facility_location(X, k, graph=g, backend=backend, progress=False)
+    np.testing.assert_array_equal(a.indices, b.indices)  # seeded
+    assert len(set(a.indices.tolist())) == k and a.indices.min() >= 0 and a.indices.max() < 1200
+    assert a.info["sample_size"] == math.ceil(1200 / k * math.log(1 / eps))
+    S = csr_to_dense(g.indptr, g.indices, g.similarities, 1200)
+    # the reported gains are the true marginal gains of the picks, in order
+    prefix = [facility_location_value(S, a.indices[:t]) for t in range(k + 1)]
+    np.testing.assert_allclose(a.gains, np.diff(prefix), rtol=1e-9, atol=1e-9)
+    assert a.objective == pytest.approx(prefix[-1], rel=1e-9)
+    # Mirzasoleiman et al.: E f >= (1 - 1/e - eps) OPT >= (1 - 1/e - eps) f(greedy)
+    assert a.objective >= (1 - 1 / math.e - eps) * lazy.objective
+    assert a.objective <= lazy.objective * 1.05
+    other = select_facility_location(X, k, graph=g, optimizer="stochastic", epsilon=0.9, seed=3, backend=backend,
+                                     progress=False)
+    assert other.info["sample_size"] == math.ceil(1200 / k * math.log(1 / 0.9)) < a.info["sample_size"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_stochastic_with_full_sample_is_exact_greedy(backend, rng):
+    _skip_unavailable(backend)
+    X = rng.standard_normal((300, 6)).astype(np.float32)
+    g = build_knn_graph(X, 8, progress=False)
+    sel = select_facility_location(X, 20, graph=g, optimizer="stochastic", epsilon=1e-300, backend=backend,
+                                   progress=False)
+    assert sel.info["sample_size"] == 300
+    _check_against(sel, csr_to_dense(g.indptr, g.indices, g.similarities, 300), 20)
+
+
+def test_inner_product_metric(rng):
+    X = rng.standard_normal((80, 5)).astype(np.float32)
+    sel = select_facility_location(X, 6, graph="dense", metric="ip", progress=False)
+    S = X.astype(np.float64) @ X.T.astype(np.float64)
+    ref_idx, _, ref_obj = facility_location_greedy_naive(S, 6)
+    np.testing.assert_array_equal(sel.indices, ref_idx)
+    assert sel.objective == pytest.approx(ref_obj, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_torch_inputs(dtype, rng):
+    X = torch.from_numpy(rng.standard_normal((200, 8)).astype(np.float32)).to(dtype)
+    a = select_facility_location(X, 10, progress=False)
+    b = select_facility_location(X.float().numpy(), 10, progress=False)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert a.objective == b.objective
+
+
+def test_memmap_input(tmp_path, rng):
+    X = rng.standard_normal((150, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", X)
+    a = select_facility_location(np.load(tmp_path / "x.npy", mmap_mode="r"), 8, progress=False)
+    b = select_facility_location(X, 8, progress=False)
+    np.testing.assert_array_equal(a.indices, b.indices)
+
+
+def test_selection_json_roundtrip(tmp_path, rng):
+    X = rng.standard_normal((60, 5)).astype(np.float32)
+    sel = select_facility_location(X, 5, progress=False)
+    sel.save(tmp_path / "sel.json")
+    back = Selection.load(tmp_path / "sel.json")
+    np.testing.assert_array_equal(back.indices, sel.indices)
+    np.testing.assert_allclose(back.gains, sel.gains)
+    assert back.method == "facility_location" and back.objective == sel.objective
+
+
+def test_graph_for_other_data_is_rejected(rng):
+    X = rng.standard_normal((50, 4)).astype(np.float32)
+    P = rng.standard_normal((20, 4)).astype(np.float32)
+    g = build_knn_graph(X, 5, progress=False)
+    with pytest.raises(ValueError, match="built for other data"):
+        select_facility_location(rng.standard_normal((50, 4)).astype(np.float32), 3, graph=g, progress=False)
+    with pytest.raises(ValueError, match="built for other data"):
+        select_facility_location(X[:40], 3, graph=g, progress=False)
+    with pytest.raises(ValueError, match="pool's own kNN graph"):
+        select_facility_location(X, 3, ground=P, graph=g, progress=False)
+    gp = build_knn_graph(X, 5, queries=P, progress=False)
+    with pytest.raises(ValueError, match="built for other queries"):
+        select_facility_location(X, 3, ground=P[::-1].copy(), graph=gp, progress=False)
+    gl2 = build_knn_graph(X, 5, metric="l2", progress=False)
+    with pytest.raises(ValueError, match="needs a similarity graph"):
+        select_facility_location(X, 3, graph=gl2, progress=False)
+    gip = build_knn_graph(X, 5, metric="ip", progress=False)
+    with pytest.raises(ValueError, match="pass metric='ip'"):
+        select_facility_location(X, 3, graph=gip, progress=False)
+
+
+def _X(rng, n=12, d=3):
+    return rng.standard_normal((n, d)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "make,kw,exc,match",
+    [
+        (lambda r: np.array([[1.0, 2.0]] * 4 + [[np.nan, 1.0]], np.float32), {}, ValueError, r"X has NaN or inf values \(first in row 4\)"),
+        (lambda r: _X(r), {"ground": np.array([[1, 2, 3], [np.inf, 0, 0]], np.float32)}, ValueError, r"ground has NaN or inf values \(first in row 1\)"),
+        (lambda r: _X(r), {"k": 0}, ValueError, "k must be >= 1"),
+        (lambda r: _X(r), {"k": -2}, ValueError, "k must be >= 1"),
+        (lambda r: _X(r), {"k": 13}, ValueError, r"k=13 is larger than the pool \(N=12\)"),
+        (lambda r: np.zeros((0, 3), np.float32), {"k": 1}, ValueError, "X must be non-empty"),
+        (lambda r: _X(r), {"ground": np.zeros((0, 3), np.float32)}, ValueError, "ground must be non-empty"),
+        (lambda r: np.ones((12, 3), np.int32), {}, TypeError, "X must have a floating dtype"),
+        (lambda r: _X(r), {"ground": np.ones((4, 3), np.int64)}, TypeError, "ground must have a floating dtype"),
+        (lambda r: _X(r), {"ground": np.ones((4, 5), np.float32)}, ValueError, "ground has dimension D=5, but X has D=3"),
+        (lambda r: _X(r), {"n_neighbors": 12}, ValueError, r"n_neighbors=12 must be smaller than the pool size N=12"),
+        (lambda r: _X(r), {"n_neighbors": 0}, ValueError, "n_neighbors must be >= 1"),
+        (lambda r: _X(r), {"weights": np.ones(11)}, ValueError, r"weights must have shape \(12,\)"),
+        (lambda r: _X(r), {"ground": np.ones((4, 3), np.float32), "weights": np.ones(12)}, ValueError, r"weights must have shape \(4,\)"),
+        (lambda r: _X(r), {"weights": -np.ones(12)}, ValueError, "weights must be >= 0"),
+        (lambda r: _X(r), {"weights": np.full(12, np.nan)}, ValueError, "weights has NaN or inf"),
+        (lambda r: _X(r), {"optimizer": "greedy"}, ValueError, "optimizer must be one of 'lazy', 'stochastic', 'naive'"),
+        (lambda r: _X(r), {"graph": "sparse"}, ValueError, "graph must be one of 'knn', 'dense'"),
+        (lambda r: _X(r), {"graph": 3}, TypeError, "graph must be 'knn', 'dense' or a KnnGraph"),
+        (lambda r: _X(r), {"metric": "l2"}, ValueError, "metric must be one of 'cosine', 'ip'"),
+        (lambda r: _X(r), {"optimizer": "stochastic", "epsilon": 0.0}, ValueError, r"epsilon must be a number in \(0, 1\)"),
+        (lambda r: _X(r), {"epsilon": 1.5}, ValueError, r"epsilon must be a number in \(0, 1\)"),
+        (lambda r: np.array([[1.0, 2.0]] * 4 + [[0.0, 0.0]], np.float32), {"graph": "dense"}, ValueError, "X row 4 is all zeros"),
+        (lambda r: np.array([[1.0, 2.0]] * 4 + [[0.0, 0.0]], np.float32), {"graph": "knn", "n_neighbors": 2}, ValueError, "X row 4 is all zeros"),
+        (lambda r: [[1.0, 2.0]], {}, TypeError, "X must be a NumPy array"),
+    ],
+)
+def test_bad_inputs(make, kw, exc, match, rng):
+    kw = dict(kw)
+    k = kw.pop("k", 2)
+    with pytest.raises(exc, match=match):
+        select_facility_location(make(rng), k, progress=False, **kw)
+
+
+def test_dense_above_limit_says_use_knn(rng, monkeypatch):
+    monkeypatch.setattr(fl_mod, "DENSE_MAX_PAIRS", 100)
+    with pytest.raises(ValueError, match="graph='dense' stores all M x N = 12 x 12.*use graph='knn'"):
+        select_facility_location(_X(rng), 2, graph="dense", progress=False)
+
+
+def test_cuda_backend_without_gpu_says_why(rng):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(BackendNotSupportedError, match="backend 'cuda' cannot run facility_location"):
+        select_facility_location(_X(rng), 2, backend="cuda", progress=False)
+
+
+def test_op_is_registered_with_three_backends():
+    from metamoe.backends import get_op
+
+    op = get_op("facility_location")
+    assert [i.backend for i in op.ordered()] == ["cuda", "cpp", "torch"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", ["lazy", "naive"])
+@pytest.mark.parametrize("ground", [False, True])
+def test_cuda_matches_cpp(optimizer, ground, rng):
+    _skip_unavailable("cuda")
+    X = rng.standard_normal((5000, 32)).astype(np.float32)
+    P = rng.standard_normal((700, 32)).astype(np.float32) if ground else None
+    w = rng.uniform(0, 1, 700 if ground else 5000)
+    g = build_knn_graph(X, 20, queries=P, progress=False)
+    ref = select_facility_location(X, 200, ground=P, weights=w, graph=g, backend="cpp", progress=False)
+    Xg = torch.from_numpy(X).cuda()
+    Pg = torch.from_numpy(P).cuda() if ground else None
+    sel = select_facility_location(Xg, 200, ground=Pg, weights=w, graph=g, optimizer=optimizer, backend="cuda",
+                                   progress=False)
+    np.testing.assert_array_equal(sel.indices, ref.indices)
+    np.testing.assert_allclose(sel.gains, ref.gains, rtol=1e-12)
+    assert sel.objective == pytest.approx(ref.objective, rel=1e-12)
+
+
+@pytest.mark.gpu
+def test_torch_on_gpu_matches_cpp(rng):
+    _skip_unavailable("cpp")
+    X = rng.standard_normal((3000, 16)).astype(np.float32)
+    g = build_knn_graph(X, 12, progress=False)
+    ref = select_facility_location(X, 80, graph=g, backend="cpp", progress=False)
+    sel = select_facility_location(torch.from_numpy(X).cuda(), 80, graph=g, backend="torch", progress=False)
+    np.testing.assert_array_equal(sel.indices, ref.indices)
