@@ -2,7 +2,9 @@
 
 Client: :func:`embed`, :func:`train_expert` (LoRA on every FFN, router prototypes). Package: a folder of
 safetensors + JSON manifest (:func:`write_expert_package`, :func:`load_expert_package`, :func:`check_package_set`);
-problems raise :class:`PackageError`. Importing this package imports torch.
+problems raise :class:`PackageError`. Server: :func:`validate_packages`, :func:`build_unified_model`,
+:func:`train_router`; the compared methods in :mod:`.baselines`; the digits harness
+:func:`run_digits_experiment`. Importing this package imports torch.
 """
 
 from .client import TrainedExpert, compute_prototypes, embed, train_expert
@@ -15,6 +17,19 @@ from .package import (
     load_expert_packages,
     write_expert_package,
 )
+from .server import (
+    LabelSpace,
+    UnifiedModel,
+    build_soup_model,
+    build_unified_model,
+    proxy_training_set,
+    train_router,
+    unified_label_space,
+    validate_packages,
+)
+from .baselines import METHOD_NAMES, METHODS, MethodSpec, method_spec
+from .evaluate import ExpertEnsemble
+from .experiment import DigitsConfig, run_digits_experiment
 
 __all__ = [
     "TrainedExpert",
@@ -28,4 +43,19 @@ __all__ = [
     "load_expert_package",
     "load_expert_packages",
     "write_expert_package",
+    "LabelSpace",
+    "UnifiedModel",
+    "build_soup_model",
+    "build_unified_model",
+    "proxy_training_set",
+    "train_router",
+    "unified_label_space",
+    "validate_packages",
+    "METHOD_NAMES",
+    "METHODS",
+    "MethodSpec",
+    "method_spec",
+    "ExpertEnsemble",
+    "DigitsConfig",
+    "run_digits_experiment",
 ]

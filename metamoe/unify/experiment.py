@@ -1,0 +1,538 @@
+"""The digits harness: the MetaMoE pipeline and its baselines on scikit-learn's bundled digits, on the CPU.
+
+:func:`run_digits_experiment` runs, with every stage timed (wall and CPU seconds):
+
+1. data: :func:`metamoe.data.digits.make_digits_domains` (three client domains, a public pool mixing them
+   with three distractor domains, digit labels everywhere);
+2. seed: a tiny timm ViT (8x8 images, patch 2, one channel) built from its config and pre-trained on the
+   public pool's digit labels, so that it is a meaningful seed (a random ViT's features barely vary);
+3. client side, per client: embeddings of the private set and the public pool with the frozen seed,
+   relevance scores, proxy selection (DPP with an RBF kernel, top-k relevance, random: only what the
+   requested methods need), proxy-aligned expert training, an expert package written to disk;
+4. server side, per method (:mod:`metamoe.unify.baselines`): package validation, the unified model, router
+   training on the union of the proxies (the oracle: on the private data), evaluation on every client's
+   test set.
+
+Work is shared where methods agree: one seed, one set of embeddings and relevance scores, and one set of
+experts per (proxies, aligned) pair (the DPP experts serve metamoe, model_soup, btm, btx_oracle and
+no_context). Accuracy is digit accuracy without knowing the test sample's domain: the probabilities over
+the unified label space (every client's private classes ``"<domain>:<digit>"`` and the public classes
+``"<digit>"``) are summed per digit (:func:`metamoe.unify.evaluate.marginalize`).
+``per_domain_exact`` is the stricter score: the argmax over the unified space must be the client's own
+class ``"<domain>:<digit>"``.
+
+The result is the dict written to ``results.json``::
+
+    {"methods": {"<name>": {"per_domain": {"<domain>": acc, ...}, "average": acc, "per_domain_exact": {...},
+                            "average_exact": acc, "breaks_privacy": bool, "privacy": str, "description": str,
+                            "router": {...} or None}},
+     "seed": 0, "config": {...}, "timing": {"<stage>": {"wall_s": ., "cpu_s": .}}, "total_wall_s": .,
+     "total_cpu_s": ., "seed_model": {"per_domain": ..., "average": ., "loss_per_epoch": [...]},
+     "local_experts": {"<set>": {"<domain>": acc}}, "proxies_from_own_domain": {...}, "versions": {...}}
+
+``seed_model`` is the seed alone with its 10-digit head, ``local_experts`` each client's expert on its own
+domain (both references, not methods).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DigitsConfig",
+    "RESULTS_FILE",
+    "CHART_FILE",
+    "plot_results",
+    "pretrain_seed",
+    "run_digits_experiment",
+]
+
+RESULTS_FILE = "results.json"
+CHART_FILE = "results.png"
+
+
+@dataclass(frozen=True)
+class DigitsConfig:
+    """Every knob of the harness. The defaults are the real run (under 5 minutes on 2 CPU cores)."""
+
+    # data (make_digits_domains)
+    n_private: int = 120
+    n_test: int = 150
+    public_per_domain: int = 300
+    # seed model: timm ViT from its config, pre-trained on the public pool
+    embed_dim: int = 32
+    depth: int = 2
+    num_heads: int = 2
+    seed_epochs: int = 80  # 20 left the seed at 0.5-0.67 test accuracy; 80 reach 0.77-0.85 (seed 0)
+    seed_lr: float = 2e-3
+    seed_batch_size: int = 32
+    # client side
+    k: int = 120
+    relevance_epochs: int = 5
+    lora_rank: int = 4
+    expert_epochs: int = 10
+    expert_lr: float = 3e-3
+    expert_batch_size: int = 32
+    # server side
+    top_k: Optional[int] = None
+    router_epochs: int = 10
+    router_lr: float = 1e-2
+    router_batch_size: int = 64
+    router_init_scale: float = 4.0
+    # "block": the router's cross-entropy runs over the label block its data is labelled in (public classes
+    # for proxies, private classes for the oracle's private data); "full": over the whole unified label space
+    router_loss: str = "block"
+    # runtime: torch intra-op threads for the run (the previous value is restored afterwards);
+    # None leaves torch's setting alone. 1 by default: these models are tiny, and on a shared 2-core machine
+    # torch's default (2 threads) made the run take 562 s wall / 425 s CPU instead of 39 s / 38 s (seed 0)
+    num_threads: Optional[int] = 1
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class _Clock:
+    """Wall and CPU (user + system, this process) seconds per stage."""
+
+    def __init__(self, report: Callable[[str], None]):
+        self.report = report
+        self.stages: Dict[str, Dict[str, float]] = {}
+        self.t0 = time.perf_counter()
+        self.c0 = self._cpu()
+
+    @staticmethod
+    def _cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    def stage(self, name: str):
+        clock = self
+
+        class _S:
+            def __enter__(self):
+                self.w, self.c = time.perf_counter(), clock._cpu()
+
+            def __exit__(self, *exc):
+                if exc[0] is not None:
+                    return False
+                w, c = time.perf_counter() - self.w, clock._cpu() - self.c
+                prev = clock.stages.get(name, {"wall_s": 0.0, "cpu_s": 0.0})
+                clock.stages[name] = {"wall_s": prev["wall_s"] + w, "cpu_s": prev["cpu_s"] + c}
+                clock.report(
+                    f"[{time.perf_counter() - clock.t0:7.1f}s] {name:<32} wall {w:6.2f}s  cpu {c:6.2f}s"
+                )
+                return False
+
+        return _S()
+
+    def totals(self) -> Dict[str, float]:
+        return {"total_wall_s": time.perf_counter() - self.t0, "total_cpu_s": self._cpu() - self.c0}
+
+
+def _reporter(progress: Union[bool, Callable[[str], None]]) -> Callable[[str], None]:
+    if callable(progress):
+        return progress
+    if progress:
+        return lambda s: print(s, flush=True)
+    return lambda s: None
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def pretrain_seed(
+    seed_model: Any, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, batch_size: int, seed: int
+) -> List[float]:
+    """Full fine-tuning of ``seed_model`` (in place, all parameters) on ``(x, y)``; returns epoch losses.
+
+    x: (n, H, W) float32 images, y: (n,) int64 labels in ``[0, seed_model.num_classes)``. AdamW with a cosine
+    schedule, shuffling from ``torch.Generator().manual_seed(seed)``. The model is left in eval mode.
+    """
+    from ..models.registry import _seeded
+
+    n = len(x)
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y, dtype=np.int64))
+    params = [p for p in seed_model.net.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    steps = epochs * math.ceil(n / batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    gen = torch.Generator().manual_seed(int(seed))
+    losses = []
+    seed_model.train()
+    with _seeded(int(seed)):
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            tot = 0.0
+            for s in range(0, n, batch_size):
+                idx = perm[s : s + batch_size]
+                logits = seed_model(seed_model.prepare(xt[idx]))
+                loss = torch.nn.functional.cross_entropy(logits, yt[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                tot += float(loss.detach()) * len(idx)
+            losses.append(tot / n)
+    seed_model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return losses
+
+
+def _digit_accuracy_local(expert_model: Any, x: np.ndarray, y: np.ndarray, n_private: int) -> float:
+    """A client's own expert on its own test set: digit accuracy, classes summed per digit."""
+    from .evaluate import accuracy
+
+    with torch.no_grad():
+        p = torch.softmax(expert_model(expert_model.prepare(torch.from_numpy(x))).double(), -1).numpy()
+    C = p.shape[1]
+    targets = np.concatenate([np.arange(n_private), np.arange(C - n_private)]) % 10
+    return accuracy(p, y, targets)
+
+
+def plot_results(results: Dict[str, Any], path: Union[str, os.PathLike]) -> Path:
+    """A grouped bar chart (a group per method, a bar per domain and the average): PNG, matplotlib Agg."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(results["methods"])
+    domains = list(next(iter(results["methods"].values()))["per_domain"])
+    series = domains + ["average"]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(methods)), 4.0))
+    for j, s in enumerate(series):
+        vals = [
+            results["methods"][m]["average"] if s == "average" else results["methods"][m]["per_domain"][s]
+            for m in methods
+        ]
+        ax.bar(np.arange(len(methods)) + (j - (len(series) - 1) / 2) * width, vals, width, label=s)
+    labels = [
+        m + ("\n(breaks privacy)" if results["methods"][m].get("breaks_privacy") else "") for m in methods
+    ]
+    ax.set_xticks(np.arange(len(methods)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("digit accuracy")
+    ax.set_title(f"MetaMoE digits harness, seed {results.get('seed')}")
+    ax.legend(fontsize=7, ncol=len(series))
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def format_table(results: Dict[str, Any]) -> str:
+    """The accuracy table of a results dict as fixed-width text."""
+    methods = results["methods"]
+    domains = list(next(iter(methods.values()))["per_domain"])
+    head = f"{'method':<14}" + "".join(f"{d:>10}" for d in domains) + f"{'average':>10}{'exact':>8}"
+    lines = [head, "-" * len(head)]
+    for name, r in methods.items():
+        mark = "  (breaks privacy)" if r.get("breaks_privacy") else ""
+        lines.append(
+            f"{name:<14}"
+            + "".join(f"{r['per_domain'][d]:>10.3f}" for d in domains)
+            + f"{r['average']:>10.3f}{r.get('average_exact', float('nan')):>8.3f}{mark}"
+        )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the harness
+
+
+def run_digits_experiment(
+    seed: int = 0,
+    methods: Optional[Sequence[str]] = None,
+    out_dir: Optional[Union[str, os.PathLike]] = None,
+    progress: Union[bool, Callable[[str], None]] = True,
+    config: Optional[DigitsConfig] = None,
+    **overrides: Any,
+) -> Dict[str, Any]:
+    """Run the digits benchmark for ``methods`` and return the results dict (module docstring).
+
+    Args:
+        seed: seeds the data split, the seed model, selection, expert and router training.
+        methods: names from :data:`metamoe.unify.baselines.METHOD_NAMES` (default: all eight).
+        out_dir: if given, ``results.json``, ``results.png`` and the expert packages (``packages/``) go there;
+            otherwise packages go to a temporary folder that is removed afterwards.
+        progress: True prints each stage's wall and CPU seconds; a callable receives those lines; False:
+            silent.
+        config: a :class:`DigitsConfig`; ``overrides`` replace single fields of it (``k=40``, ...). Its
+            ``num_threads`` (default 1) sets torch's intra-op threads for the run, restored afterwards.
+
+    Returns:
+        The results dict, also written to ``out_dir/results.json`` when ``out_dir`` is given.
+    """
+    from .baselines import METHOD_NAMES, check_methods, method_spec
+
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    methods = check_methods(METHOD_NAMES if methods is None else methods)
+    cfg = config if config is not None else DigitsConfig()
+    if not isinstance(cfg, DigitsConfig):
+        raise TypeError(f"config must be a DigitsConfig, got {type(cfg).__name__}")
+    unknown = sorted(set(overrides) - set(cfg.to_dict()))
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; known: {', '.join(cfg.to_dict())}")
+    cfg = replace(cfg, **overrides)
+    nt = cfg.num_threads
+    if nt is not None and (isinstance(nt, bool) or not isinstance(nt, int) or nt < 1):
+        raise ValueError(f"num_threads must be a positive int or None, got {nt!r}")
+    if cfg.router_loss not in ("block", "full"):
+        raise ValueError(f"router_loss must be 'block' or 'full', got {cfg.router_loss!r}")
+    specs = [method_spec(m) for m in methods]
+    report = _reporter(progress)
+    prev_threads = torch.get_num_threads()
+    if cfg.num_threads is not None:
+        torch.set_num_threads(int(cfg.num_threads))
+    tmp_ctx = None
+    try:
+        if out_dir is None:
+            tmp_ctx = tempfile.TemporaryDirectory(prefix="metamoe-digits-")
+            work = Path(tmp_ctx.name)
+        else:
+            work = Path(out_dir)
+            work.mkdir(parents=True, exist_ok=True)
+        results = _run(int(seed), specs, cfg, work, report, out_dir is not None)
+    finally:
+        torch.set_num_threads(prev_threads)
+        if tmp_ctx is not None:
+            tmp_ctx.cleanup()
+    if out_dir is not None:
+        from ..selection.result import atomic_write_text
+
+        atomic_write_text(Path(out_dir) / RESULTS_FILE, json.dumps(results, indent=1, allow_nan=False) + "\n")
+        plot_results(results, Path(out_dir) / CHART_FILE)
+    return results
+
+
+def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) -> Dict[str, Any]:
+    import shutil
+
+    from ..data.digits import make_digits_domains
+    from ..models import create_seed_model
+    from ..selection import relevance_scores, select_dpp, select_random, select_top_relevance
+    from .baselines import build_method, expert_set_key
+    from .client import embed, train_expert
+    from .evaluate import evaluate_domains
+    from .package import write_expert_package
+    from .server import proxy_training_set, train_router, validate_packages
+
+    clock = _Clock(report)
+    with clock.stage("data"):
+        data = make_digits_domains(
+            seed, n_private=cfg.n_private, n_test=cfg.n_test, public_per_domain=cfg.public_per_domain
+        )
+        N = len(data.public_x)
+        if cfg.k > N:
+            raise ValueError(f"k={cfg.k} exceeds the public pool ({N} samples)")
+        domains = [c.domain for c in data.clients]
+    with clock.stage("seed: build + pretrain on public pool"):
+        seed_model = create_seed_model(
+            "timm:vit_tiny_patch16_224",
+            seed=seed,
+            img_size=8,
+            patch_size=2,
+            in_chans=1,
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            num_classes=10,
+        )
+        seed_losses = pretrain_seed(
+            seed_model,
+            data.public_x,
+            data.public_y,
+            epochs=cfg.seed_epochs,
+            lr=cfg.seed_lr,
+            batch_size=cfg.seed_batch_size,
+            seed=seed,
+        )
+    with clock.stage("client: embed (frozen seed)"):
+        pub_emb = embed(seed_model, data.public_x, progress=False)
+        priv_emb = [embed(seed_model, c.x_train, progress=False) for c in data.clients]
+    with clock.stage("client: relevance"):
+        relevance = [
+            relevance_scores(p, pub_emb, epochs=cfg.relevance_epochs, seed=seed + i, progress=False)
+            for i, p in enumerate(priv_emb)
+        ]
+    needed_sel = sorted({s.selection for s in specs})
+    selections: Dict[str, List[Any]] = {}
+    for sel in needed_sel:
+        with clock.stage(f"client: select ({sel})"):
+            if sel == "dpp":
+                selections[sel] = [
+                    select_dpp(pub_emb, cfg.k, r, kernel="rbf", progress=False) for r in relevance
+                ]
+            elif sel == "topk":
+                selections[sel] = [select_top_relevance(r, cfg.k) for r in relevance]
+            else:
+                selections[sel] = [
+                    select_random(N, cfg.k, seed=seed * 100 + i) for i in range(len(relevance))
+                ]
+    # proxies drawn from the client's own domain: a diagnostic of selection quality (the clients never see it)
+    own_domain = {
+        sel: [float(np.mean(data.public_domain[s.indices] == i)) for i, s in enumerate(ss)]
+        for sel, ss in selections.items()
+    }
+    spaces = [
+        {"private": [f"{d}:{j}" for j in range(10)], "public": [str(j) for j in range(10)]} for d in domains
+    ]
+    package_sets: Dict[str, List[Path]] = {}
+    local: Dict[str, Dict[str, float]] = {}
+    for key in sorted({expert_set_key(s) for s in specs}):
+        sel = key.split("_")[0]
+        aligned = not key.endswith("_unaligned")
+        with clock.stage(f"client: train experts ({key})"):
+            paths = []
+            local[key] = {}
+            for i, c in enumerate(data.clients):
+                picked = selections[sel][i].indices
+                proxies = (data.public_x[picked], data.public_y[picked]) if aligned else None
+                ex = train_expert(
+                    seed_model,
+                    (c.x_train, c.y_train),
+                    proxies,
+                    spaces[i],
+                    lora_rank=cfg.lora_rank,
+                    epochs=cfg.expert_epochs,
+                    lr=cfg.expert_lr,
+                    batch_size=cfg.expert_batch_size,
+                    seed=seed * 100 + i,
+                )
+                local[key][c.domain] = _digit_accuracy_local(ex.model, c.x_test, c.y_test, 10)
+                method = {"dpp": "dpp", "topk": "topk", "random": "random"}[sel]
+                paths.append(
+                    write_expert_package(
+                        work / "packages" / key / c.domain,
+                        ex,
+                        proxy_indices=picked,
+                        public_pool_size=N,
+                        method=method,
+                        k=cfg.k,
+                        overwrite=True,
+                    )
+                )
+            package_sets[key] = paths
+
+    tests = {c.domain: (c.x_test, c.y_test) for c in data.clients}
+    with torch.no_grad():  # the seed alone (its own 10-digit head): the floor every method starts from
+        seed_acc = {
+            d: float((seed_model(seed_model.prepare(torch.from_numpy(x))).argmax(1).numpy() == y).mean())
+            for d, (x, y) in tests.items()
+        }
+    out_methods: Dict[str, Any] = {}
+    for spec in specs:
+        key = expert_set_key(spec)
+        with clock.stage(f"server: {spec.name}"):
+            pkgs = validate_packages(package_sets[key], seed_model=seed_model, public_pool_size=N)
+            model = (
+                build_method(spec, seed_model, pkgs, top_k=cfg.top_k, router_init_scale=cfg.router_init_scale)
+                if spec.combine == "moe"
+                else build_method(spec, seed_model, pkgs)
+            )
+            space = model.label_space
+            router = None
+            if spec.router_data is not None:
+                if spec.router_data == "proxies":
+                    x, y, _ = proxy_training_set(pkgs, data.public_x, data.public_y, space)
+                else:  # the oracle: every client's private data, labelled with its own classes
+                    x = np.concatenate([c.x_train for c in data.clients])
+                    y = np.concatenate(
+                        [c.y_train + space.private_slices[i][0] for i, c in enumerate(data.clients)]
+                    )
+                block = None
+                if cfg.router_loss == "block":
+                    block = (
+                        space.public_slice if spec.router_data == "proxies" else (0, space.public_slice[0])
+                    )
+                router = train_router(
+                    model,
+                    x,
+                    y,
+                    epochs=cfg.router_epochs,
+                    lr=cfg.router_lr,
+                    batch_size=cfg.router_batch_size,
+                    seed=seed,
+                    label_block=block,
+                )
+                router = {k: v for k, v in router.items() if k != "trained"}
+                router["n_train"] = int(len(y))
+        with clock.stage(f"eval: {spec.name}"):
+            targets = np.array([int(nm.rsplit(":", 1)[-1]) for nm in space.names], dtype=np.int64)
+            exact = {c.domain: c.y_test + space.private_slices[i][0] for i, c in enumerate(data.clients)}
+            ev = evaluate_domains(model, tests, targets, exact)
+            entry: Dict[str, Any] = {
+                "per_domain": ev["per_domain"],
+                "average": float(np.mean(list(ev["per_domain"].values()))),
+                "per_domain_exact": ev["per_domain_exact"],
+                "average_exact": float(np.mean(list(ev["per_domain_exact"].values()))),
+            }
+            entry.update(spec.to_dict())
+            entry.pop("name")
+            entry["router"] = router
+            if spec.combine == "moe":
+                entry["routing"] = {
+                    d: model.routing_fractions(x_te).round(4).tolist() for d, (x_te, _) in tests.items()
+                }
+            out_methods[spec.name] = entry
+    if not keep:
+        shutil.rmtree(work / "packages", ignore_errors=True)
+    totals = clock.totals()
+    import platform
+
+    import timm
+
+    from ..version import __version__
+
+    return {
+        "methods": out_methods,
+        "seed": seed,
+        "domains": domains,
+        "config": cfg.to_dict(),
+        "timing": clock.stages,
+        **totals,
+        "seed_model": {
+            "loss_per_epoch": seed_losses,
+            "per_domain": seed_acc,
+            "average": float(np.mean(list(seed_acc.values()))),
+        },
+        "local_experts": local,
+        "proxies_from_own_domain": own_domain,
+        "versions": {
+            "metamoe": __version__,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads(),
+        },
+    }

@@ -1,0 +1,122 @@
+"""The digits harness: results.json schema, the PNG chart, timings, options, determinism."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from metamoe.unify.experiment import (
+    CHART_FILE,
+    RESULTS_FILE,
+    DigitsConfig,
+    format_table,
+    run_digits_experiment,
+)
+
+TINY = DigitsConfig(
+    n_private=20,
+    n_test=10,
+    public_per_domain=12,
+    embed_dim=16,
+    depth=1,
+    seed_epochs=1,
+    k=8,
+    relevance_epochs=1,
+    lora_rank=2,
+    expert_epochs=1,
+    expert_batch_size=16,
+    router_epochs=1,
+    router_batch_size=16,
+    num_threads=1,
+)
+METHODS = ["metamoe", "model_soup", "btm", "btx_oracle"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    lines = []
+    r = run_digits_experiment(3, methods=METHODS, out_dir=out, progress=lines.append, config=TINY)
+    return r, out, lines
+
+
+def test_results_json_schema(run):
+    r, out, _ = run
+    on_disk = json.loads((out / RESULTS_FILE).read_text())
+    assert on_disk == json.loads(json.dumps(r))  # what is returned is what is written
+    assert list(on_disk["methods"]) == METHODS
+    for m in on_disk["methods"].values():
+        assert set(m["per_domain"]) == {"upright", "rotated", "inverted"}
+        assert all(isinstance(v, float) and 0 <= v <= 1 for v in m["per_domain"].values())
+        assert isinstance(m["average"], float)
+        assert m["average"] == pytest.approx(sum(m["per_domain"].values()) / 3)
+        assert isinstance(m["breaks_privacy"], bool) and isinstance(m["description"], str)
+    assert on_disk["methods"]["btx_oracle"]["breaks_privacy"] is True
+    assert "BREAKS PRIVACY" in on_disk["methods"]["btx_oracle"]["privacy"]
+    assert on_disk["seed"] == 3 and on_disk["domains"] == ["upright", "rotated", "inverted"]
+    assert on_disk["config"] == TINY.to_dict()
+    for stage, t in on_disk["timing"].items():
+        assert t["wall_s"] >= 0 and t["cpu_s"] >= 0, stage
+    assert {
+        "data",
+        "seed: build + pretrain on public pool",
+        "client: relevance",
+        "client: select (dpp)",
+        "client: train experts (dpp)",
+        "server: metamoe",
+        "eval: btm",
+    } <= set(on_disk["timing"])
+    assert "client: select (topk)" not in on_disk["timing"]  # only what the requested methods need
+    assert on_disk["total_wall_s"] >= sum(t["wall_s"] for t in on_disk["timing"].values()) - 1e-6
+    # routing fractions: per domain, per layer, a distribution over the experts
+    for rows in on_disk["methods"]["metamoe"]["routing"].values():
+        assert np.allclose(np.sum(rows, axis=1), 1.0, atol=1e-3)
+    # packages are kept with an out_dir and hold no private sample: the manifests list public indices only
+    pkgs = sorted((out / "packages" / "dpp").iterdir())
+    assert [p.name for p in pkgs] == ["inverted", "rotated", "upright"]
+    for p in pkgs:
+        assert sorted(f.name for f in p.iterdir()) == [
+            "head.safetensors",
+            "lora.safetensors",
+            "manifest.json",
+            "prototypes.safetensors",
+        ]
+
+
+def test_chart_and_progress(run):
+    r, out, lines = run
+    png = (out / CHART_FILE).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    assert any("server: metamoe" in ln and "cpu" in ln for ln in lines)
+    table = format_table(r)
+    assert "btx_oracle" in table and "(breaks privacy)" in table and "average" in table
+
+
+def test_same_seed_same_results_and_threads_restored(run):
+    r, _, _ = run
+    n = torch.get_num_threads()
+    again = run_digits_experiment(3, methods=["metamoe"], progress=False, config=TINY)
+    assert torch.get_num_threads() == n
+    assert again["methods"]["metamoe"]["per_domain"] == r["methods"]["metamoe"]["per_domain"]
+    assert (
+        again["methods"]["metamoe"]["router"]["loss_per_epoch"]
+        == r["methods"]["metamoe"]["router"]["loss_per_epoch"]
+    )
+    assert all(math.isfinite(v) for v in again["methods"]["metamoe"]["router"]["loss_per_epoch"])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown method"):
+        run_digits_experiment(0, methods=["metamoe", "moe"], config=TINY, progress=False)
+    with pytest.raises(ValueError, match="unknown config field"):
+        run_digits_experiment(0, config=TINY, progress=False, kk=3)
+    with pytest.raises(ValueError, match="seed"):
+        run_digits_experiment(-1, config=TINY, progress=False)
+    with pytest.raises(ValueError, match="num_threads"):
+        run_digits_experiment(0, config=TINY, progress=False, num_threads=0)
+    with pytest.raises(ValueError, match="router_loss"):
+        run_digits_experiment(0, config=TINY, progress=False, router_loss="half")
+    with pytest.raises(ValueError, match="exceeds the public pool"):
+        run_digits_experiment(0, methods=["btm"], config=TINY, progress=False, k=10_000)
