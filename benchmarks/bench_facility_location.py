@@ -17,6 +17,17 @@ benchmarks/results/facility_location.csv.
   python benchmarks/bench_facility_location.py --n 1000000 --neighbors 50 --k 10000 --graph-method ivf
 
 Target (issue 3, 2-core CPU): K = 50 graph, N = 1M, k = 10,000 in <= 10 s, C++ >= 10x the fallback.
+
+``--dense``: graph="dense" with the similarities computed on the fly (torch backend, exact lazy greedy;
+defaults N = 100k, D = 64, k = 200, one timed run). Peers in the same run: the kNN path (graph build +
+lazy greedy on the K-NN graph, both timed) and, where N^2 pairs fit in memory (N <= --materialise-max),
+the materialised dense path (CSR, cpp or torch backend) whose picks must be identical. Every selection's
+objective is also evaluated on the dense similarities (float64), so the table shows how much coverage
+the kNN sparsification gives away (``dense_obj_vs_knn``: dense greedy's f over kNN greedy's f, both
+measured densely).
+
+  python benchmarks/bench_facility_location.py --dense --quick --threads 1
+  python benchmarks/bench_facility_location.py --dense --n 100000 --k 200 --threads 1
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import torch  # noqa: E402
 from benchmarks.utils import append_csv, common_parser, environment, pick_device, print_table, time_fn  # noqa: E402
 from metamoe.backends import availability  # noqa: E402
 from metamoe.selection import KnnGraph, build_knn_graph, select_facility_location  # noqa: E402
+import metamoe.selection.facility_location as fl_mod  # noqa: E402
 
 
 def blobs(n: int, d: int, clusters: int, seed: int) -> np.ndarray:
@@ -42,6 +54,77 @@ def blobs(n: int, d: int, clusters: int, seed: int) -> np.ndarray:
     X = centers[labels]
     X += rng.standard_normal((n, d), dtype=np.float32)
     return X
+
+
+def dense_objective(X: np.ndarray, picks: np.ndarray, device: str, block: int = 8192) -> float:
+    """f(A) = sum_i max(0, max_{j in A} cos(x_i, x_j)) over the whole pool, blockwise, float64 sums."""
+    Xt = torch.nn.functional.normalize(torch.from_numpy(X).to(device).float(), dim=1)
+    A = Xt[torch.as_tensor(picks, device=device)]
+    total = 0.0
+    for s in range(0, Xt.shape[0], block):
+        total += float((Xt[s : s + block] @ A.T).amax(dim=1).clamp(min=0).double().sum())
+    return total
+
+
+def run_dense(args, device: str) -> None:
+    quick = args.quick
+    n = args.n or (5_000 if quick else 100_000)
+    d = args.d or (32 if quick else 64)
+    k = args.k or (50 if quick else 200)
+    K = args.neighbors
+    warmup = args.warmup if args.warmup is not None else 0
+    rep = args.rep if args.rep is not None else 1
+    X = blobs(n, d, args.clusters, args.seed)
+    Xdev = torch.from_numpy(X).to(device) if device != "cpu" else X
+    cpp_ok = availability.backend_unavailable_reason("cpp") is None
+    knn_backend = "cpp" if (cpp_ok and device == "cpu") else "torch"
+    env = environment(device)
+    runs = {}
+
+    def timed(name, fn):
+        out = {}
+        t = time_fn(lambda: out.__setitem__("sel", fn()), device=device, warmup=warmup, rep=rep)
+        runs[name] = (t, out["sel"])
+
+    saved = fl_mod.DENSE_MATERIALIZE_PAIRS
+    try:
+        fl_mod.DENSE_MATERIALIZE_PAIRS = 0  # on the fly at every size
+        timed("dense-on-the-fly", lambda: select_facility_location(Xdev, k, graph="dense", progress=False))
+        if n <= args.materialise_max:
+            fl_mod.DENSE_MATERIALIZE_PAIRS = n * n
+            timed("dense-materialised", lambda: select_facility_location(X if knn_backend == "cpp" else Xdev, k,
+                                                                         graph="dense", backend=knn_backend,
+                                                                         progress=False))
+    finally:
+        fl_mod.DENSE_MATERIALIZE_PAIRS = saved
+    timed("knn", lambda: select_facility_location(X if knn_backend == "cpp" else Xdev, k, graph="knn",
+                                                  n_neighbors=K, backend=knn_backend, progress=False))
+
+    otf = runs["dense-on-the-fly"][1]
+    knn_f = dense_objective(X, runs["knn"][1].indices, device)
+    rows = []
+    for name, (t, sel) in runs.items():
+        f_dense = dense_objective(X, sel.indices, device)
+        same = bool(np.array_equal(sel.indices, otf.indices))
+        if name == "dense-materialised":
+            np.testing.assert_array_equal(sel.indices, otf.indices, err_msg="materialised picks differ from on-the-fly")
+        rows.append({
+            "op": "facility_location_dense", "variant": name, "backend": sel.backend, "n": n, "d": d, "k": k,
+            "neighbors": K if name == "knn" else "", **t.as_row("s"),
+            "graph_s": round(sel.info.get("graph_seconds", 0.0), 3),
+            "objective": round(sel.objective, 6), "dense_objective": round(f_dense, 6),
+            "dense_obj_vs_knn": round(f_dense / knn_f, 6), "same_picks_as_on_the_fly": same,
+            "time_vs_on_the_fly": round(t.median / runs["dense-on-the-fly"][0].median, 3),
+            "candidate_evaluations": sel.info.get("candidate_evaluations", ""),
+            "threads": torch.get_num_threads(),
+        })
+    print_table(rows, ["variant", "backend", "n", "d", "k", "median_s", "graph_s", "dense_objective", "dense_obj_vs_knn",
+                       "same_picks_as_on_the_fly", "time_vs_on_the_fly", "threads"],
+                title=f"facility location, graph='dense' on {env['device']} ({torch.get_num_threads()} torch threads; "
+                      f"median of {rep} run(s); knn includes its graph build)")
+    if not args.no_csv:
+        path = append_csv("facility_location_dense", rows, env)
+        print(f"appended {len(rows)} rows to {path}")
 
 
 def main() -> None:
@@ -57,6 +140,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     if not any("--threads" in a.option_strings for a in p._actions):  # benchmarks.utils may already offer it
         p.add_argument("--threads", type=int, default=None, help="CPU threads (default: leave as is)")
+    p.add_argument("--dense", action="store_true",
+                   help="graph='dense' on the fly vs the kNN path (and the materialised dense path when small)")
+    p.add_argument("--materialise-max", type=int, default=12_000,
+                   help="--dense: also run the materialised dense path up to this N (N^2 pairs in memory)")
     p.add_argument("--graph-cache", default=None,
                    help="a .npz path: load the kNN graph from it if it exists (checked against the data), else save it")
     args = p.parse_args()
@@ -70,6 +157,8 @@ def main() -> None:
         if ext is not None:
             ext.set_num_threads(args.threads)
 
+    if args.dense:
+        return run_dense(args, pick_device(args.device))
     quick = args.quick
     n = args.n or (20_000 if quick else 100_000)
     d = args.d or (32 if quick else 64)
