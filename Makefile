@@ -41,7 +41,7 @@ info: $(STAMP)
 	$(PY) -m metamoe.info
 
 bench: $(STAMP)
-	$(PY) -m metamoe bench
+	$(PY) -m metamoe bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build $(VENV) metamoe/_C*.so metamoe/_build_info.json *.egg-info

@@ -18,9 +18,23 @@ def _cmd_demo(argv: List[str]) -> int:
     return demo.main(argv)
 
 
+def _cmd_select(argv: List[str]) -> int:
+    from .selection import cli as selection_cli
+
+    return selection_cli.main(argv)
+
+
+def _cmd_bench(argv: List[str]) -> int:
+    from . import bench
+
+    return bench.main(argv)
+
+
 COMMANDS: Dict[str, tuple] = {
     "info": (_cmd_info, "show versions, the compiled extension and every op's backends"),
     "demo": (_cmd_demo, "run the end-to-end example on the bundled digits data"),
+    "select": (_cmd_select, "client-side proxy selection: relevance, then dpp / fl / fl-private / topk / random"),
+    "bench": (_cmd_bench, "run the benchmark scripts of a source checkout (metamoe bench --list)"),
 }
 
 

@@ -5,10 +5,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from references import dpp_greedy_chen, dpp_kernel, dpp_kernel_rbf, logdet
 
 from metamoe.backends import BackendNotSupportedError, availability
 from metamoe.selection import DppRankWarning, Selection, select_dpp
-from references import dpp_greedy_chen, dpp_kernel, logdet
+from metamoe.selection.dpp import _cpp_storage, default_rbf_gamma, rbf_workspace_bytes
 
 CPU_BACKENDS = ["torch", "cpp"]
 
@@ -20,7 +21,9 @@ def _skip_unavailable(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("n,d,k,ridge", [(200, 16, 12, 0.0), (301, 7, 7, 0.0), (150, 5, 40, 0.5), (97, 33, 60, 1e-2)])
+@pytest.mark.parametrize(
+    "n,d,k,ridge", [(200, 16, 12, 0.0), (301, 7, 7, 0.0), (150, 5, 40, 0.5), (97, 33, 60, 1e-2)]
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_matches_chen_reference(backend, n, d, k, ridge, dtype, rng):
     _skip_unavailable(backend)
@@ -38,11 +41,13 @@ def test_matches_chen_reference(backend, n, d, k, ridge, dtype, rng):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_cpp_and_torch_agree_on_larger_pool(backend, rng):
     _skip_unavailable(backend)
-    X = rng.standard_normal((3000, 24)).astype(np.float32)
-    r = rng.uniform(0.0, 1.0, 3000)
-    ref = select_dpp(X, 24, r, backend="torch", progress=False)
-    sel = select_dpp(X, 24, r, backend=backend, progress=False)
+    # N x D above the C++ code's threshold for OpenMP (2^19 row-elements): the threaded path runs
+    X = rng.standard_normal((9001, 64)).astype(np.float32)
+    r = rng.uniform(0.0, 1.0, 9001)
+    ref = select_dpp(X, 40, r, ridge=0.01, backend="torch", progress=False)
+    sel = select_dpp(X, 40, r, ridge=0.01, backend=backend, progress=False)
     np.testing.assert_array_equal(sel.indices, ref.indices)
+    np.testing.assert_allclose(sel.gains, ref.gains, rtol=1e-9)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -102,8 +107,8 @@ def test_cuda_backend_without_gpu_says_why(monkeypatch, rng):
     with pytest.raises(BackendNotSupportedError) as err:
         select_dpp(X, 3, progress=False)
     msg = str(err.value)
-    assert "backend 'cuda' cannot run dpp_greedy" in msg
-    assert "CUDA device" in msg or "not built" in msg
+    assert "backend 'cuda' cannot run dpp_greedy: cuda is not available here" in msg
+    assert "CUDA device" in msg or "NVIDIA driver" in msg or "not built" in msg
 
 
 @pytest.mark.parametrize(
@@ -112,8 +117,26 @@ def test_cuda_backend_without_gpu_says_why(monkeypatch, rng):
         (np.zeros((0, 4), np.float32), {}, ValueError, "X must be non-empty"),
         (np.ones((5,), np.float32), {}, ValueError, "X must be 2-D"),
         (np.ones((5, 3), np.int32), {}, TypeError, "X must have a floating dtype"),
-        (np.array([[1.0, np.nan], [1.0, 2.0]], np.float32), {}, ValueError, r"NaN or inf values \(first in row 0\)"),
+        (
+            np.array([[1.0, np.nan], [1.0, 2.0]], np.float32),
+            {},
+            ValueError,
+            r"NaN or inf values \(first in row 0\)",
+        ),
         (np.array([[1.0, 2.0], [0.0, 0.0]], np.float32), {}, ValueError, "row 1 is all zeros"),
+        (
+            np.array([[1.0, 2.0], [1.0, 2.0], [np.inf, 1.0]], np.float16),
+            {},
+            ValueError,
+            r"NaN or inf values \(first in row 2\)",
+        ),
+        (
+            np.array([[1.0, 2.0], [0.0, 0.0]], np.float32),
+            {"kernel": "rbf"},
+            ValueError,
+            "row 1 is all zeros; the rbf kernel",
+        ),
+        (np.ones((5, 3), np.int64), {"kernel": "rbf"}, TypeError, "X must have a floating dtype"),
         ([[1.0, 2.0]], {}, TypeError, "X must be a NumPy array"),
     ],
 )
@@ -152,3 +175,200 @@ def test_cuda_matches_cpp(dtype, ridge, rng):
     sel = select_dpp(Xg, 40, r, ridge=ridge, backend="cuda", progress=False)
     np.testing.assert_array_equal(sel.indices, ref.indices)
     np.testing.assert_allclose(sel.gains, ref.gains, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- rbf kernel
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "n,d,k,gamma,ridge", [(180, 8, 40, 1.0, 0.0), (97, 3, 60, 2.5, 0.0), (64, 12, 64, 0.3, 0.1)]
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rbf_matches_chen_reference(backend, n, d, k, gamma, ridge, dtype, rng):
+    _skip_unavailable(backend)
+    X = rng.standard_normal((n, d)).astype(dtype)
+    r = rng.uniform(0.05, 1.0, n)
+    L = dpp_kernel_rbf(X, r, gamma=gamma, ridge=ridge)
+    ref_idx, ref_res = dpp_greedy_chen(L, k, eps=1e-9 * r.max() ** 2 * (1 + ridge))
+    assert len(ref_idx) == k  # full rank: k > D picks without running out
+    sel = select_dpp(
+        X, k, r, kernel="rbf", gamma=gamma, ridge=ridge, backend=backend, progress=False, chunk_rows=50
+    )
+    assert sel.backend == backend
+    np.testing.assert_array_equal(sel.indices, ref_idx)
+    np.testing.assert_allclose(np.exp(sel.gains), ref_res, rtol=1e-6, atol=1e-12)
+    assert sel.objective == pytest.approx(logdet(L, sel.indices), rel=1e-6, abs=1e-6)
+    assert sel.info["gamma"] == gamma
+
+
+def test_rbf_default_gamma_is_median_heuristic(rng):
+    X = rng.standard_normal((70, 5)).astype(np.float32)
+    Xn = X.astype(np.float64) / np.linalg.norm(X.astype(np.float64), axis=1, keepdims=True)
+    sq = ((Xn[:, None] - Xn[None]) ** 2).sum(-1)[np.triu_indices(70, 1)]
+    assert default_rbf_gamma(torch.from_numpy(X)) == pytest.approx(1.0 / np.median(sq), rel=1e-12)
+    sel = select_dpp(X, 10, kernel="rbf", progress=False, backend="torch")
+    assert sel.info["gamma"] == pytest.approx(1.0 / np.median(sq), rel=1e-12)
+    ref_idx, _ = dpp_greedy_chen(dpp_kernel_rbf(X, gamma=sel.info["gamma"]), 10)
+    np.testing.assert_array_equal(sel.indices, ref_idx)
+
+
+def test_rbf_cpp_and_torch_agree_on_larger_pool(rng):
+    _skip_unavailable("cpp")
+    # threaded C++ path (N x D >= 2^19) with several candidate blocks (N > 2 x 2048)
+    X = rng.standard_normal((9001, 64)).astype(np.float32)
+    r = rng.uniform(0.0, 1.0, 9001)
+    a = select_dpp(X, 50, r, kernel="rbf", backend="torch", progress=False, chunk_rows=1000)
+    b = select_dpp(X, 50, r, kernel="rbf", backend="cpp", progress=False)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(a.gains, b.gains, rtol=1e-9)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_rbf_duplicates_stop_and_warn(backend):
+    _skip_unavailable(backend)
+    X = np.concatenate([np.eye(3, dtype=np.float32)] * 4)  # 3 distinct directions, 4 copies each
+    with pytest.warns(DppRankWarning, match="duplicates"):
+        sel = select_dpp(X, 5, kernel="rbf", gamma=1.0, backend=backend, progress=False)
+    np.testing.assert_array_equal(sel.indices, [0, 1, 2])
+
+
+def test_rbf_memory_checked_up_front(rng):
+    X = rng.standard_normal((1000, 4)).astype(np.float32)
+    need = rbf_workspace_bytes(1000, 100)
+    with pytest.raises(ValueError, match=r"k=100 x N=1000 x 8 bytes.*candidates=M"):
+        select_dpp(X, 100, kernel="rbf", max_workspace_bytes=need - 1, progress=False)
+    sel = select_dpp(X, 100, kernel="rbf", max_workspace_bytes=need, progress=False)
+    assert len(sel) == 100
+    # with candidates the workspace is k x M: fits where k x N does not
+    r = rng.uniform(size=1000)
+    sel = select_dpp(X, 100, r, kernel="rbf", candidates=200, max_workspace_bytes=need // 4, progress=False)
+    assert len(sel) == 100 and sel.info["candidates"] == 200
+
+
+def test_gamma_validation(rng):
+    X = rng.standard_normal((10, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="gamma is only used by kernel='rbf'"):
+        select_dpp(X, 2, gamma=1.0, progress=False)
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        select_dpp(X, 2, kernel="rbf", gamma=0.0, progress=False)
+    with pytest.raises(ValueError, match="gamma must be finite"):
+        select_dpp(X, 2, kernel="rbf", gamma=float("inf"), progress=False)
+
+
+# ------------------------------------------------------------------- candidates (the paper's protocol)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kernel,ridge", [("cosine", 0.0), ("cosine", 0.05), ("rbf", 0.0)])
+def test_candidates_match_chen_on_top_m(backend, kernel, ridge, rng):
+    _skip_unavailable(backend)
+    n, d, m, k = 400, 10, 60, 10
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    r = np.round(rng.uniform(0.0, 1.0, n), 2)  # rounded: many ties in relevance
+    # reference: top-M by relevance, ties to the lower index, without argsort
+    order = sorted(range(n), key=lambda i: (-r[i], i))[:m]
+    cand = np.sort(np.array(order))
+    L = (
+        dpp_kernel(X[cand], r[cand], ridge)
+        if kernel == "cosine"
+        else dpp_kernel_rbf(X[cand], r[cand], 0.7, ridge)
+    )
+    ref_idx, ref_res = dpp_greedy_chen(L, k, eps=1e-9 * r[cand].max() ** 2 * (1 + ridge))
+    kw = {"gamma": 0.7} if kernel == "rbf" else {}
+    sel = select_dpp(X, k, r, kernel=kernel, ridge=ridge, candidates=m, backend=backend, progress=False, **kw)
+    np.testing.assert_array_equal(sel.indices, cand[ref_idx])
+    np.testing.assert_allclose(np.exp(sel.gains), ref_res, rtol=1e-6)
+    assert set(sel.indices.tolist()) <= set(cand.tolist())
+    assert sel.info["candidates"] == m
+
+
+def test_candidates_equal_to_pool_is_the_plain_dpp(rng):
+    X = rng.standard_normal((50, 6)).astype(np.float32)
+    r = rng.uniform(size=50)
+    a = select_dpp(X, 6, r, progress=False)
+    b = select_dpp(X, 6, r, candidates=50, progress=False)
+    np.testing.assert_array_equal(a.indices, b.indices)
+
+
+def test_bad_candidates(rng):
+    X = rng.standard_normal((20, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"candidates must satisfy k=5 <= candidates <= N=20, got 4"):
+        select_dpp(X, 5, candidates=4, progress=False)
+    with pytest.raises(ValueError, match=r"candidates <= N=20, got 21"):
+        select_dpp(X, 5, candidates=21, progress=False)
+    with pytest.raises(TypeError, match="candidates must be an integer"):
+        select_dpp(X, 5, candidates=10.0, progress=False)
+
+
+# --------------------------------------------------------------------------- 16-bit storage read in place
+
+
+@pytest.mark.parametrize("kernel", ["cosine", "rbf"])
+def test_fp16_memmap_through_cpp_is_read_in_place(kernel, tmp_path, rng):
+    _skip_unavailable("cpp")
+    X32 = rng.standard_normal((500, 24)).astype(np.float16).astype(np.float32)  # fp16-representable
+    r = rng.uniform(0.1, 1.0, 500)
+    np.save(tmp_path / "x.npy", X32.astype(np.float16))
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert mm.dtype == np.float16 and not mm.flags.writeable
+    ref = select_dpp(X32, 30, r, kernel=kernel, ridge=0.01, backend="cpp", progress=False)
+    sel = select_dpp(mm, 30, r, kernel=kernel, ridge=0.01, backend="cpp", progress=False)
+    np.testing.assert_array_equal(sel.indices, ref.indices)
+    np.testing.assert_array_equal(sel.gains, ref.gains)  # same float64 arithmetic on the same values
+    # what the C++ module receives is a uint16 view of the memmap itself, not a copy
+    from metamoe.selection.validation import check_embeddings
+
+    arr, suffix = _cpp_storage(check_embeddings(mm, zero_copy_readonly=True))
+    assert suffix == "F16" and arr.dtype == np.uint16 and np.shares_memory(arr, mm)
+
+
+def test_bfloat16_through_cpp_equals_float32(rng):
+    _skip_unavailable("cpp")
+    Xb = torch.from_numpy(rng.standard_normal((300, 20)).astype(np.float32)).to(torch.bfloat16)
+    r = rng.uniform(0.1, 1.0, 300)
+    for kernel in ("cosine", "rbf"):
+        ref = select_dpp(Xb.float().numpy(), 25, r, kernel=kernel, ridge=0.01, backend="cpp", progress=False)
+        sel = select_dpp(Xb, 25, r, kernel=kernel, ridge=0.01, backend="cpp", progress=False)
+        np.testing.assert_array_equal(sel.indices, ref.indices)
+        np.testing.assert_array_equal(sel.gains, ref.gains)
+
+
+def test_fp16_subnormals_and_specials_convert_exactly():
+    _skip_unavailable("cpp")
+    # float16 bit patterns (normals, subnormals, negatives) converted by the C++ table must equal
+    # NumPy's conversion: rows [v, 1] (never zero norm), every row picked (ridge > 0: full rank),
+    # so every row's value enters the residuals, which must match the float32 path bit for bit
+    pos = np.concatenate([np.arange(1, 0x400, 37), np.arange(0x400, 0x7C00, 97), [1, 2, 3, 0x3FF, 0x7BFF]])
+    bits = np.unique(np.concatenate([pos, pos[::3] | 0x8000])).astype(np.uint16)
+    vals = bits.view(np.float16)
+    X = np.stack([vals, np.ones_like(vals)], axis=1)
+    k = len(X)
+    sel16 = select_dpp(X, k, backend="cpp", progress=False, ridge=0.5)
+    sel32 = select_dpp(X.astype(np.float32), k, backend="cpp", progress=False, ridge=0.5)
+    assert len(sel16) == k
+    np.testing.assert_array_equal(sel16.indices, sel32.indices)
+    np.testing.assert_array_equal(sel16.gains, sel32.gains)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rbf_torch_on_gpu_matches_cpp(dtype, rng):
+    _skip_unavailable("cpp")
+    X = rng.standard_normal((3000, 32)).astype(np.float16).astype(np.float32)
+    r = rng.uniform(0.1, 1.0, 3000)
+    ref = select_dpp(X, 40, r, kernel="rbf", gamma=1.0, backend="cpp", progress=False)
+    sel = select_dpp(torch.from_numpy(X).to("cuda", dtype), 40, r, kernel="rbf", gamma=1.0, progress=False)
+    assert sel.backend == "torch"
+    np.testing.assert_array_equal(sel.indices, ref.indices)
+    np.testing.assert_allclose(sel.gains, ref.gains, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_candidates_and_cupy_on_gpu(rng):
+    cupy = pytest.importorskip("cupy")
+    X = rng.standard_normal((2000, 24)).astype(np.float32)
+    r = rng.uniform(0.0, 1.0, 2000)
+    ref = select_dpp(X, 20, r, ridge=0.01, candidates=300, backend="torch", progress=False)
+    sel = select_dpp(cupy.asarray(X), 20, r, ridge=0.01, candidates=300, progress=False)
+    np.testing.assert_array_equal(sel.indices, ref.indices)

@@ -1,17 +1,29 @@
 """Relevance-weighted DPP, greedy MAP inference (Chen et al., NeurIPS 2018), at million-sample scale.
 
-Kernel ``L = diag(r) (Xn Xn^T + ridge I) diag(r)``, ``Xn`` the L2-normalised rows of ``X``.
-Greedy MAP picks, at each step, the candidate with the largest residual variance given the picks so
-far (ties to the lowest index): exactly Chen et al.'s fast greedy. Instead of their k x N Cholesky
-workspace, the residual updates come from feature space (a Gram-Schmidt direction per pick), so one
-pick costs one N x D matrix-vector product and nothing of size N x N or k x N is ever stored.
+Two kernels, ``r`` the relevance and ``Xn`` the L2-normalised rows of ``X``:
 
-Implementations (op ``dpp_greedy``): ``cuda`` (csrc/cuda/dpp_greedy.cu), ``cpp`` (csrc/cpu/dpp_greedy.cpp,
-OpenMP) and ``torch`` (this file; any device).
+* ``cosine``: ``L = diag(r) (Xn Xn^T + ridge I) diag(r)``. Greedy MAP picks, at each step, the
+  candidate with the largest residual variance given the picks so far (ties to the lowest index):
+  exactly Chen et al.'s fast greedy. Instead of their k x N Cholesky workspace, the residual updates
+  come from feature space (a Gram-Schmidt direction per pick), so one pick costs one N x D
+  matrix-vector product and nothing of size N x N or k x N is ever stored.
+* ``rbf``: ``L = diag(r) (K + ridge I) diag(r)``, ``K_ij = exp(-gamma ||xn_i - xn_j||^2)``, full rank.
+  Chen et al.'s algorithm as written: each pick computes one kernel row ``K[j, :]`` from ``X`` on the
+  fly (O(N D)) and updates a k x N float64 Cholesky workspace (O(N t)); the workspace is checked
+  against free memory before anything runs.
+
+``candidates=M`` first keeps the top-M by relevance (the paper's protocol: top 2,000, then 500 picks).
+
+Implementations: op ``dpp_greedy`` (cosine): ``cuda`` (csrc/cuda/dpp_greedy.cu), ``cpp``
+(csrc/cpu/dpp_greedy.cpp, OpenMP) and ``torch`` (this file; any device). Op ``dpp_greedy_rbf``: ``cpp``
+and ``torch`` (any device, so also the GPU path). The C++ code reads float16/bfloat16 storage in
+place (a float16 ``np.memmap`` is never copied to float32).
 """
 
 from __future__ import annotations
 
+import numbers
+import os
 import time
 import warnings
 from typing import Any, Optional
@@ -29,8 +41,15 @@ dpp_greedy = define_op(
     priority=("cuda", "cpp", "torch"),
     doc="Greedy MAP for the relevance-weighted cosine DPP, in feature space (O(N D k)).",
 )
+dpp_greedy_rbf = define_op(
+    "dpp_greedy_rbf",
+    priority=("cpp", "torch"),
+    doc="Greedy MAP for the relevance-weighted RBF DPP: Chen et al.'s incremental Cholesky, rows on the fly.",
+)
 
 DEFAULT_EPS = 1e-9
+KERNELS = ("cosine", "rbf")
+GAMMA_SAMPLE = 1024  # rows used to estimate the default RBF gamma (median heuristic)
 
 
 class DppRankWarning(UserWarning):
@@ -60,7 +79,11 @@ def dpp_greedy_torch(X, relevance: np.ndarray, k: int, ridge: float, eps: float,
     Xw = X.to(work)
     n, d = Xw.shape
     r = torch.as_tensor(relevance, dtype=torch.float64, device=dev)
-    norms = torch.linalg.vector_norm(Xw.double(), dim=1) if work == torch.float64 else torch.linalg.vector_norm(Xw, dim=1).double()
+    norms = (
+        torch.linalg.vector_norm(Xw.double(), dim=1)
+        if work == torch.float64
+        else torch.linalg.vector_norm(Xw, dim=1).double()
+    )
     scale = r / norms
     d2 = r * r * (1.0 + ridge)
     Qd = torch.zeros(k, d, dtype=torch.float64, device=dev)
@@ -101,22 +124,40 @@ def dpp_greedy_torch(X, relevance: np.ndarray, k: int, ridge: float, eps: float,
 # --------------------------------------------------------------------------- cpp
 
 
-@dpp_greedy.register("cpp", devices=("cpu",), dtypes=("float32", "float64"))
-def dpp_greedy_cpp(X, relevance: np.ndarray, k: int, ridge: float, eps: float, progress: bool = False):
-    """C++/OpenMP: reads X in place (float32/float64), float64 arithmetic."""
-    _C = require_extension("_C")
-    arr = X.detach().numpy() if hasattr(X, "detach") else np.asarray(X)
-    arr = np.ascontiguousarray(arr)
-    cls = _C.DppGreedyCosineF32 if arr.dtype == np.float32 else _C.DppGreedyCosineF64
-    state = cls(arr, relevance, float(ridge), int(k))
+_CPP_SUFFIX = {"float32": "F32", "float64": "F64", "float16": "F16", "bfloat16": "BF16"}
+
+
+def _cpp_storage(X):
+    """(array, class suffix) for the C++ module: a zero-copy NumPy view of a CPU tensor (16-bit: uint16)."""
+    import torch
+
+    X = X.detach()
+    if not X.is_contiguous():
+        X = X.contiguous()
+    name = dtype_name(X)
+    if X.dtype in (torch.float16, torch.bfloat16):
+        return X.view(torch.int16).numpy().view(np.uint16), _CPP_SUFFIX[name]
+    return X.numpy(), _CPP_SUFFIX[name]
+
+
+def _run_cpp_state(state, k: int, eps: float, progress: bool, desc: str):
     idx, res = [], []
-    with _progress(k, progress, "dpp (cpp)") as bar:
+    with _progress(k, progress, desc) as bar:
         while state.picked < k and not state.exhausted:
             i, r = state.run(min(_chunk(k), k - state.picked), float(eps))
             idx.append(i)
             res.append(r)
             bar.update(len(i))
     return np.concatenate(idx) if idx else np.zeros(0, np.int64), np.concatenate(res) if res else np.zeros(0)
+
+
+@dpp_greedy.register("cpp", devices=("cpu",), dtypes=("float32", "float64", "float16", "bfloat16"))
+def dpp_greedy_cpp(X, relevance: np.ndarray, k: int, ridge: float, eps: float, progress: bool = False):
+    """C++/OpenMP: reads X in place (16-bit types converted in the inner loop), float64 arithmetic."""
+    _C = require_extension("_C")
+    arr, suffix = _cpp_storage(X)
+    state = getattr(_C, "DppGreedyCosine" + suffix)(arr, relevance, float(ridge), int(k))
+    return _run_cpp_state(state, k, eps, progress, "dpp (cpp)")
 
 
 # --------------------------------------------------------------------------- cuda
@@ -159,13 +200,30 @@ def dpp_greedy_cuda(X, relevance: np.ndarray, k: int, ridge: float, eps: float, 
         ext.dpp_init(X.data_ptr(), code, n, d, rel.data_ptr(), float(ridge), ws, nb, stream)
         bad = int(bufs[10].item())
         if bad != 2**31 - 1:
-            raise ValueError(f"X row {bad} has zero or non-finite norm; cosine similarity needs non-zero finite rows")
+            raise ValueError(
+                f"X row {bad} has zero or non-finite norm; cosine similarity needs non-zero finite rows"
+            )
         t = 0
         with _progress(k, progress, "dpp (cuda)") as bar:
             while t < k:
                 count = min(_chunk(k), k - t)
-                ext.dpp_picks(X.data_ptr(), code, n, d, k, rel.data_ptr(), float(ridge), float(eps), t, count, ws, nb,
-                              out_idx.data_ptr(), out_res.data_ptr(), stream)
+                ext.dpp_picks(
+                    X.data_ptr(),
+                    code,
+                    n,
+                    d,
+                    k,
+                    rel.data_ptr(),
+                    float(ridge),
+                    float(eps),
+                    t,
+                    count,
+                    ws,
+                    nb,
+                    out_idx.data_ptr(),
+                    out_res.data_ptr(),
+                    stream,
+                )
                 t += count
                 stopped = bool(bufs[11].item())  # one sync per chunk, for the progress bar and the stop test
                 bar.update(count)
@@ -177,7 +235,170 @@ def dpp_greedy_cuda(X, relevance: np.ndarray, k: int, ridge: float, eps: float, 
     return idx[:m].copy(), res[:m].copy()
 
 
+# --------------------------------------------------------------------------- rbf
+
+
+def _inv_norms(X, chunk_rows: int):
+    """(N,) float64 1 / ||x_i||, computed chunk by chunk (X may be a zero-copy memmap view)."""
+    import torch
+
+    out = torch.empty(X.shape[0], dtype=torch.float64, device=X.device)
+    for a in range(0, X.shape[0], chunk_rows):
+        out[a : a + chunk_rows] = 1.0 / torch.linalg.vector_norm(X[a : a + chunk_rows].double(), dim=1)
+    return out
+
+
+@dpp_greedy_rbf.register(
+    "torch", devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16", "float64")
+)
+def dpp_greedy_rbf_torch(
+    X,
+    relevance: np.ndarray,
+    k: int,
+    ridge: float,
+    eps: float,
+    progress: bool = False,
+    *,
+    gamma: float = 1.0,
+    chunk_rows: int = 65536,
+):
+    """Pure PyTorch, Chen et al.'s algorithm: kernel row per pick from X, k x N float64 Cholesky rows.
+
+    CPU: float64 throughout. GPU: the N x D kernel-row product runs in float32, the rest in float64.
+    Like the cosine torch path, X is converted to the working dtype once; the per-pick work runs in
+    chunks of ``chunk_rows`` rows, so the temporaries stay small next to the k x N workspace.
+    """
+    import torch
+
+    dev = X.device
+    work = torch.float64 if dev.type == "cpu" else torch.float32
+    X = X.to(work)
+    n, d = X.shape
+    f64 = dict(dtype=torch.float64, device=dev)
+    r = torch.as_tensor(relevance, **f64)
+    inv = _inv_norms(X, chunk_rows)
+    d2 = r * r * (1.0 + ridge)
+    C = torch.empty(k, n, **f64)  # Chen et al.'s Cholesky rows c_t (row t written at pick t)
+    picks, resid = [], []
+    with _progress(k, progress, "dpp rbf (torch)") as bar:
+        for t in range(k):
+            j = int(torch.argmax(d2))  # first maximal index: ties go to the lowest index
+            dj2 = float(d2[j])
+            if not dj2 > eps:
+                break
+            picks.append(j)
+            resid.append(dj2)
+            xj = (X[j].double() * inv[j]).to(work)
+            cj = C[:t, j].clone()
+            inv_dj = 1.0 / np.sqrt(dj2)
+            for a in range(0, n, chunk_rows):
+                b = min(n, a + chunk_rows)
+                cos = (X[a:b] @ xj).double() * inv[a:b]
+                dist2 = torch.clamp(2.0 - 2.0 * cos, min=0.0)  # ||xn_i - xn_j||^2 for unit rows
+                lrow = float(r[j]) * r[a:b] * torch.exp(-gamma * dist2)
+                e = (lrow - cj @ C[:t, a:b]) * inv_dj if t else lrow * inv_dj
+                C[t, a:b] = e
+                d2[a:b] -= e * e
+            d2[j] = float("-inf")
+            bar.update(1)
+    return np.asarray(picks, dtype=np.int64), np.asarray(resid, dtype=np.float64)
+
+
+@dpp_greedy_rbf.register("cpp", devices=("cpu",), dtypes=("float32", "float64", "float16", "bfloat16"))
+def dpp_greedy_rbf_cpp(
+    X,
+    relevance: np.ndarray,
+    k: int,
+    ridge: float,
+    eps: float,
+    progress: bool = False,
+    *,
+    gamma: float = 1.0,
+    chunk_rows: int = 65536,
+):
+    """C++/OpenMP: kernel row on the fly from X read in place, N x k float64 Cholesky rows."""
+    _C = require_extension("_C")
+    arr, suffix = _cpp_storage(X)
+    state = getattr(_C, "DppGreedyRbf" + suffix)(arr, relevance, float(ridge), int(k), float(gamma))
+    return _run_cpp_state(state, k, eps, progress, "dpp rbf (cpp)")
+
+
+def default_rbf_gamma(X, *, sample: int = GAMMA_SAMPLE, seed: int = 0) -> float:
+    """Median heuristic: 1 / median ||xn_i - xn_j||^2 over pairs of up to ``sample`` rows (seeded, so fixed).
+
+    ``X``: (N, D) torch tensor of non-zero rows, any float dtype. Rows are L2-normalised first, so the
+    squared distances lie in [0, 4] (about 2 for unrelated directions in high dimension). Returns 1.0
+    when every sampled pair is identical.
+    """
+    import torch
+
+    n = X.shape[0]
+    if n > sample:
+        rows = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
+        Xs = X[torch.as_tensor(rows, device=X.device)]
+    else:
+        Xs = X
+    Xs = Xs.double()
+    Xs = Xs / torch.linalg.vector_norm(Xs, dim=1, keepdim=True)
+    if Xs.shape[0] < 2:
+        return 1.0
+    dist2 = torch.clamp(2.0 - 2.0 * (Xs @ Xs.T), min=0.0)
+    iu = torch.triu_indices(Xs.shape[0], Xs.shape[0], offset=1, device=Xs.device)
+    med = float(torch.median(dist2[iu[0], iu[1]]))
+    return 1.0 / med if med > 0 else 1.0
+
+
+def _available_bytes(device) -> tuple:
+    """(bytes free, where) on the device that will hold the workspace."""
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"GPU {device}"
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "host memory (MemAvailable)"
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "host memory"
+
+
+def rbf_workspace_bytes(n: int, k: int) -> int:
+    """Bytes the RBF greedy holds: the k x N float64 Cholesky rows plus O(N) float64 vectors."""
+    return 8 * n * k + 8 * 4 * n
+
+
+def _check_rbf_memory(n: int, k: int, device, max_workspace_bytes: Optional[int]) -> int:
+    need = rbf_workspace_bytes(n, k)
+    if max_workspace_bytes is None:
+        free, where = _available_bytes(device)
+        limit = int(0.8 * free)
+        where = f"80% of the free {where}"
+    else:
+        limit, where = int(max_workspace_bytes), "max_workspace_bytes"
+    if need > limit:
+        raise ValueError(
+            f"kernel='rbf' needs a k x N float64 Cholesky workspace: k={k} x N={n} x 8 bytes "
+            f"= {need / 2**30:.2f} GiB ({need} bytes), more than {where} ({limit / 2**30:.2f} GiB). "
+            f"Pass candidates=M to run the DPP on the top-M samples by relevance (the paper's protocol: "
+            f"candidates=2000), lower k, or use kernel='cosine' with ridge > 0 (no k x N workspace)."
+        )
+    return need
+
+
 # --------------------------------------------------------------------------- public API
+
+
+def top_candidates(relevance: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the ``m`` largest relevance values, ties to the lower index, returned in ascending order.
+
+    ``relevance``: (N,) float64. Returns (m,) int64, sorted ascending (so that the DPP's ties-to-lowest
+    index rule means the same thing on the candidates as on the pool).
+    """
+    order = np.argsort(-relevance, kind="stable")  # stable: equal relevance keeps index order
+    return np.sort(order[:m]).astype(np.int64)
 
 
 def select_dpp(
@@ -187,58 +408,113 @@ def select_dpp(
     *,
     kernel: str = "cosine",
     ridge: float = 0.0,
+    gamma: Optional[float] = None,
+    candidates: Optional[int] = None,
     eps: float = DEFAULT_EPS,
     backend: Optional[str] = None,
     progress: bool = True,
+    chunk_rows: int = 65536,
+    max_workspace_bytes: Optional[int] = None,
 ) -> Selection:
     """Pick ``k`` samples that are relevant and diverse: greedy MAP of a relevance-weighted DPP.
 
     Args:
-        X: (N, D) embeddings of the public pool; NumPy array, torch tensor (CPU or CUDA) or CuPy array;
-            float32, float16, bfloat16 or float64. Rows must be finite and non-zero.
-        k: number of picks, 1 <= k <= N.
+        X: (N, D) embeddings of the public pool; NumPy array or ``np.memmap`` (read in place, also when
+            read-only), torch tensor (CPU or CUDA) or CuPy array; float32, float16, bfloat16 or float64.
+            Rows must be finite and non-zero.
+        k: number of picks, 1 <= k <= N (and k <= candidates).
         relevance: (N,) weights r_i in [0, 1] (e.g. from :func:`relevance_scores`); None means all ones
             (plain diversity).
-        kernel: ``"cosine"``: L = diag(r) (Xn Xn^T + ridge I) diag(r).
-        ridge: >= 0. With ridge = 0 the kernel has rank <= D: greedy stops once the best residual falls
-            below ``eps`` (and warns); ridge > 0 makes it full rank so that k > D picks stay diverse.
+        kernel: ``"cosine"``: L = diag(r) (Xn Xn^T + ridge I) diag(r), solved in feature space
+            (O(N D k), no N x N or k x N memory). ``"rbf"``: L = diag(r) (K + ridge I) diag(r),
+            K_ij = exp(-gamma ||xn_i - xn_j||^2) on the normalised rows, full rank; Chen et al.'s
+            incremental Cholesky with each kernel row computed on the fly (O(N D + N t) per pick) and a
+            k x N float64 workspace, checked against free memory up front.
+        ridge: >= 0. With the cosine kernel and ridge = 0 the kernel has rank <= D: greedy stops once
+            the best residual falls below ``eps`` (and warns); ridge > 0 makes it full rank so that
+            k > D picks stay diverse.
+        gamma: RBF bandwidth (> 0). None: the median heuristic, 1 / median squared distance between
+            normalised rows over a fixed sample of up to 1,024 rows (of the candidates when
+            ``candidates`` is given); see :func:`default_rbf_gamma`. Only for ``kernel="rbf"``.
+        candidates: None (the whole pool) or M with k <= M <= N: keep only the top-M samples by
+            relevance (ties to the lower index) and run the DPP on those; indices still refer to the
+            full pool. ``candidates=2000`` with ``k=500`` is the paper's protocol.
         eps: stop when the best residual is <= eps times the largest diagonal entry of L.
-        backend: ``"auto"`` (default, or ``METAMOE_BACKEND``), ``"cuda"``, ``"cpp"`` or ``"torch"``.
+        backend: ``"auto"`` (default, or ``METAMOE_BACKEND``), ``"cuda"``, ``"cpp"`` or ``"torch"``
+            (the RBF kernel has ``cpp`` and ``torch``; torch also runs on a GPU).
         progress: show a tqdm progress bar (only on a terminal).
+        chunk_rows: rows of X per block in the torch RBF path (bounds the temporaries).
+        max_workspace_bytes: cap for the RBF workspace; None means 80% of the free memory of the
+            device (host MemAvailable, or ``torch.cuda.mem_get_info``).
 
     Returns:
-        :class:`Selection` with ``indices`` (int64, pick order), ``gains`` (log of each pick's residual,
-        so that ``objective`` = log det L[S, S]), ``backend`` and ``seconds``.
+        :class:`Selection` with ``indices`` (int64, pick order, into the full pool), ``gains`` (log of
+        each pick's residual, so that ``objective`` = log det L[S, S]), ``backend`` and ``seconds``;
+        ``info`` records the kernel, ridge, gamma and candidates.
     """
-    if kernel != "cosine":
-        raise ValueError(f"kernel must be 'cosine', got {kernel!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got {kernel!r}")
     t0 = time.perf_counter()
-    Xt = check_embeddings(X)
+    Xt = check_embeddings(X, zero_copy_readonly=True)
     n, d = Xt.shape
     k = check_k(k, n)
     r = check_relevance(relevance, n)
     ridge = check_nonnegative(ridge, "ridge")
     eps = check_nonnegative(eps, "eps")
-    norms_ok = Xt.abs().amax(dim=1) > 0
-    if not bool(norms_ok.all()):
-        row = int((~norms_ok).nonzero()[0, 0])
-        raise ValueError(f"X row {row} is all zeros; the cosine kernel needs non-zero rows")
-    spec = CallSpec(device=Xt.device.type, dtype=dtype_name(Xt), extra={"n": n, "d": d, "k": k})
-    impl = dpp_greedy.select(spec, backend)
+    if gamma is not None:
+        if kernel != "rbf":
+            raise ValueError(
+                f"gamma is only used by kernel='rbf', got gamma={gamma!r} with kernel={kernel!r}"
+            )
+        gamma = check_nonnegative(gamma, "gamma")
+        if gamma == 0:
+            raise ValueError("gamma must be > 0 (the RBF bandwidth), got 0")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    cand = None
+    if candidates is not None:
+        if isinstance(candidates, bool) or not isinstance(candidates, numbers.Integral):
+            raise TypeError(f"candidates must be an integer or None, got {type(candidates).__name__}")
+        if not k <= int(candidates) <= n:
+            raise ValueError(f"candidates must satisfy k={k} <= candidates <= N={n}, got {int(candidates)}")
+        cand = top_candidates(r, int(candidates))
+        Xt = Xt[torch_index(cand, Xt.device)]
+        r = np.ascontiguousarray(r[cand])
+    m = Xt.shape[0]
+    for a in range(0, m, 65536):
+        norms_ok = Xt[a : a + 65536].abs().amax(dim=1) > 0
+        if not bool(norms_ok.all()):
+            row = a + int((~norms_ok).nonzero()[0, 0])
+            row = int(cand[row]) if cand is not None else row
+            raise ValueError(f"X row {row} is all zeros; the {kernel} kernel needs non-zero rows")
+    op = dpp_greedy if kernel == "cosine" else dpp_greedy_rbf
+    spec = CallSpec(device=Xt.device.type, dtype=dtype_name(Xt), extra={"n": m, "d": d, "k": k})
+    impl = op.select(spec, backend)
     diag_max = float((r * r).max()) * (1.0 + ridge)
     eps_abs = eps * diag_max if diag_max > 0 else eps
-    idx, resid = impl.fn(Xt, r, k, ridge, eps_abs, progress)
     info = {"kernel": kernel, "ridge": ridge, "eps": eps, "k_requested": k, "n": n, "d": d}
+    if kernel == "rbf":
+        if gamma is None:
+            gamma = default_rbf_gamma(Xt)
+        info["gamma"] = gamma
+        info["workspace_bytes"] = _check_rbf_memory(m, k, Xt.device, max_workspace_bytes)
+        idx, resid = impl.fn(Xt, r, k, ridge, eps_abs, progress, gamma=gamma, chunk_rows=int(chunk_rows))
+    else:
+        idx, resid = impl.fn(Xt, r, k, ridge, eps_abs, progress)
+    if cand is not None:
+        idx = cand[idx]
+        info["candidates"] = int(len(cand))
     if len(idx) < k:
-        info["stopped_early"] = (
-            f"best residual fell below eps after {len(idx)} picks: the kernel has rank <= D={d} with ridge=0"
-            if ridge == 0
-            else f"best residual fell below eps after {len(idx)} picks"
-        )
+        if kernel == "cosine" and ridge == 0:
+            why = f"the cosine kernel with ridge=0 has rank <= D={d}"
+            hint = "pass ridge > 0 (e.g. 1e-3) for a full-rank kernel"
+        else:
+            why = "the remaining candidates are (near-)duplicates of the picks or have relevance ~0"
+            hint = "raise ridge, or drop duplicate rows"
+        info["stopped_early"] = f"best residual fell below eps after {len(idx)} picks: {why}"
         warnings.warn(
             f"select_dpp stopped after {len(idx)} of {k} picks: the remaining candidates have residual "
-            f"<= eps (the cosine kernel with ridge={ridge} has rank <= D={d}). More picks would only follow "
-            f"relevance order; pass ridge > 0 (e.g. 1e-3) for a full-rank kernel.",
+            f"<= eps ({why}). More picks would only follow relevance order; {hint}.",
             DppRankWarning,
             stacklevel=2,
         )
@@ -252,3 +528,10 @@ def select_dpp(
         method="dpp",
         info=info,
     )
+
+
+def torch_index(idx: np.ndarray, device):
+    """int64 torch index on ``device`` from a NumPy index array."""
+    import torch
+
+    return torch.as_tensor(np.asarray(idx, dtype=np.int64), device=device)

@@ -12,10 +12,14 @@ from ..backends.tensors import as_torch, device_type, dtype_name, is_torch
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
-def check_embeddings(X: Any, name: str = "X", *, check_finite: bool = True, chunk_rows: int = 65536):
+def check_embeddings(
+    X: Any, name: str = "X", *, check_finite: bool = True, chunk_rows: int = 65536, zero_copy_readonly: bool = False
+):
     """Validate a (N, D) floating-point embedding matrix; returns it as a torch tensor (zero copy where possible).
 
     Raises TypeError for non-array or integer input and ValueError for wrong shape, empty or NaN/inf rows.
+    ``zero_copy_readonly=True`` wraps a read-only NumPy array (``np.load(..., mmap_mode="r")``) without
+    copying it; the caller promises never to write to the returned tensor.
     """
     if isinstance(X, (list, tuple)):
         raise TypeError(f"{name} must be a NumPy array, torch tensor or CuPy array of floats, got a {type(X).__name__}")
@@ -28,7 +32,16 @@ def check_embeddings(X: Any, name: str = "X", *, check_finite: bool = True, chun
         raise ValueError(f"{name} must be 2-D (n_samples, dim), got shape {tuple(X.shape)}")
     if X.shape[0] == 0 or X.shape[1] == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(X.shape)}")
-    t = as_torch(X)
+    if zero_copy_readonly and isinstance(X, np.ndarray) and not X.flags.writeable and dt != "bfloat16":
+        import warnings
+
+        import torch
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "array is not writable": we only read it
+            t = torch.from_numpy(X)
+    else:
+        t = as_torch(X)
     if check_finite:
         for start in range(0, t.shape[0], chunk_rows):
             block = t[start : start + chunk_rows]

@@ -1,0 +1,187 @@
+"""``metamoe select``: the whole client-side proxy-selection stage (relevance, then selection), .npy in.
+
+    metamoe select --private P.npy --public X.npy --k 500 --method dpp --candidates 2000 --out sel.json
+
+The .npy files are opened with ``mmap_mode="r"`` (pools larger than memory are streamed). Methods:
+
+* ``dpp``        relevance-weighted DPP (:func:`select_dpp`; ``--kernel --ridge --gamma --candidates``)
+* ``fl``         facility location over the pool, weights = relevance (:func:`select_facility_location`)
+* ``fl-private`` facility location covering the private set (ground=P, uniform weights; no relevance needed)
+* ``topk``       the most relevant samples (similarity only, FlexOlmo-style)
+* ``random``     uniform random proxies (``--seed``; no relevance needed)
+
+The JSON is :meth:`Selection.save`'s (``indices``, ``gains``, ``objective``, ``method``, ``backend``,
+``seconds``, ``info``); ``method`` is the method named here, ``seconds`` the selection step alone and
+``info.relevance_seconds`` / ``info.total_seconds`` the rest. Only the indices need to leave the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+import warnings
+from typing import List, Optional
+
+import numpy as np
+
+METHODS = ("dpp", "fl", "fl-private", "topk", "random")
+NEEDS_RELEVANCE = ("dpp", "fl", "topk")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="metamoe select",
+        description="Client-side proxy selection: relevance scores on the public pool, then k proxies.",
+    )
+    p.add_argument("--private", required=True, help="(M, D) private embeddings, .npy (float32/float16)")
+    p.add_argument("--public", required=True, help="(N, D) public pool embeddings, .npy (opened as a memmap)")
+    p.add_argument("--k", required=True, type=int, help="number of proxies to select")
+    p.add_argument("--method", default="dpp", choices=METHODS, help="selection criterion (default: dpp)")
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=None,
+        help="dpp only: keep the top-M by relevance first (the paper: 2000)",
+    )
+    p.add_argument(
+        "--neighbors", type=int, default=20, help="fl/fl-private: kNN graph neighbours (default: 20)"
+    )
+    p.add_argument("--ridge", type=float, default=0.0, help="dpp: ridge of the kernel (default: 0)")
+    p.add_argument(
+        "--kernel", default="cosine", choices=("cosine", "rbf"), help="dpp kernel (default: cosine)"
+    )
+    p.add_argument("--gamma", type=float, default=None, help="dpp rbf bandwidth (default: median heuristic)")
+    p.add_argument(
+        "--backend", default=None, help="auto (default, or METAMOE_BACKEND), torch, cpp, cuda, triton"
+    )
+    p.add_argument("--device", default=None, help="device of the relevance classifier (default: cpu)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the relevance classifier and of random (default: 0)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, help="where to write the selection JSON")
+    return p
+
+
+def _load(path: str, name: str) -> np.ndarray:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--{name}: no such file: {path}")
+    if not path.endswith(".npy"):
+        raise ValueError(f"--{name} must be a .npy file, got {path}")
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _facility_location(X, k, ground, weights, args, progress):
+    try:
+        from . import select_facility_location
+    except ImportError as exc:
+        raise RuntimeError(
+            f"--method {args.method} needs metamoe.selection.select_facility_location: {exc}"
+        ) from None
+    kw = dict(ground=ground, n_neighbors=args.neighbors, backend=args.backend)
+    if weights is not None:
+        kw["weights"] = weights
+    params = inspect.signature(select_facility_location).parameters
+    if "progress" in params:
+        kw["progress"] = progress
+    if "seed" in params:
+        kw["seed"] = args.seed
+    return select_facility_location(X, k, **kw)
+
+
+def run(args: argparse.Namespace):
+    """The selection for parsed ``args`` (also used by the tests); returns the Selection."""
+    from .baselines import select_random, select_top_relevance
+    from .dpp import select_dpp
+    from .relevance import relevance_scores
+    from .validation import check_k
+
+    t0 = time.perf_counter()
+    progress = not args.no_progress
+    P = _load(args.private, "private")
+    X = _load(args.public, "public")
+    if X.ndim != 2:
+        raise ValueError(f"--public must hold a 2-D (N, D) array, got shape {X.shape}")
+    check_k(args.k, X.shape[0])  # fail before the relevance step, not after
+    if args.method != "dpp":
+        unused = [
+            flag
+            for flag, val, default in (
+                ("--candidates", args.candidates, None),
+                ("--ridge", args.ridge, 0.0),
+                ("--kernel", args.kernel, "cosine"),
+                ("--gamma", args.gamma, None),
+            )
+            if val != default
+        ]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} only apply to --method dpp, not {args.method}")
+    relevance, rel_seconds = None, 0.0
+    if args.method in NEEDS_RELEVANCE:
+        t = time.perf_counter()
+        relevance = relevance_scores(P, X, seed=args.seed, device=args.device, progress=progress)
+        rel_seconds = time.perf_counter() - t
+        print(
+            f"relevance: {len(relevance)} public samples scored in {rel_seconds:.2f} s "
+            f"(mean {relevance.mean():.3f}, max {relevance.max():.3f})"
+        )
+    if args.method == "dpp":
+        sel = select_dpp(
+            X,
+            args.k,
+            relevance,
+            kernel=args.kernel,
+            ridge=args.ridge,
+            gamma=args.gamma,
+            candidates=args.candidates,
+            backend=args.backend,
+            progress=progress,
+        )
+    elif args.method == "fl":
+        sel = _facility_location(X, args.k, None, relevance, args, progress)
+    elif args.method == "fl-private":
+        if P.ndim != 2 or P.shape[1:] != X.shape[1:]:
+            raise ValueError(f"--private must be (M, D) with the pool's D={X.shape[1]}, got shape {P.shape}")
+        sel = _facility_location(X, args.k, P, None, args, progress)
+    elif args.method == "topk":
+        sel = select_top_relevance(relevance, args.k)
+    else:
+        sel = select_random(X.shape[0], args.k, seed=args.seed)
+    sel.info = dict(sel.info)
+    sel.info.update(
+        selector=sel.method,
+        private=os.path.abspath(args.private),
+        public=os.path.abspath(args.public),
+        relevance_seconds=rel_seconds,
+        total_seconds=time.perf_counter() - t0,
+        seed=args.seed,
+    )
+    sel.method = args.method
+    return sel
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sel = run(args)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+        sel.save(args.out)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+        print(f"metamoe select: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"selection: {len(sel)} proxies (of k={args.k}) by {args.method}, backend {sel.backend}, "
+        f"in {sel.seconds:.2f} s; objective {sel.objective:.6g}; total {sel.info['total_seconds']:.2f} s"
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
