@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "metamoe/cuda_argmax.cuh"
 #include "metamoe/cuda_ops.h"
 
 namespace metamoe {
@@ -27,40 +28,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 1024;
 constexpr int kGridStride = 512;  // blocks of the cover/refresh kernels (grid-stride loops)
-
-__device__ __forceinline__ void arg_better(double& bv, int64_t& bi, double v, int64_t i) {
-  if (i < 0) return;
-  if (bi < 0 || v > bv || (v == bv && i < bi)) {
-    bv = v;
-    bi = i;
-  }
-}
-
-__device__ __forceinline__ void warp_argmax(double& v, int64_t& i) {
-  for (int o = 16; o > 0; o >>= 1) {
-    double ov = __shfl_xor_sync(0xffffffffu, v, o);
-    int64_t oi = __shfl_xor_sync(0xffffffffu, i, o);
-    arg_better(v, i, ov, oi);
-  }
-}
-
-__device__ void block_argmax(double& v, int64_t& i) {
-  __shared__ double sv[32];
-  __shared__ int64_t si[32];
-  warp_argmax(v, i);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) {
-    sv[warp] = v;
-    si[warp] = i;
-  }
-  __syncthreads();
-  const int nw = (blockDim.x + 31) / 32;
-  if (warp == 0) {
-    v = lane < nw ? sv[lane] : -INFINITY;
-    i = lane < nw ? si[lane] : -1;
-    warp_argmax(v, i);
-  }
-}
 
 __device__ __forceinline__ double fresh_gain(const FlGraph& g, const double* __restrict__ cur, int64_t j) {
   double acc = 0.0;
