@@ -32,13 +32,8 @@ VIT_CFG = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=2, num_
 N_PRIVATE, N_PROXY = 30, 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster when the CPU is shared (no OpenMP spin)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny models: one torch thread (see conftest.one_torch_thread)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
