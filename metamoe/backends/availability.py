@@ -18,13 +18,28 @@ from ..version import __version__
 
 _PKG_DIR = Path(__file__).resolve().parent.parent
 
+# Probe results, keyed by (probe, args). A plain dict rather than functools.lru_cache: torch.compile
+# traces the per-call dispatch, and Dynamo reads a dict without the warning it gives for lru_cache.
+_PROBES: Dict[tuple, Any] = {}
+
+
+def _memo(fn):
+    @functools.wraps(fn)
+    def probe(*args):
+        key = (fn.__name__, *args)
+        if key not in _PROBES:
+            _PROBES[key] = fn(*args)
+        return _PROBES[key]
+
+    return probe
+
 
 def triton_interpret() -> bool:
     """True when Triton kernels run through the interpreter (``TRITON_INTERPRET=1``), on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def _load(name: str) -> Tuple[Optional[ModuleType], Optional[str]]:
     """Import ``metamoe.<name>``; on failure return ``(None, reason)`` instead of raising."""
     try:
@@ -60,7 +75,7 @@ def require_extension(name: str = "_C") -> ModuleType:
     return mod
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def triton_status() -> Tuple[Optional[str], Optional[str]]:
     """``(version, None)`` when Triton imports, else ``(None, reason)``."""
     try:
@@ -72,7 +87,7 @@ def triton_status() -> Tuple[Optional[str], Optional[str]]:
     return getattr(triton, "__version__", "unknown"), None
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def torch_cuda_reason() -> Optional[str]:
     """None when torch sees a CUDA device, else why not."""
     import torch
@@ -84,7 +99,7 @@ def torch_cuda_reason() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def cuda_extension_reason() -> Optional[str]:
     """None when metamoe._C_cuda loads and sees a device, else why not."""
     mod, reason = _load("_C_cuda")
@@ -120,7 +135,7 @@ def backend_unavailable_reason(backend: str) -> Optional[str]:
     raise ValueError(f"unknown backend {backend!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def build_info() -> Dict[str, Any]:
     """The extension's build metadata (compiler, flags, OpenMP, CUDA), or {} when there is none."""
     path = _PKG_DIR / "_build_info.json"
@@ -132,5 +147,4 @@ def build_info() -> Dict[str, Any]:
 
 def reset_cache() -> None:
     """Forget every probe (tests that change the environment call this)."""
-    for fn in (_load, triton_status, torch_cuda_reason, cuda_extension_reason, build_info):
-        fn.cache_clear()
+    _PROBES.clear()
