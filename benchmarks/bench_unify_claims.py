@@ -1,0 +1,148 @@
+"""The paper's claims on the bundled digits, as paired tests over seeds (metamoe.unify.claims).
+
+Runs the digits harness (every method, same data/seed model/clients per seed) for each seed, prints the
+per-seed average accuracies and the paired comparisons of metamoe against flexolmo, random_proxy, model_soup
+and btx_oracle (mean difference, std, 95 % CI, wins/losses/ties, one-sided paired t, Wilcoxon and sign tests),
+and appends one row per (seed, method) and one per claim to benchmarks/results/unify_claims.csv; the whole
+console output goes to benchmarks/results/unify_claims_<variant>_seeds<first>-<last>.log as well.
+
+This is an accuracy benchmark, not a timing one: its "peer" is the set of baselines in the same run. The wall
+time per seed is recorded (CPU only, 1 torch thread).
+
+  python benchmarks/bench_unify_claims.py --seeds 0-9                 # the README's table
+  python benchmarks/bench_unify_claims.py --seeds 0-4 --seed-pool distractors   # diagnostic variant
+  python benchmarks/bench_unify_claims.py --quick                     # tiny settings, seconds (exercise only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.utils import RESULTS_DIR, append_csv, environment
+from metamoe.unify.claims import evaluate_claims, format_claims, run_claims
+
+
+def parse_seeds(text: str):
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-")
+            out += list(range(int(lo), int(hi) + 1))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="0-4", help="seeds, e.g. '0-9' or '0,3,7' (default 0-4; at least 2)")
+    p.add_argument(
+        "--seed-pool",
+        default="public",
+        choices=["public", "distractors"],
+        help="what pre-trains the seed ViT: the whole public pool (the issue's design, default) or only "
+        "its distractor domains (diagnostic)",
+    )
+    p.add_argument("--alpha", type=float, default=0.05, help="level of the one-sided tests (default 0.05)")
+    p.add_argument(
+        "--close-margin",
+        type=float,
+        default=0.02,
+        help="btx_oracle - metamoe gap (upper 95%% bound) still called 'close' (default 0.02)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny harness settings: exercises the script in seconds"
+    )
+    p.add_argument("--no-csv", action="store_true", help="print only; write no CSV/log")
+    args = p.parse_args(argv)
+    seeds = parse_seeds(args.seeds)
+    overrides = {"seed_pool": args.seed_pool}
+    if args.quick:
+        from metamoe.demo import QUICK
+
+        overrides.update(QUICK)
+    variant = args.seed_pool + ("_quick" if args.quick else "")
+    log = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        log.append(line)
+
+    t0 = time.perf_counter()
+    runs = run_claims(seeds, progress=say, **overrides)
+    per_seed = {s: {m: r["average"] for m, r in res["methods"].items()} for s, res in runs.items()}
+    claims = evaluate_claims(per_seed, alpha=args.alpha, close_margin=args.close_margin)
+    cmd = "python benchmarks/bench_unify_claims.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    say("")
+    say(f"command: {cmd}")
+    say(
+        f"variant: seed pre-trained on {args.seed_pool}{' (QUICK settings: not a measurement)' if args.quick else ''}; "
+        f"seeds {seeds}; {time.perf_counter() - t0:.0f} s"
+    )
+    say(
+        "seed model alone (average): "
+        + " ".join(f"s{s}={runs[s]['seed_model']['average']:.3f}" for s in seeds)
+    )
+    say(format_claims(per_seed, claims))
+    if args.no_csv:
+        return 0
+    env = environment("cpu")
+    rows = []
+    for s, res in runs.items():
+        for m, r in res["methods"].items():
+            rows.append(
+                {
+                    "kind": "accuracy",
+                    "variant": variant,
+                    "seed": s,
+                    "method": m,
+                    "average": r["average"],
+                    **{f"acc_{d}": v for d, v in r["per_domain"].items()},
+                    "average_exact": r.get("average_exact"),
+                    "wall_s_seed": round(res["total_wall_s"], 1),
+                }
+            )
+        rows.append(
+            {
+                "kind": "accuracy",
+                "variant": variant,
+                "seed": s,
+                "method": "(seed alone)",
+                "average": res["seed_model"]["average"],
+            }
+        )
+    for c in claims:
+        rows.append(
+            {
+                "kind": "claim",
+                "variant": variant,
+                "seed": ",".join(map(str, seeds)),
+                "method": c["other"],
+                "mean_diff": c["mean"],
+                "std_diff": c["std"],
+                "ci95_lo": c["ci95"][0],
+                "ci95_hi": c["ci95"][1],
+                "wins": c["wins"],
+                "losses": c["losses"],
+                "ties": c["ties"],
+                "t_p": c["t_p_greater"],
+                "wilcoxon_p": c["wilcoxon_p_greater"],
+                "sign_p": c["sign_p_greater"],
+                "verdict": c["verdict"],
+            }
+        )
+    path = append_csv("unify_claims", rows, env)
+    logp = RESULTS_DIR / f"unify_claims_{variant}_seeds{seeds[0]}-{seeds[-1]}.log"
+    logp.write_text("\n".join(log) + "\n")
+    print(f"appended {len(rows)} rows to {path}; log {logp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""metamoe.unify.claims: paired statistics against independent computations, claim verdicts, the bench script."""
+
+import itertools
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from metamoe.unify.claims import evaluate_claims, format_claims, paired_comparison
+
+
+def _wilcoxon_exact_greater(d):
+    """One-sided exact Wilcoxon signed-rank p by enumerating all 2^n sign patterns (no ties in |d|)."""
+    d = np.asarray([v for v in d if v != 0], dtype=np.float64)
+    ranks = np.argsort(np.argsort(np.abs(d))) + 1.0
+    w = ranks[d > 0].sum()
+    count = sum(
+        1 for signs in itertools.product((0, 1), repeat=len(d)) if (ranks * np.array(signs)).sum() >= w
+    )
+    return count / 2 ** len(d)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paired_comparison_matches_reference(seed):
+    rng = np.random.default_rng(seed)
+    n = 7
+    b = rng.uniform(0.5, 0.9, n)
+    a = b + rng.normal(0.01, 0.02, n)
+    r = paired_comparison(a, b)
+    d = a - b
+    assert r["diffs"] == pytest.approx(d.tolist())
+    assert r["mean"] == pytest.approx(d.mean()) and r["std"] == pytest.approx(d.std(ddof=1))
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)
+    assert r["ci95"] == pytest.approx([d.mean() - half, d.mean() + half])
+    tstat = d.mean() / (d.std(ddof=1) / math.sqrt(n))
+    assert r["t_p_greater"] == pytest.approx(stats.t.sf(tstat, n - 1))
+    assert r["wilcoxon_p_greater"] == pytest.approx(_wilcoxon_exact_greater(d))
+    w, l = int((d > 0).sum()), int((d < 0).sum())
+    assert (r["wins"], r["losses"], r["ties"]) == (w, l, n - w - l)
+    assert r["sign_p_greater"] == pytest.approx(
+        sum(math.comb(w + l, k) for k in range(w, w + l + 1)) / 2 ** (w + l)
+    )
+
+
+def test_ties_and_all_equal():
+    r = paired_comparison([0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
+    assert r["ties"] == 3 and r["wilcoxon_p_greater"] == 1.0 and r["sign_p_greater"] == 1.0
+    assert math.isnan(r["t_p_greater"])
+    r = paired_comparison([0.6, 0.7, 0.8, 0.9, 1.0], [0.5, 0.6, 0.8, 0.8, 0.9])  # one tie dropped
+    assert (r["wins"], r["losses"], r["ties"]) == (4, 0, 1)
+    assert r["sign_p_greater"] == pytest.approx(1 / 16)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        paired_comparison([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_comparison([1.0], [0.5])
+    with pytest.raises(ValueError, match="finite"):
+        paired_comparison([1.0, float("nan")], [0.5, 0.5])
+    with pytest.raises(ValueError, match="alpha"):
+        evaluate_claims({0: {"metamoe": 1}, 1: {"metamoe": 1}}, alpha=0)
+
+
+def test_verdicts():
+    # metamoe wins every seed by 0.02 over random_proxy, loses every seed to flexolmo, is 0.05 below btx_oracle
+    per_seed = {}
+    rng = np.random.default_rng(0)
+    for s in range(6):
+        m = 0.7 + 0.01 * rng.standard_normal()
+        e = [0.001 * rng.standard_normal() for _ in range(3)]
+        per_seed[s] = {
+            "metamoe": m,
+            "random_proxy": m - 0.02 + e[0],
+            "flexolmo": m + 0.02 + e[1],
+            "btx_oracle": m + 0.05 + e[2],
+        }
+    v = {c["other"]: c["verdict"] for c in evaluate_claims(per_seed)}
+    assert v == {
+        "random_proxy": "holds",
+        "flexolmo": "not shown",
+        "btx_oracle": "not shown",
+    }  # model_soup absent
+    v = {c["other"]: c["verdict"] for c in evaluate_claims(per_seed, close_margin=0.06)}
+    assert v["btx_oracle"] == "holds"
+    text = format_claims(per_seed, evaluate_claims(per_seed))
+    assert "random_proxy" in text and "not shown" in text
+
+
+def test_bench_script_quick():
+    # the diagnostic variant's path (seed pre-trained on the distractor domains only) runs too
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/bench_unify_claims.py",
+            "--quick",
+            "--seeds",
+            "0,1",
+            "--no-csv",
+            "--seed-pool",
+            "distractors",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "metamoe vs" in r.stdout and "btx_oracle" in r.stdout and "QUICK" in r.stdout
+    assert "pre-trained on distractors" in r.stdout
+
+
+def test_seed_pool_is_checked():
+    from metamoe.unify.experiment import run_digits_experiment
+
+    with pytest.raises(ValueError, match="seed_pool"):
+        run_digits_experiment(0, methods=["metamoe"], progress=False, seed_pool="clients")

@@ -1,0 +1,205 @@
+"""`metamoe train-expert` / `unify` / `evaluate` on tiny user data (.npz, .npy + labels, an image folder)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from conftest import ROOT
+
+from metamoe.data.digits import make_digits_domains
+from metamoe.models import create_seed_model, save_seed_model
+from metamoe.unify import cli as ucli
+from metamoe.unify.evaluate import accuracy
+
+VIT = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=1, num_heads=2, num_classes=10)
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "metamoe", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
+    )
+
+
+def _write_image_folder(root, x, y):
+    from PIL import Image
+
+    for i, (img, lab) in enumerate(zip(x, y)):
+        d = root / str(int(lab))
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(np.rint(img * 255), 0, 255).astype(np.uint8), mode="L").save(d / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    t = tmp_path_factory.mktemp("ucli")
+    data = make_digits_domains(0, n_private=30, n_test=20, public_per_domain=20)
+    save_seed_model(create_seed_model("timm:vit_tiny_patch16_224", seed=0, **VIT), t / "seed")
+    np.savez(t / "public.npz", x=data.public_x, y=data.public_y)
+    a, b = data.clients[0], data.clients[1]
+    np.savez(t / "a_private.npz", x=a.x_train, y=a.y_train)
+    np.save(t / "b_x.npy", b.x_test)  # client b: .npy + labels for evaluation, an image folder for training
+    np.save(t / "b_y.npy", b.y_test)
+    _write_image_folder(t / "b_images", b.x_train, b.y_train)
+    np.savez(t / "a_test.npz", x=a.x_test, y=a.y_test)
+    seed_model = {"name": "timm:vit_tiny_patch16_224", "checkpoint": "seed"}
+    common = {
+        "seed_model": seed_model,
+        "public": {"path": "public.npz"},
+        "selection": {"method": "dpp", "k": 15},
+        "training": {"lora_rank": 2, "epochs": 2, "lr": 0.003, "batch_size": 16, "seed": 1},
+    }
+    (t / "a.yaml").write_text(
+        yaml.safe_dump({**common, "client_name": "a", "private": "a_private.npz", "output": "packages/a"})
+    )
+    (t / "b.yaml").write_text(
+        yaml.safe_dump(
+            {**common, "client_name": "b", "private": {"path": "b_images"}, "output": "packages/b"}
+        )
+    )
+    (t / "server.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "seed_model": seed_model,
+                "packages": ["packages/a", "packages/b"],
+                "public": "public.npz",
+                "moe": {"top_k": 2},
+                "training": {"epochs": 2, "batch_size": 16, "lr": 0.01},
+                "output": "unified",
+            }
+        )
+    )
+    for c in ("a", "b"):
+        r = _cli("train-expert", "--config", str(t / f"{c}.yaml"), "--quiet")
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = _cli("unify", "--config", str(t / "server.yaml"), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return t, data
+
+
+def test_packages_written(work):
+    t, data = work
+    # no private sample goes into a package: client a's private images (float32 bytes) appear in no file
+    blobs = [f.read_bytes() for f in (t / "packages" / "a").rglob("*") if f.is_file()]
+    for img in data.clients[0].x_train[:10]:
+        assert not any(np.ascontiguousarray(img, dtype=np.float32).tobytes() in b for b in blobs)
+    for c in ("a", "b"):
+        m = json.loads((t / "packages" / c / "manifest.json").read_text())
+        assert m["selection"]["method"] == "dpp" and m["selection"]["k"] == 15
+        assert len(m["selection"]["proxy_indices"]) == 15
+        assert m["label_space"]["private"] == [f"{c}:{j}" for j in range(10)]
+        assert m["label_space"]["public"] == [str(j) for j in range(10)]
+    assert (t / "unified" / ucli.UNIFIED_WEIGHTS).is_file()
+    man = json.loads((t / "unified" / ucli.UNIFIED_MANIFEST).read_text())
+    assert len(man["packages"]) == 2 and len(man["metrics"]["loss_per_epoch"]) == 2
+
+
+def test_evaluate_prints_accuracy_matching_an_independent_computation(work):
+    t, data = work
+    r = _cli(
+        "evaluate",
+        "--model",
+        str(t / "unified"),
+        "--data",
+        f"b={t / 'b_x.npy'}",
+        "--labels",
+        str(t / "b_y.npy"),
+        "--json",
+        str(t / "eval.json"),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    printed = float(r.stdout.split("accuracy")[1].split()[0])
+    # independent: the same model rebuilt in-process, digit targets parsed from the unified class names
+    model = ucli.load_unified(t / "unified")
+    targets = np.array([int(n.rsplit(":", 1)[-1]) for n in model.label_space.names])
+    b = data.clients[1]
+    want = accuracy(model.predict_proba(b.x_test), b.y_test, targets)
+    assert printed == pytest.approx(want, abs=1e-4)
+    assert json.loads((t / "eval.json").read_text())["b"]["accuracy"] == pytest.approx(want)
+
+
+def test_image_folder_loader(work):
+    t, data = work
+    x, y, names = ucli.load_data({"path": "b_images"}, str(t))
+    b = data.clients[1]
+    assert names == [str(j) for j in range(10)] and x.shape == (30, 8, 8) and x.dtype == np.float32
+    # folder order is by class then file name: compare as multisets of (label, rounded image)
+    got = sorted((int(l), tuple(np.rint(im * 255).astype(int).ravel())) for im, l in zip(x, y))
+    ref = sorted(
+        (int(l), tuple(np.clip(np.rint(im * 255), 0, 255).astype(int).ravel()))
+        for im, l in zip(b.x_train, b.y_train)
+    )
+    assert got == ref
+
+
+def test_bad_configs(work, tmp_path, capsys):
+    t, _ = work
+    base = yaml.safe_load((t / "a.yaml").read_text())
+
+    def run(cfg, fn=ucli.main_train_expert):
+        p = t / "bad.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        rc = fn(["--config", str(p), "--quiet", "--out", str(tmp_path / "o")])
+        return rc, capsys.readouterr().err
+
+    rc, err = run({k: v for k, v in base.items() if k != "private"})
+    assert rc == 2 and "private" in err
+    rc, err = run({**base, "selction": {}})
+    assert rc == 2 and "selction" in err
+    rc, err = run({**base, "selection": {"k": 10_000}})
+    assert rc == 2 and "exceeds the public pool" in err
+    rc, err = run({**base, "selection": {"method": "greedy"}})
+    assert rc == 2 and "selection.method" in err
+    rc, err = run({**base, "private": "nope.npz"})
+    assert rc == 2 and "nope.npz" in err
+    rc, err = run({**base, "seed_model": {"name": "timm:vit_tiny_patch16_224", "config": VIT}})
+    assert rc == 2 and "seed" in err
+    (t / "bad.yaml").write_text("a: [unclosed")
+    assert ucli.main_train_expert(["--config", str(t / "bad.yaml")]) == 2
+    assert "YAML" in capsys.readouterr().err
+    # the server refuses packages from a different seed model (random init, not the checkpoint)
+    srv = yaml.safe_load((t / "server.yaml").read_text())
+    srv["seed_model"] = {"name": "timm:vit_tiny_patch16_224", "config": VIT, "seed": 5}
+    rc, err = run(srv, ucli.main_unify)
+    assert rc == 2 and "hash" in err.lower()
+    rc, err = run({**yaml.safe_load((t / "server.yaml").read_text()), "packages": []}, ucli.main_unify)
+    assert rc == 2 and "packages" in err
+
+
+def test_tampered_router_weights_refused(work, tmp_path, capsys):
+    import shutil
+
+    t, _ = work
+    d = tmp_path / "u"
+    shutil.copytree(t / "unified", d)
+    w = d / ucli.UNIFIED_WEIGHTS
+    raw = bytearray(w.read_bytes())
+    raw[-1] ^= 1
+    w.write_bytes(bytes(raw))
+    rc = ucli.main_evaluate(["--model", str(d), "--data", str(t / "a_test.npz")])
+    assert rc == 2 and "sha256" in capsys.readouterr().err
+    # labels missing for a classifier: a clear error, no accuracy printed
+    rc = ucli.main_evaluate(["--model", str(t / "unified"), "--data", str(t / "b_x.npy")])
+    out = capsys.readouterr()
+    assert rc == 2 and "labels" in out.err and "accuracy" not in out.out
+
+
+def test_datasets_folder_without_datasets(tmp_path):
+    pytest.importorskip("PIL")
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed: the 'not installed' message does not apply")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset_info.json").write_text("{}")
+    with pytest.raises(ucli.ConfigError, match="datasets"):
+        ucli.load_data(str(tmp_path / "ds"))
+
+
+def test_help_lists_every_option():
+    r = _cli("train-expert", "--help", timeout=60)
+    assert r.returncode == 0
+    for key in ("seed_model", "checkpoint", "selection", "lora_rank", "align", "image_size", "save_to_disk"):
+        assert key in r.stdout, key
