@@ -21,7 +21,9 @@ Target (issue 3, 2-core CPU): K = 50 graph, N = 1M, k = 10,000 in <= 10 s, C++ >
 ``--dense``: graph="dense" with the similarities computed on the fly (torch backend, exact lazy greedy;
 defaults N = 100k, D = 64, k = 200, one timed run). Peers in the same run: the kNN path (graph build +
 lazy greedy on the K-NN graph, both timed) and, where N^2 pairs fit in memory (N <= --materialise-max),
-the materialised dense path (CSR, cpp or torch backend) whose picks must be identical. Every selection's
+the materialised dense path (CSR, cpp or torch backend) whose picks must be identical, and the external
+peer apricot (``pip install apricot-select``; its lazy greedy on the precomputed max(0, cos) matrix, the
+same objective, so the same picks). Every selection's
 objective is also evaluated on the dense similarities (float64), so the table shows how much coverage
 the kNN sparsification gives away (``dense_obj_vs_knn``: dense greedy's f over kNN greedy's f, both
 measured densely).
@@ -79,6 +81,7 @@ def run_dense(args, device: str) -> None:
     cpp_ok = availability.backend_unavailable_reason("cpp") is None
     knn_backend = "cpp" if (cpp_ok and device == "cpu") else "torch"
     env = environment(device)
+    threads = torch.get_num_threads()  # read now: importing apricot (numba) later resets OpenMP's count
     runs = {}
 
     def timed(name, fn):
@@ -99,6 +102,7 @@ def run_dense(args, device: str) -> None:
         fl_mod.DENSE_MATERIALIZE_PAIRS = saved
     timed("knn", lambda: select_facility_location(X if knn_backend == "cpp" else Xdev, k, graph="knn",
                                                   n_neighbors=K, backend=knn_backend, progress=False))
+    apricot_run = run_apricot(X, k, warmup, rep) if n <= args.materialise_max else None
 
     otf = runs["dense-on-the-fly"][1]
     knn_f = dense_objective(X, runs["knn"][1].indices, device)
@@ -116,15 +120,51 @@ def run_dense(args, device: str) -> None:
             "dense_obj_vs_knn": round(f_dense / knn_f, 6), "same_picks_as_on_the_fly": same,
             "time_vs_on_the_fly": round(t.median / runs["dense-on-the-fly"][0].median, 3),
             "candidate_evaluations": sel.info.get("candidate_evaluations", ""),
-            "threads": torch.get_num_threads(),
+            "threads": threads,
+        })
+    if apricot_run is not None:
+        t, picks, version = apricot_run
+        rows.append({
+            "op": "facility_location_dense", "variant": f"apricot {version} (precomputed max(0, cos))",
+            "backend": "apricot", "n": n, "d": d, "k": k, "neighbors": "", **t.as_row("s"), "graph_s": "",
+            "objective": "", "dense_objective": round(dense_objective(X, picks, device), 6),
+            "dense_obj_vs_knn": round(dense_objective(X, picks, device) / knn_f, 6),
+            "same_picks_as_on_the_fly": bool(np.array_equal(picks, otf.indices)),
+            "time_vs_on_the_fly": round(t.median / runs["dense-on-the-fly"][0].median, 3),
+            "candidate_evaluations": "", "threads": threads,
         })
     print_table(rows, ["variant", "backend", "n", "d", "k", "median_s", "graph_s", "dense_objective", "dense_obj_vs_knn",
                        "same_picks_as_on_the_fly", "time_vs_on_the_fly", "threads"],
-                title=f"facility location, graph='dense' on {env['device']} ({torch.get_num_threads()} torch threads; "
+                title=f"facility location, graph='dense' on {env['device']} ({threads} torch threads; "
                       f"median of {rep} run(s); knn includes its graph build)")
     if not args.no_csv:
         path = append_csv("facility_location_dense", rows, env)
         print(f"appended {len(rows)} rows to {path}")
+
+
+def run_apricot(X: np.ndarray, k: int, warmup: int, rep: int):
+    """The external peer: apricot's lazy greedy on the same objective, given max(0, cosine) precomputed.
+
+    Only its selection is timed (the N x N float64 matrix is built beforehand); None when apricot is not
+    installed (``pip install apricot-select``). apricot's own kNN (sparse) path fails with current SciPy's
+    int64 sparse indices, so the dense path is the comparable one.
+    """
+    try:
+        import apricot
+        from apricot import FacilityLocationSelection
+    except Exception as exc:  # not installed or broken: say so, run the rest
+        print(f"apricot peer skipped: {type(exc).__name__}: {exc}")
+        return None
+    Xn = X.astype(np.float64)
+    Xn /= np.linalg.norm(Xn, axis=1, keepdims=True)
+    S = np.maximum(Xn @ Xn.T, 0.0)
+    out = {}
+
+    def call():
+        out["sel"] = FacilityLocationSelection(k, metric="precomputed", optimizer="lazy", verbose=False).fit(S)
+
+    t = time_fn(call, device="cpu", warmup=warmup, rep=rep)
+    return t, np.asarray(out["sel"].ranking[:k], dtype=np.int64), apricot.__version__
 
 
 def main() -> None:
