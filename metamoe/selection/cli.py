@@ -13,6 +13,11 @@ The .npy files are opened with ``mmap_mode="r"`` (pools larger than memory are s
 The JSON is :meth:`Selection.save`'s (``indices``, ``gains``, ``objective``, ``method``, ``backend``,
 ``seconds``, ``info``); ``method`` is the method named here, ``seconds`` the selection step alone and
 ``info.relevance_seconds`` / ``info.total_seconds`` the rest. Only the indices need to leave the client.
+
+``--distributed`` (under ``torchrun --nproc_per_node=N -m metamoe select --distributed ...``): every rank
+opens the .npy as a memmap and slices its contiguous shard (:mod:`metamoe.selection.distributed`); dpp
+(cosine) and fl-private (``--graph dense``) give the single-process picks, fl runs GreeDi; rank 0 alone
+writes ``--out``. ``--timeout`` bounds every collective, so a dead rank makes the others exit with code 2.
 """
 
 from __future__ import annotations
@@ -62,6 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed of the relevance classifier and of random (default: 0)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--graph", default="knn", choices=("knn", "dense"),
+        help="fl/fl-private: similarity graph, kNN (--neighbors) or dense (default: knn)",
+    )
+    p.add_argument(
+        "--distributed", action="store_true",
+        help="sharded over torch.distributed: run under `torchrun --nproc_per_node=N -m metamoe select ...`; "
+        "each rank slices its shard of --public; dpp (cosine, exact), fl-private (--graph dense, exact), "
+        "fl (GreeDi); rank 0 writes --out",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=600.0,
+        help="--distributed: collective timeout in seconds; a dead peer makes the others fail (default: 600)",
+    )
+    p.add_argument(
+        "--dist-backend", default=None, choices=("gloo", "nccl"),
+        help="--distributed: process-group backend (default: nccl with a GPU per rank, else gloo)",
+    )
     p.add_argument("--out", required=True, help="where to write the selection JSON")
     return p
 
@@ -82,6 +105,8 @@ def _facility_location(X, k, ground, weights, args, progress):
             f"--method {args.method} needs metamoe.selection.select_facility_location: {exc}"
         ) from None
     kw = dict(ground=ground, n_neighbors=args.neighbors, backend=args.backend)
+    if getattr(args, "graph", "knn") != "knn":
+        kw["graph"] = args.graph
     if weights is not None:
         kw["weights"] = weights
     params = inspect.signature(select_facility_location).parameters
@@ -119,6 +144,11 @@ def run(args: argparse.Namespace):
         ]
         if unused:
             raise ValueError(f"{', '.join(unused)} only apply to --method dpp, not {args.method}")
+    if getattr(args, "distributed", False):
+        from .distributed import cli_check, cli_init
+
+        cli_check(args)  # unsupported combinations fail before the relevance step
+        cli_init(args)
     relevance, rel_seconds = None, 0.0
     if args.method in NEEDS_RELEVANCE:
         t = time.perf_counter()
@@ -128,7 +158,11 @@ def run(args: argparse.Namespace):
             f"relevance: {len(relevance)} public samples scored in {rel_seconds:.2f} s "
             f"(mean {relevance.mean():.3f}, max {relevance.max():.3f})"
         )
-    if args.method == "dpp":
+    if getattr(args, "distributed", False) and args.method in ("dpp", "fl", "fl-private"):
+        from .distributed import cli_select
+
+        sel = cli_select(args, P, X, relevance)
+    elif args.method == "dpp":
         sel = select_dpp(
             X,
             args.k,
@@ -169,12 +203,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             sel = run(args)
+        rank = 0
+        if args.distributed:
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank != 0:  # every rank holds the same selection; rank 0 alone reports and writes it
+            return 0
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)
         sel.save(args.out)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-        print(f"metamoe select: error: {exc}", file=sys.stderr)
+        where = ""
+        if args.distributed:
+            where = f" (rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')})"
+        print(f"metamoe select{where}: error: {exc}", file=sys.stderr)
+        if args.distributed:
+            from .distributed import cli_finish
+
+            cli_finish(failed=True)
         return 2
+    finally:
+        if args.distributed:
+            from .distributed import cli_finish
+
+            cli_finish()
     print(
         f"selection: {len(sel)} proxies (of k={args.k}) by {args.method}, backend {sel.backend}, "
         f"in {sel.seconds:.2f} s; objective {sel.objective:.6g}; total {sel.info['total_seconds']:.2f} s"

@@ -1,0 +1,588 @@
+"""Sharded proxy selection on torch.distributed: each rank holds a contiguous shard of the public pool.
+
+Every function here is collective: call it on every rank of the default process group (or ``group``),
+each with its own shard. Shards are contiguous and in rank order (rank 0 holds the first rows); their
+sizes may differ and are exchanged once (all_gather), so global index = rank offset + local index.
+
+* :func:`select_dpp_sharded` -- exact sharded greedy for the relevance-weighted cosine DPP (ridge >= 0).
+  Per pick: every rank takes its best residual, one all_gather of (value, global index) pairs picks the
+  global argmax (ties to the lowest global index, compared exactly in float64), the owner broadcasts
+  the chosen row's scaled feature vector and relevance, every rank builds the same Gram-Schmidt
+  direction from identical inputs with identical arithmetic (so the directions are bit-identical on
+  every rank) and updates its own residuals. The arithmetic is the single-process torch backend's
+  (:func:`metamoe.selection.dpp.dpp_greedy_torch`: float64 on the CPU, the N x D product in float32 on
+  a GPU), so the picks are those of ``select_dpp(..., backend="torch")`` on the same device.
+  Communication per pick: world x 2 float64 + D + 1 float64; work per rank: O(N_rank D).
+* :func:`select_facility_location_private_sharded` -- exact sharded facility location whose ground set
+  is a small set P replicated on every rank (the client's private embeddings). Each rank holds its
+  candidates' float32 similarities to P, computed with the same fixed-shape matmuls as
+  :class:`metamoe.selection.facility_location.DenseSimilarities`, and their gains, summed in increasing
+  ground index without FMA like the C++ backend; lazy greedy finds each rank's exact best, one
+  all_gather picks the global argmax (ties to the lowest global index), the owner broadcasts the
+  winner's similarity column (M float32) and every rank raises its coverage. The picks are those of
+  ``select_facility_location(X, k, ground=P, graph="dense")``. Memory per rank: N_rank x M float32.
+* :func:`select_facility_location_greedi` -- GreeDi (Mirzasoleiman et al., NeurIPS 2013) for ground =
+  the pool: greedy facility location on each shard (ground = the shard, its own kNN or dense graph),
+  the k candidates of every rank are gathered on every rank, then greedy over their union with the
+  true objective on the whole pool: the ground points stay sharded, each rank computes the gains of
+  the union's candidates over its own ground points (dense cosine similarities) and one all_reduce sums
+  them. Not the single-process picks; the objective is reported on the whole pool (dense similarities)
+  so that it can be compared with the single-process run.
+
+Timeouts: :func:`init_distributed` sets ``init_process_group(timeout=...)`` (default 10 min); with gloo
+a collective whose peer died raises after that timeout (or at once when the peer's socket closes), so
+the surviving ranks exit with an error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import warnings
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from .dpp import DEFAULT_EPS, DppRankWarning
+from .facility_location import DenseSimilarities, _check_weights, _dense_blocks, _round_up
+from .result import Selection
+from .validation import check_embeddings, check_k, check_nonnegative, check_relevance
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+# --------------------------------------------------------------------------- process group
+
+
+def init_distributed(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tuple[int, int]:
+    """Join the default process group (from torchrun's environment) if not joined yet; returns (rank, world).
+
+    ``backend``: None picks ``"nccl"`` when CUDA is available and there is a GPU per local rank, else
+    ``"gloo"``. ``timeout_s`` (> 0): collective timeout, so that a rank whose peer died raises instead
+    of hanging. With nccl the rank's device is set to ``cuda:LOCAL_RANK``.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not timeout_s > 0:
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"--distributed needs torchrun's environment ({', '.join(missing)} not set): run "
+            f"`torchrun --nproc_per_node=N -m metamoe select --distributed ...`"
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout_s)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+SHARD_ALIGN = 64
+
+
+def shard_range(n: int, rank: int, world: int, align: int = SHARD_ALIGN) -> Tuple[int, int]:
+    """[start, stop) of rank's contiguous shard of n rows: near-equal sizes, every boundary a multiple of ``align``.
+
+    Why align: BLAS matrix-vector kernels (MKL, OpenBLAS) handle rows in small blocks (4 on this CPU) and
+    the leftover rows with other code, so ``X[a:b] @ q`` equals ``(X @ q)[a:b]`` bit for bit only when a
+    and b sit on block boundaries (or b = n). With 64-row boundaries the sharded DPP's residuals equal
+    the single process's exactly, not only its picks. Ranks past the data get empty ranges.
+    """
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
+    blocks = -(-int(n) // align)
+    base, extra = divmod(blocks, int(world))
+    start = (rank * base + min(rank, extra)) * align
+    stop = start + (base + (1 if rank < extra else 0)) * align
+    return min(start, n), min(stop, n)
+
+
+def _comm_device(group=None):
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _shard_offsets(n_local: int, group, cdev):
+    """(offset of this rank, total rows, sizes of every rank) from one all_gather of the shard sizes."""
+    import torch
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    t = torch.tensor([n_local], dtype=torch.int64, device=cdev)
+    sizes = [torch.zeros_like(t) for _ in range(world)]
+    dist.all_gather(sizes, t, group=group)
+    sizes = [int(s.item()) for s in sizes]
+    return sum(sizes[:rank]), sum(sizes), sizes
+
+
+def _global_argmax(value: float, index: int, group, cdev) -> Tuple[float, int]:
+    """(max value, lowest global index holding it) over ranks; exact (float64 values, indices < 2^53).
+
+    A rank with no candidate left passes value=-inf; NaN never wins."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    t = torch.tensor([value, float(index)], dtype=torch.float64, device=cdev)
+    out = [torch.zeros_like(t) for _ in range(world)]
+    dist.all_gather(out, t, group=group)
+    pairs = [(float(o[0]), int(o[1])) for o in (x.cpu() for x in out)]
+    # largest value, then lowest index (a rank with nothing left sends -inf and its lowest index)
+    best_v, best_i = max(pairs, key=lambda p: (p[0], -p[1]))
+    return best_v, best_i
+
+
+def _owner(index: int, sizes) -> int:
+    acc = 0
+    for r, s in enumerate(sizes):
+        if index < acc + s:
+            return r
+        acc += s
+    raise RuntimeError(f"global index {index} is outside the pool of {acc} rows")
+
+
+# --------------------------------------------------------------------------- DPP
+
+
+def select_dpp_sharded(
+    X_shard: Any,
+    k: int,
+    relevance_shard: Optional[Any] = None,
+    *,
+    ridge: float = 0.0,
+    eps: float = DEFAULT_EPS,
+    group=None,
+    device: Optional[Any] = None,
+) -> Selection:
+    """Exact sharded greedy MAP of the relevance-weighted cosine DPP (collective: call on every rank).
+
+    Args:
+        X_shard: (N_rank, D) this rank's contiguous rows of the pool (rank order = pool order), NumPy
+            array / ``np.memmap`` slice (read in place) or torch tensor; float32, float16, bfloat16 or
+            float64; finite non-zero rows. N_rank >= 1; shards may differ in size.
+        k: number of picks, 1 <= k <= N (the whole pool).
+        relevance_shard: (N_rank,) relevance of this rank's rows in [0, 1]; None means all ones.
+        ridge: >= 0, as in :func:`metamoe.selection.select_dpp` (cosine kernel).
+        eps: stop when the best residual is <= eps times the largest diagonal entry of L (over the pool).
+        group: process group (default: the default group).
+        device: where this rank computes (default: the rank's CUDA device under nccl, else the CPU).
+            The shard is copied there in the working dtype (float64 on the CPU, float32 on a GPU).
+
+    Returns:
+        The same :class:`Selection` on every rank: ``indices`` int64 (<= k,) global pool indices in pick
+        order, ``gains`` float64 log residuals, ``objective`` = log det L[S, S]; ``backend`` is
+        ``"torch-distributed"``; ``info`` records world size and shard sizes. Warns
+        :class:`DppRankWarning` when the residuals fall below eps before k picks (as select_dpp does).
+    """
+    import torch
+    import torch.distributed as dist
+
+    t0 = time.perf_counter()
+    cdev = _comm_device(group)
+    dev = torch.device(device) if device is not None else cdev
+    Xt = check_embeddings(X_shard, "X_shard", zero_copy_readonly=True)
+    n_local, d = Xt.shape
+    r_local = check_relevance(relevance_shard, n_local)
+    ridge = check_nonnegative(ridge, "ridge")
+    eps = check_nonnegative(eps, "eps")
+    zero = Xt.abs().amax(dim=1) == 0
+    if bool(zero.any()):
+        raise ValueError(f"X_shard row {int(zero.nonzero()[0, 0])} is all zeros; the cosine kernel needs non-zero rows")
+    offset, n, sizes = _shard_offsets(n_local, group, cdev)
+    dims = [torch.zeros(1, dtype=torch.int64, device=cdev) for _ in sizes]
+    dist.all_gather(dims, torch.tensor([d], dtype=torch.int64, device=cdev), group=group)
+    if len({int(x.item()) for x in dims}) != 1:
+        raise ValueError(f"every rank's X_shard must have the same D; got {[int(x.item()) for x in dims]}")
+    k = check_k(k, n)
+    work = torch.float64 if dev.type == "cpu" else torch.float32
+    Xw = Xt.to(device=dev, dtype=work)
+    r = torch.as_tensor(r_local, dtype=torch.float64, device=dev)
+    norms = (torch.linalg.vector_norm(Xw.double(), dim=1) if work == torch.float64
+             else torch.linalg.vector_norm(Xw, dim=1).double())
+    scale = r / norms
+    d2 = r * r * (1.0 + ridge)
+    rmax = torch.tensor([float((r * r).max())], dtype=torch.float64, device=cdev)
+    dist.all_reduce(rmax, op=dist.ReduceOp.MAX, group=group)
+    diag_max = float(rmax.item()) * (1.0 + ridge)
+    eps_abs = eps * diag_max if diag_max > 0 else eps
+
+    Qd = torch.zeros(k, d, dtype=torch.float64, device=dev)
+    Qe = torch.zeros(k, k, dtype=torch.float64, device=dev) if ridge > 0 else None
+    payload = torch.zeros(d + 1, dtype=torch.float64, device=cdev)
+    picks, resid = [], []
+    neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=dev)
+    for t in range(k):
+        jl = int(torch.argmax(d2))  # first maximal index: ties to the lowest index
+        dj2, j = _global_argmax(float(d2[jl]), offset + jl, group, cdev)
+        if not dj2 > eps_abs:
+            break
+        owner = _owner(j, sizes)
+        if owner == dist.get_rank(group):
+            jl = j - offset
+            payload[:d] = (scale[jl] * Xw[jl].double()).to(cdev)
+            payload[d] = r[jl].to(cdev)
+        dist.broadcast(payload, src=dist.get_global_rank(group, owner) if group is not None else owner, group=group)
+        vd = payload[:d].to(dev).clone()
+        rj = float(payload[d])
+        picks.append(j)
+        resid.append(dj2)
+        ve = torch.zeros(t + 1, dtype=torch.float64, device=dev)
+        for _ in range(2):  # classical Gram-Schmidt, twice (the arithmetic of dpp_greedy_torch)
+            if t == 0:
+                break
+            c = Qd[:t] @ vd
+            if Qe is not None:
+                c = c + Qe[:t, : t + 1] @ ve
+            vd = vd - c @ Qd[:t]
+            if Qe is not None:
+                ve = ve - c @ Qe[:t, : t + 1]
+        inv = 1.0 / np.sqrt(dj2)
+        Qd[t] = vd * inv
+        if Qe is not None:
+            ve[t] = np.sqrt(ridge) * rj
+            Qe[t, : t + 1] = ve * inv
+        e = (Xw @ Qd[t].to(work)).double() * scale
+        d2 = d2 - e * e
+        if owner == dist.get_rank(group):
+            d2[j - offset] = neg_inf
+    idx = np.asarray(picks, dtype=np.int64)
+    res = np.asarray(resid, dtype=np.float64)
+    info = {"kernel": "cosine", "ridge": ridge, "eps": eps, "k_requested": k, "n": n, "d": d,
+            "world_size": len(sizes), "shard_sizes": sizes}
+    if len(idx) < k:
+        if ridge == 0:
+            why, hint = f"the cosine kernel with ridge=0 has rank <= D={d}", "pass ridge > 0 (e.g. 1e-3) for a full-rank kernel"
+        else:
+            why, hint = ("the remaining candidates are (near-)duplicates of the picks or have relevance ~0",
+                         "raise ridge, or drop duplicate rows")
+        info["stopped_early"] = f"best residual fell below eps after {len(idx)} picks: {why}"
+        warnings.warn(
+            f"select_dpp stopped after {len(idx)} of {k} picks: the remaining candidates have residual "
+            f"<= eps ({why}). More picks would only follow relevance order; {hint}.",
+            DppRankWarning,
+            stacklevel=2,
+        )
+    gains = np.log(res) if len(res) else np.zeros(0)
+    return Selection(indices=idx, gains=gains, objective=float(gains.sum()), backend="torch-distributed",
+                     seconds=time.perf_counter() - t0, method="dpp", info=info)
+
+
+# --------------------------------------------------------------------------- facility location, ground = P
+
+
+def _seq_gains(ST, rows, cur, w, chunk: int = 4096):
+    """Gains of candidate columns ``rows`` of ST (M, N_rank) float32: sum_i w_i max(0, s_ij - cur_i) in float64,
+    summed in increasing ground index with separate multiply and add (the C++ backend's order, no FMA):
+    the terms of a block of candidates form a (rows, M) float64 matrix and its row-wise cumsum, a
+    sequential scan on the CPU, ends in exactly that left-to-right sum."""
+    import torch
+
+    out = torch.empty(len(rows), dtype=torch.float64, device=ST.device)
+    for a in range(0, len(rows), chunk):
+        r = rows[a : a + chunk]
+        terms = torch.clamp(ST[:, r].T.double() - cur, min=0.0).mul_(w)
+        out[a : a + chunk] = torch.cumsum(terms, dim=1)[:, -1]
+    return out
+
+
+def select_facility_location_private_sharded(
+    X_shard: Any,
+    P: Any,
+    k: int,
+    *,
+    weights: Optional[Any] = None,
+    metric: str = "cosine",
+    group=None,
+    refresh: int = 64,
+) -> Selection:
+    """Exact sharded facility location covering a replicated ground set P (collective: call on every rank).
+
+    Maximises f(A) = sum_i w_i max(0, max_{j in A} s_ij) over the rows i of P with candidates j = the pool
+    rows, dense similarities (cosine or inner product) in float32 and float64 gains: the picks of
+    ``select_facility_location(X, k, ground=P, weights=weights, graph="dense", metric=metric)``.
+
+    Args:
+        X_shard: (N_rank, D) this rank's contiguous rows of the pool (rank order = pool order); NumPy,
+            ``np.memmap`` slice or CPU torch tensor; float32, float16, bfloat16 or float64.
+        P: (M, D) ground set, identical on every rank (e.g. the client's private embeddings).
+        k: number of picks, 1 <= k <= N.
+        weights: (M,) ground weights >= 0 (None: ones), identical on every rank.
+        metric: ``"cosine"`` or ``"ip"``.
+        group: process group (default: the default group).
+        refresh: lazy-greedy batch: stale candidates whose gains are recomputed together.
+
+    Returns:
+        The same :class:`Selection` on every rank: ``indices`` int64 (k,) global indices in pick order,
+        ``gains`` float64 (k,), ``objective`` f(A) float64, ``backend`` ``"torch-distributed"``.
+        Memory per rank: N_rank x M float32 similarities.
+    """
+    import torch
+    import torch.distributed as dist
+
+    t0 = time.perf_counter()
+    if metric not in ("cosine", "ip"):
+        raise ValueError(f"metric must be 'cosine' or 'ip', got {metric!r}")
+    cdev = torch.device("cpu") if dist.get_backend(group) == "gloo" else _comm_device(group)
+    Xt = check_embeddings(X_shard, "X_shard", zero_copy_readonly=True)
+    Gt = check_embeddings(P, "P", zero_copy_readonly=True)
+    n_local, d = Xt.shape
+    if Gt.shape[1] != d:
+        raise ValueError(f"P has dimension D={Gt.shape[1]}, but X_shard has D={d}")
+    m = Gt.shape[0]
+    w_np = _check_weights(weights, m)
+    offset, n, sizes = _shard_offsets(n_local, group, cdev)
+    k = check_k(k, n)
+    # the single process's fixed matmul shapes (tile from the whole pool's N), so that every similarity
+    # has the bits of select_facility_location(..., graph="dense")
+    tile, block = _dense_blocks("cpu", n, m)
+    sims = DenseSimilarities.build(Xt.cpu(), Gt.cpu(), w_np, metric, tile, block)
+    ST = torch.empty(m, n_local, dtype=torch.float32)
+    for c in range(sims.n_tiles):
+        a = c * tile
+        b = min(n_local, a + tile)
+        if a >= n_local:
+            break
+        ST[:, a:b] = sims.similarity_tile(c)[: b - a, :m].T
+    del sims
+    w = torch.as_tensor(w_np)
+    cur = torch.zeros(m, dtype=torch.float64)
+    ub = _seq_gains(ST, torch.arange(n_local), cur, w)  # exact at the start; upper bounds afterwards
+    fresh = torch.ones(n_local, dtype=torch.bool)
+    picks, gains = [], []
+    neg_inf = float("-inf")
+    col = torch.zeros(m, dtype=torch.float32, device=cdev)
+    for _ in range(k):
+        while True:  # lazy greedy: the argmax of the bounds, once exact, is this rank's exact best
+            jl = int(torch.argmax(ub))
+            if bool(fresh[jl]) or ub[jl] == neg_inf:
+                break
+            stale = (~fresh) & (ub > neg_inf)
+            cand = torch.nonzero(stale).flatten()
+            top = cand[torch.topk(ub[cand], min(refresh, len(cand))).indices]
+            ub[top] = _seq_gains(ST, top, cur, w)
+            fresh[top] = True
+        gj, j = _global_argmax(float(ub[jl]), offset + jl, group, cdev)
+        owner = _owner(j, sizes)
+        if owner == dist.get_rank(group):
+            col.copy_(ST[:, j - offset])
+            ub[j - offset] = neg_inf
+        dist.broadcast(col, src=dist.get_global_rank(group, owner) if group is not None else owner, group=group)
+        picks.append(j)
+        gains.append(gj)
+        torch.maximum(cur, col.cpu().double(), out=cur)
+        fresh.zero_()
+    objective = float((w * cur).sum())
+    info = {"optimizer": "lazy", "metric": metric, "graph": "dense", "ground": "given", "k_requested": k,
+            "n": n, "m": m, "d": d, "world_size": len(sizes), "shard_sizes": sizes}
+    return Selection(indices=np.asarray(picks, dtype=np.int64), gains=np.asarray(gains, dtype=np.float64),
+                     objective=objective, backend="torch-distributed", seconds=time.perf_counter() - t0,
+                     method="facility_location", info=info)
+
+
+# --------------------------------------------------------------------------- facility location, GreeDi
+
+
+def select_facility_location_greedi(
+    X_shard: Any,
+    k: int,
+    *,
+    weights_shard: Optional[Any] = None,
+    graph: str = "knn",
+    n_neighbors: int = 20,
+    metric: str = "cosine",
+    backend: Optional[str] = None,
+    group=None,
+    refresh: int = 16,
+) -> Selection:
+    """GreeDi facility location over a sharded pool, ground = the pool (collective: call on every rank).
+
+    Round 1: :func:`metamoe.selection.select_facility_location` on this rank's shard (ground = the shard,
+    its own ``graph``: ``"knn"`` with ``n_neighbors`` or ``"dense"``), min(k, N_rank) picks. Round 2: the
+    picks of every rank are gathered on every rank (union U, |U| <= world x k, in global index order)
+    and greedy picks k of U maximising the true objective on the whole pool, f(A) = sum_i w_i max(0,
+    max_{j in A} s_ij) with dense similarities: the ground points stay sharded, each rank sums the gains
+    over its own ground points and one all_reduce adds them (lazy greedy, ties to the lowest index in U).
+
+    Args:
+        X_shard: (N_rank, D) this rank's contiguous rows (rank order = pool order); NumPy / memmap slice or
+            CPU tensor, any float dtype.
+        k: number of picks, 1 <= k <= N.
+        weights_shard: (N_rank,) ground weights >= 0 of this rank's rows (None: ones).
+        graph, n_neighbors, metric, backend: round 1's graph and backend (see select_facility_location).
+        group: process group. refresh: lazy-greedy batch of round 2.
+
+    Returns:
+        The same :class:`Selection` on every rank: ``indices`` int64 (k,) global indices in pick order,
+        ``gains`` float64 (k,), ``objective`` = f(A) on the whole pool with dense similarities (comparable
+        with ``select_facility_location(X, k, weights=w, graph="dense").objective``). Memory per rank:
+        N_rank x |U| float32. Guarantee (Mirzasoleiman et al. 2013): a constant fraction of the greedy
+        objective in the worst case; close to it on data whose shards look alike (the benchmark reports it).
+    """
+    import torch
+    import torch.distributed as dist
+
+    from .facility_location import select_facility_location
+
+    t0 = time.perf_counter()
+    if metric not in ("cosine", "ip"):
+        raise ValueError(f"metric must be 'cosine' or 'ip', got {metric!r}")
+    cdev = _comm_device(group)
+    Xt = check_embeddings(X_shard, "X_shard", zero_copy_readonly=True)
+    n_local, d = Xt.shape
+    w_local = torch.as_tensor(_check_weights(weights_shard, n_local))
+    offset, n, sizes = _shard_offsets(n_local, group, cdev)
+    k = check_k(k, n)
+    world = len(sizes)
+    k_local = min(k, n_local)
+    kw = {}
+    if graph == "knn":
+        kw["n_neighbors"] = max(1, min(n_neighbors, n_local - 1))
+    if n_local == 1:
+        local_idx = np.zeros(1, dtype=np.int64)
+    else:
+        local_idx = select_facility_location(Xt, k_local, weights=w_local.numpy(), graph=graph, metric=metric,
+                                             backend=backend, progress=False, **kw).indices
+    t1 = time.perf_counter()
+    # gather the candidates' global indices and (normalised) rows on every rank, padded to k rows
+    Xf = Xt.float()
+    if metric == "cosine":
+        Xf = torch.nn.functional.normalize(Xf, dim=1)
+    idx_pad = torch.full((k,), -1, dtype=torch.int64)
+    idx_pad[: len(local_idx)] = torch.as_tensor(local_idx) + offset
+    rows_pad = torch.zeros(k, d, dtype=torch.float32)
+    rows_pad[: len(local_idx)] = Xf[torch.as_tensor(local_idx)]
+    all_idx = [torch.zeros_like(idx_pad, device=cdev) for _ in range(world)]
+    all_rows = [torch.zeros_like(rows_pad, device=cdev) for _ in range(world)]
+    dist.all_gather(all_idx, idx_pad.to(cdev), group=group)
+    dist.all_gather(all_rows, rows_pad.to(cdev), group=group)
+    gi = torch.cat([a.cpu() for a in all_idx])
+    gr = torch.cat([a.cpu() for a in all_rows])
+    keep = gi >= 0
+    gi, gr = gi[keep], gr[keep]
+    order = torch.argsort(gi)
+    U, C = gi[order], gr[order]  # union in global index order (disjoint shards: no duplicates)
+    S = torch.clamp(Xf @ C.T, min=0.0)  # (N_rank, |U|) float32, negatives never count
+    cur = torch.zeros(n_local, dtype=torch.float64)
+
+    def gains_of(cols):
+        part = (w_local[:, None] * torch.clamp(S[:, cols].double() - cur[:, None], min=0.0)).sum(0).to(cdev)
+        dist.all_reduce(part, group=group)  # every rank receives the same sums
+        return part.cpu()
+
+    neg_inf = float("-inf")
+    ub = gains_of(torch.arange(len(U)))
+    fresh = torch.ones(len(U), dtype=torch.bool)
+    picks, gains = [], []
+    for _ in range(min(k, len(U))):
+        while True:
+            j = int(torch.argmax(ub))
+            if bool(fresh[j]) or ub[j] == neg_inf:
+                break
+            cand = torch.nonzero((~fresh) & (ub > neg_inf)).flatten()
+            top = cand[torch.topk(ub[cand], min(refresh, len(cand))).indices]
+            ub[top] = gains_of(top)
+            fresh[top] = True
+        picks.append(int(U[j]))
+        gains.append(float(ub[j]))
+        torch.maximum(cur, S[:, j].double(), out=cur)
+        ub[j] = neg_inf
+        fresh.zero_()
+    obj = (w_local * cur).sum().reshape(1).to(cdev)
+    dist.all_reduce(obj, group=group)
+    info = {"optimizer": "greedi", "metric": metric, "graph_round1": graph, "k_requested": k, "n": n, "d": d,
+            "world_size": world, "shard_sizes": sizes, "union_size": int(len(U)),
+            "round1_seconds": t1 - t0, "objective_graph": "dense"}
+    return Selection(indices=np.asarray(picks, dtype=np.int64), gains=np.asarray(gains, dtype=np.float64),
+                     objective=float(obj.cpu()), backend="torch-distributed", seconds=time.perf_counter() - t0,
+                     method="facility_location", info=info)
+
+
+# --------------------------------------------------------------------------- `metamoe select --distributed`
+
+
+def cli_check(args) -> None:
+    """Reject option combinations that have no sharded implementation (before any work is done)."""
+    if args.method == "dpp" and args.kernel != "cosine":
+        raise ValueError("--distributed runs the cosine DPP (exact, sharded); --kernel rbf needs a k x N "
+                         "workspace on one process: drop --distributed, or use --kernel cosine --ridge > 0")
+    if args.method == "dpp" and args.candidates is not None:
+        raise ValueError("--distributed with --candidates: the top-M candidates fit one process; "
+                         "drop --distributed (or --candidates)")
+    if args.method == "fl-private" and args.graph != "dense":
+        raise ValueError("--distributed --method fl-private is the exact sharded greedy on dense similarities: "
+                         "pass --graph dense (the kNN graph of the private set is not sharded)")
+    if not args.timeout > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+
+
+def cli_init(args) -> Tuple[int, int]:
+    """Join torchrun's process group with the CLI's backend and timeout; (rank, world)."""
+    return init_distributed(args.dist_backend, args.timeout)
+
+
+def cli_select(args, P, X, relevance) -> Selection:
+    """The sharded selection for ``metamoe select --distributed``: this rank's contiguous slice of the memmap X."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    align = SHARD_ALIGN if X.shape[0] >= SHARD_ALIGN * world else 1  # tiny pools: no empty shard
+    start, stop = shard_range(X.shape[0], rank, world, align)
+    if stop <= start:
+        raise ValueError(f"--distributed with {world} ranks needs at least one public row per rank, got N={X.shape[0]}")
+    Xs = X[start:stop]  # a view of the memmap: only this shard's pages are read
+    rel = None if relevance is None else np.ascontiguousarray(relevance[start:stop])
+    try:
+        if args.method == "dpp":
+            return select_dpp_sharded(Xs, args.k, rel, ridge=args.ridge)
+        if args.method == "fl-private":
+            return select_facility_location_private_sharded(Xs, P, args.k)
+        return select_facility_location_greedi(Xs, args.k, weights_shard=rel, graph=args.graph,
+                                               n_neighbors=args.neighbors, backend=args.backend)
+    except RuntimeError as exc:  # gloo raises plain RuntimeErrors, NCCL DistBackendError (a RuntimeError)
+        if not (isinstance(exc, dist.DistError) or any(w in str(exc) for w in ("gloo", "Gloo", "NCCL", "c10d"))):
+            raise
+        raise RuntimeError(
+            f"a collective failed: another rank died, hangs or closed its connection (collectives time out "
+            f"after --timeout {args.timeout:g} s). Cause: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def cli_finish(failed: bool = False) -> None:
+    """Leave the process group. After a failure inside the group (a peer died or timed out) the group is
+    in an undefined state and tearing it down can abort or block, so the process exits at once with
+    code 2 (the error was already printed)."""
+    import sys
+
+    import torch.distributed as dist
+
+    if failed and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway; the error that matters was already reported
+            pass
+
+
+__all__ = [
+    "init_distributed", "shard_range", "SHARD_ALIGN", "select_dpp_sharded", "select_facility_location_private_sharded",
+    "select_facility_location_greedi", "DEFAULT_TIMEOUT_S", "cli_check", "cli_init", "cli_select", "cli_finish",
+]
