@@ -44,7 +44,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .dpp import DEFAULT_EPS, DppRankWarning
+from .dpp import DEFAULT_EPS, DppRankWarning, add_direction
 from .facility_location import DenseSimilarities, _check_weights, _dense_blocks, _round_up
 from .result import Selection
 from .validation import check_embeddings, check_k, check_nonnegative, check_relevance
@@ -242,21 +242,7 @@ def select_dpp_sharded(
         rj = float(payload[d])
         picks.append(j)
         resid.append(dj2)
-        ve = torch.zeros(t + 1, dtype=torch.float64, device=dev)
-        for _ in range(2):  # classical Gram-Schmidt, twice (the arithmetic of dpp_greedy_torch)
-            if t == 0:
-                break
-            c = Qd[:t] @ vd
-            if Qe is not None:
-                c = c + Qe[:t, : t + 1] @ ve
-            vd = vd - c @ Qd[:t]
-            if Qe is not None:
-                ve = ve - c @ Qe[:t, : t + 1]
-        inv = 1.0 / np.sqrt(dj2)
-        Qd[t] = vd * inv
-        if Qe is not None:
-            ve[t] = np.sqrt(ridge) * rj
-            Qe[t, : t + 1] = ve * inv
+        add_direction(Qd, Qe, t, vd, rj, ridge, dj2)  # the arithmetic of dpp_greedy_torch
         e = (Xw @ Qd[t].to(work)).double() * scale
         d2 = d2 - e * e
         if owner == dist.get_rank(group):

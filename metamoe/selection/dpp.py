@@ -69,6 +69,30 @@ def _chunk(k: int) -> int:
 # --------------------------------------------------------------------------- torch
 
 
+def add_direction(Qd, Qe, t: int, vd, r_j: float, ridge: float, dj2: float) -> None:
+    """Write the pick's Gram-Schmidt direction into row t of Qd (feature part) and Qe (ridge coordinates).
+
+    ``vd`` (D,) float64 is the pick's scaled feature vector r_j x_j / ||x_j||; classical Gram-Schmidt,
+    twice, against the t earlier directions, then division by d_j = sqrt(dj2). Shared by the torch
+    backend and the sharded version so that both do exactly the same arithmetic.
+    """
+    import torch
+
+    ve = torch.zeros(t + 1, dtype=torch.float64, device=vd.device)
+    for _ in range(2 if t > 0 else 0):
+        c = Qd[:t] @ vd
+        if Qe is not None:
+            c = c + Qe[:t, : t + 1] @ ve
+        vd = vd - c @ Qd[:t]
+        if Qe is not None:
+            ve = ve - c @ Qe[:t, : t + 1]
+    inv = 1.0 / np.sqrt(dj2)
+    Qd[t] = vd * inv
+    if Qe is not None:
+        ve[t] = np.sqrt(ridge) * r_j
+        Qe[t, : t + 1] = ve * inv
+
+
 @dpp_greedy.register("torch", devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16", "float64"))
 def dpp_greedy_torch(X, relevance: np.ndarray, k: int, ridge: float, eps: float, progress: bool = False):
     """Pure PyTorch: float64 on the CPU; on a GPU the N x D product runs in float32, the rest in float64."""
@@ -98,22 +122,7 @@ def dpp_greedy_torch(X, relevance: np.ndarray, k: int, ridge: float, eps: float,
                 break
             picks.append(j)
             resid.append(dj2)
-            vd = scale[j] * Xw[j].double()
-            ve = torch.zeros(t + 1, dtype=torch.float64, device=dev)
-            for _ in range(2):  # classical Gram-Schmidt, twice
-                if t == 0:
-                    break
-                c = Qd[:t] @ vd
-                if Qe is not None:
-                    c = c + Qe[:t, : t + 1] @ ve
-                vd = vd - c @ Qd[:t]
-                if Qe is not None:
-                    ve = ve - c @ Qe[:t, : t + 1]
-            inv = 1.0 / np.sqrt(dj2)
-            Qd[t] = vd * inv
-            if Qe is not None:
-                ve[t] = np.sqrt(ridge) * float(r[j])
-                Qe[t, : t + 1] = ve * inv
+            add_direction(Qd, Qe, t, scale[j] * Xw[j].double(), float(r[j]), ridge, dj2)
             e = (Xw @ Qd[t].to(work)).double() * scale
             d2 = d2 - e * e
             d2[j] = neg_inf  # stays -inf: -inf - e^2 = -inf
