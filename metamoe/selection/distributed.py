@@ -45,7 +45,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from .dpp import DEFAULT_EPS, DppRankWarning, add_direction
-from .facility_location import DenseSimilarities, _check_weights, _dense_blocks, _round_up
+from .facility_location import DenseSimilarities, _check_weights, _dense_blocks
 from .result import Selection
 from .validation import check_embeddings, check_k, check_nonnegative, check_relevance
 
