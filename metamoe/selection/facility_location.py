@@ -44,7 +44,7 @@ from ..backends import CallSpec, define_op
 from ..backends.availability import require_extension
 from .knn_graph import KnnGraph, build_knn_graph
 from .result import Selection
-from .validation import check_embeddings, check_k
+from .validation import as_float64_vector, check_embeddings, check_k
 
 facility_location = define_op(
     "facility_location",
@@ -643,20 +643,10 @@ def _dense_on_the_fly(sims: DenseSimilarities, k: int, optimizer: str, n_sample:
 def _check_weights(weights: Any, m: int) -> np.ndarray:
     if weights is None:
         return np.ones(m, dtype=np.float64)
-    if hasattr(weights, "detach"):
-        w = weights.detach().to("cpu").double().numpy()
-    else:
-        w = np.asarray(weights)
-        if not np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.complexfloating):
-            raise TypeError(f"weights must be a real-valued array, got dtype {w.dtype}")
-        w = w.astype(np.float64)
-    if w.ndim != 1 or w.shape[0] != m:
-        raise ValueError(f"weights must have shape ({m},), one per ground point, got {tuple(w.shape)}")
-    if not np.isfinite(w).all():
-        raise ValueError(f"weights has NaN or inf values (first at {int(np.flatnonzero(~np.isfinite(w))[0])})")
+    w = as_float64_vector(weights, m, "weights", ", one per ground point")
     if w.min() < 0:
         raise ValueError(f"weights must be >= 0, got a minimum of {w.min():.4g} at {int(np.argmin(w))}")
-    return np.ascontiguousarray(w)
+    return w
 
 
 def _dense_problem(sims: DenseSimilarities) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -804,7 +794,8 @@ def select_facility_location(
         graph_seconds = 0.0
     elif graph == "knn":
         tg = time.perf_counter()
-        kg = build_knn_graph(Xt, n_neighbors, queries=Gt, metric=metric, include_self=True, progress=progress)
+        kg = build_knn_graph(Xt, n_neighbors, queries=Gt, metric=metric, include_self=True, progress=progress,
+                             check_input=False)  # X and ground were checked above
         indptr, indices, sims = kg.indptr, kg.indices.astype(np.int64), kg.similarities
         graph_seconds = time.perf_counter() - tg
         g_info = {"graph": "knn", "n_neighbors": kg.n_neighbors, **kg.info}

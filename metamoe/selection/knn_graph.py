@@ -309,6 +309,7 @@ def build_knn_graph(
     block_rows: int = 65536,
     seed: int = 0,
     progress: bool = True,
+    check_input: bool = True,
 ) -> KnnGraph:
     """The ``n_neighbors`` most similar pool rows of every query row, as a CSR :class:`KnnGraph`.
 
@@ -337,6 +338,8 @@ def build_knn_graph(
         block_rows: rows per block when reading X/queries (memory bound for memmaps and GPU search).
         seed: seeds the IVF training sample and the recall sample.
         progress: tqdm progress bars (only on a terminal).
+        check_input: scan X and queries for NaN/inf (default). Callers that have already validated
+            them (``select_facility_location`` does) pass False to skip a second pass over the pool.
 
     Returns:
         :class:`KnnGraph` with ``indptr`` int64 (Nq + 1,), ``indices`` int32/int64 (Nq * K,) and
@@ -354,7 +357,7 @@ def build_knn_graph(
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    Xt = check_embeddings(X, "X", zero_copy_readonly=True)
+    Xt = check_embeddings(X, "X", check_finite=check_input, zero_copy_readonly=True)
     n, d = Xt.shape
     K = _check_int(n_neighbors, "n_neighbors")
     if K >= n:
@@ -364,7 +367,7 @@ def build_knn_graph(
     if own:
         Qt = Xt
     else:
-        Qt = check_embeddings(queries, "queries", zero_copy_readonly=True)
+        Qt = check_embeddings(queries, "queries", check_finite=check_input, zero_copy_readonly=True)
         if Qt.shape[1] != d:
             raise ValueError(f"queries have dimension D={Qt.shape[1]}, but X has D={d}")
         if Qt.device != Xt.device:

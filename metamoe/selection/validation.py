@@ -69,26 +69,35 @@ def check_k(k: Any, n: int, name: str = "k") -> int:
     return k
 
 
+def as_float64_vector(values: Any, n: int, name: str, what: str) -> np.ndarray:
+    """``values`` (NumPy, torch or CuPy) as a contiguous float64 (n,) NumPy array of finite reals.
+
+    ``what`` ends the shape error, with its separator: "{name} must have shape (n,){what}, got ...".
+    """
+    if is_torch(values):
+        v = values.detach().to("cpu").double().numpy()
+    elif hasattr(values, "__cuda_array_interface__"):
+        v = as_torch(values).to("cpu").double().numpy()
+    else:
+        v = np.asarray(values)
+        if not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.complexfloating):
+            raise TypeError(f"{name} must be a real-valued array, got dtype {v.dtype}")
+        v = v.astype(np.float64)
+    if v.ndim != 1 or v.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},){what}, got {tuple(v.shape)}")
+    if not np.isfinite(v).all():
+        raise ValueError(f"{name} has NaN or inf values (first at {int(np.flatnonzero(~np.isfinite(v))[0])})")
+    return np.ascontiguousarray(v)
+
+
 def check_relevance(relevance: Optional[Any], n: int, name: str = "relevance") -> np.ndarray:
     """A float64 NumPy array of length n in [0, 1] (all ones when None)."""
     if relevance is None:
         return np.ones(n, dtype=np.float64)
-    if is_torch(relevance):
-        r = relevance.detach().to("cpu").double().numpy()
-    elif hasattr(relevance, "__cuda_array_interface__"):
-        r = as_torch(relevance).to("cpu").double().numpy()
-    else:
-        r = np.asarray(relevance)
-        if not np.issubdtype(r.dtype, np.number) or np.issubdtype(r.dtype, np.complexfloating):
-            raise TypeError(f"{name} must be a real-valued array, got dtype {r.dtype}")
-        r = r.astype(np.float64)
-    if r.ndim != 1 or r.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},) to match the pool, got {tuple(r.shape)}")
-    if not np.isfinite(r).all():
-        raise ValueError(f"{name} has NaN or inf values (first at {int(np.flatnonzero(~np.isfinite(r))[0])})")
+    r = as_float64_vector(relevance, n, name, " to match the pool")
     if r.min() < 0 or r.max() > 1:
         raise ValueError(f"{name} must lie in [0, 1], got values in [{r.min():.4g}, {r.max():.4g}]")
-    return np.ascontiguousarray(r)
+    return r
 
 
 def check_nonnegative(value: Any, name: str) -> float:
