@@ -1,6 +1,7 @@
 """`metamoe train-expert` / `unify` / `evaluate` on tiny user data (.npz, .npy + labels, an image folder)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -166,6 +167,25 @@ def test_bad_configs(work, tmp_path, capsys):
     assert rc == 2 and "hash" in err.lower()
     rc, err = run({**yaml.safe_load((t / "server.yaml").read_text()), "packages": []}, ucli.main_unify)
     assert rc == 2 and "packages" in err
+
+
+def test_unified_folder_moves_with_its_packages(work, tmp_path):
+    """unified.json holds paths relative to its folder: the whole tree can be moved and still loads."""
+    import shutil
+
+    t, data = work
+    man = json.loads((t / "unified" / ucli.UNIFIED_MANIFEST).read_text())
+    assert not any(os.path.isabs(p) for p in man["packages"]), man["packages"]
+    assert man["seed_model_base"] is None or not os.path.isabs(man["seed_model_base"])
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(t, moved)
+    x = data.clients[1].x_test[:12]
+    want = ucli.load_unified(t / "unified").predict_proba(x)
+    got = ucli.load_unified(moved / "unified").predict_proba(x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    shutil.rmtree(moved / "packages" / "b")  # a package left behind: a clear error naming it
+    with pytest.raises(FileNotFoundError, match="packages/b"):
+        ucli.load_unified(moved / "unified")
 
 
 def test_tampered_router_weights_refused(work, tmp_path, capsys):

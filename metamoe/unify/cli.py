@@ -518,8 +518,10 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     manifest = {
         "format": 1,
         "seed_model": {k: v for k, v in cfg["seed_model"].items()},
-        "seed_model_base": base,
-        "packages": [str(p.resolve()) for p in paths],
+        # paths relative to the output folder, so the output, its packages and the seed model's folder can
+        # move together (load_unified resolves them against the folder unified.json is in)
+        "seed_model_base": None if base is None else _relative_to(base, output),
+        "packages": [_relative_to(p, output) for p in paths],
         "package_manifest_sha256": [
             hashlib.sha256((p / "manifest.json").read_bytes()).hexdigest() for p in paths
         ],
@@ -533,6 +535,14 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     say(f"router loss per epoch: {[round(v, 4) for v in metrics['loss_per_epoch']]}")
     say(f"wrote unified model {output}")
     return output
+
+
+def _relative_to(path: Any, folder: Path) -> str:
+    """``path`` relative to ``folder`` (both resolved), e.g. ``../packages/a``; absolute if on another drive."""
+    try:
+        return os.path.relpath(Path(path).resolve(), Path(folder).resolve())
+    except ValueError:  # Windows: different drives
+        return str(Path(path).resolve())
 
 
 def load_unified(model_dir: Any):
@@ -551,12 +561,16 @@ def load_unified(model_dir: Any):
         raise FileNotFoundError(f"{wp} is missing")
     if hashlib.sha256(wp.read_bytes()).hexdigest() != m["weights_sha256"]:
         raise ValueError(f"{wp} does not match the sha256 in {mp} (modified after unify?)")
-    for p, h in zip(m["packages"], m["package_manifest_sha256"]):
+    packages = [str(d / p) for p in m["packages"]]  # relative to d (absolute paths: as written)
+    for p, h in zip(packages, m["package_manifest_sha256"]):
+        if not (Path(p) / "manifest.json").is_file():
+            raise FileNotFoundError(f"package {p} of {mp} is missing (packages are found relative to {d})")
         if hashlib.sha256((Path(p) / "manifest.json").read_bytes()).hexdigest() != h:
             raise ValueError(f"package {p} changed since unify (manifest sha256 differs)")
     base = m.get("seed_model_base")
+    base = None if base is None else str(d / base)
     seed_model = _seed_model({"seed_model": m["seed_model"]}, base)
-    _, pkgs, build_unified_model = _build({"packages": m["packages"]}, None, seed_model, m["moe"])
+    _, pkgs, build_unified_model = _build({"packages": packages}, None, seed_model, m["moe"])
     model = build_unified_model(seed_model, pkgs, **m["moe"])
     state = load_file(str(wp))
     missing = model.load_state_dict(state, strict=False)
