@@ -49,6 +49,24 @@ def main(argv=None) -> int:
         help="what pre-trains the seed ViT: the whole public pool (the issue's design, default) or only "
         "its distractor domains (diagnostic)",
     )
+    p.add_argument(
+        "--public-per-client-domain",
+        type=int,
+        default=None,
+        help="public samples of each client domain (default: as many as of every distractor domain, 300); "
+        "small values make the pool mostly out-of-domain (diagnostic)",
+    )
+    p.add_argument(
+        "--distractors",
+        default=None,
+        help="comma-separated distractor domains (default: mirrored,transposed,blurred; known: "
+        "mirrored,upside_down,transposed,blurred,shifted)",
+    )
+    p.add_argument(
+        "--no-routed-head",
+        action="store_true",
+        help="the plain concatenated head instead of the routed head (build_unified_model(routed_head=False))",
+    )
     p.add_argument("--alpha", type=float, default=0.05, help="level of the one-sided tests (default 0.05)")
     p.add_argument(
         "--close-margin",
@@ -63,11 +81,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     seeds = parse_seeds(args.seeds)
     overrides = {"seed_pool": args.seed_pool}
+    variant = args.seed_pool
+    if args.public_per_client_domain is not None:
+        overrides["public_per_client_domain"] = args.public_per_client_domain
+        variant += f"_client{args.public_per_client_domain}"
+    if args.distractors:
+        overrides["distractor_domains"] = tuple(d.strip() for d in args.distractors.split(",") if d.strip())
+        variant += f"_{len(overrides['distractor_domains'])}distractors"
+    if args.no_routed_head:
+        overrides["routed_head"] = False
+        variant += "_plainhead"
     if args.quick:
         from metamoe.demo import QUICK
 
         overrides.update(QUICK)
-    variant = args.seed_pool + ("_quick" if args.quick else "")
+        variant += "_quick"
     log = []
 
     def say(line: str) -> None:
@@ -82,7 +110,8 @@ def main(argv=None) -> int:
     say("")
     say(f"command: {cmd}")
     say(
-        f"variant: seed pre-trained on {args.seed_pool}{' (QUICK settings: not a measurement)' if args.quick else ''}; "
+        f"variant: {variant} (seed pre-trained on {args.seed_pool}; overrides {overrides})"
+        f"{' (QUICK settings: not a measurement)' if args.quick else ''}; "
         f"seeds {seeds}; {time.perf_counter() - t0:.0f} s"
     )
     say(

@@ -208,10 +208,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not methods or bad:
         p.error(f"--methods: unknown {bad or 'empty list'}; known: {', '.join(METHOD_NAMES)}")
 
-    from .data.digits import make_digits_domains
     from .info import collect
     from .selection.result import atomic_write_text
-    from .unify.experiment import RESULTS_FILE, DigitsConfig, run_digits_experiment
+    from .unify.experiment import RESULTS_FILE, DigitsConfig, config_domains, run_digits_experiment
 
     overrides = dict(QUICK) if args.quick else {}
     if args.k is not None:
@@ -228,9 +227,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"  {b:<7} {'available' if st['available'] else 'unavailable':<12} {st['reason']}")
     if args.table_k < 1:
         p.error(f"--table-k must be >= 1, got {args.table_k}")
-    data = make_digits_domains(
-        seed=args.seed, n_private=cfg.n_private, n_test=cfg.n_test, public_per_domain=cfg.public_per_domain
-    )
+    data = config_domains(args.seed, cfg)
     print(
         f"\nData: {len(data.clients)} clients ({', '.join(c.domain for c in data.clients)}), "
         f"{len(data.clients[0].x_train)} private samples each; public pool of {len(data.public_x)} samples from "
@@ -239,7 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sel = None
     if not args.no_selection_table:
         # the table always uses the full-size split (cheap: a PCA embedding), also under --quick
-        table_data = make_digits_domains(seed=args.seed)
+        table_data = config_domains(args.seed)
         tk = min(args.table_k, len(table_data.public_x))
         sel = run_selection(table_data, tk, args.seed, min(args.dim, 64), args.backend)
         _print_selection(sel, tk)

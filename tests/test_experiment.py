@@ -120,3 +120,34 @@ def test_bad_arguments():
         run_digits_experiment(0, config=TINY, progress=False, router_loss="half")
     with pytest.raises(ValueError, match="exceeds the public pool"):
         run_digits_experiment(0, methods=["btm"], config=TINY, progress=False, k=10_000)
+
+
+def test_config_domains_pool_composition():
+    """public_per_client_domain sets the client domains' share of the pool; distractor_domains its other part."""
+    from metamoe.unify.experiment import config_domains
+
+    cfg = DigitsConfig(
+        n_private=20,
+        n_test=10,
+        public_per_domain=30,
+        public_per_client_domain=7,
+        distractor_domains=("mirrored", "shifted"),
+    )
+    d = config_domains(5, cfg)
+    assert d.domain_names == ["upright", "rotated", "inverted", "mirrored", "shifted"]
+    counts = np.bincount(d.public_domain, minlength=5)
+    np.testing.assert_array_equal(counts, [7, 7, 7, 30, 30])
+    assert len(d.public_x) == len(d.public_y) == 3 * 7 + 2 * 30
+    # each public image really is its domain's transform of some digit image, with that digit's label
+    from metamoe.data.digits import TRANSFORMS, load_digit_images
+
+    images, labels = load_digit_images()
+    for i in np.flatnonzero(d.public_domain == 4)[:5]:
+        hits = [j for j in range(len(images)) if np.array_equal(TRANSFORMS["shifted"](images[j : j + 1])[0], d.public_x[i])]
+        assert hits and d.public_y[i] in labels[hits]
+    default = config_domains(5, DigitsConfig(n_private=20, n_test=10, public_per_domain=30))
+    np.testing.assert_array_equal(np.bincount(default.public_domain), [30] * 6)
+    with pytest.raises(ValueError, match="public_per_client_domain"):
+        config_domains(5, DigitsConfig(public_per_client_domain=-1))
+    with pytest.raises(ValueError, match="unknown domain"):
+        config_domains(5, DigitsConfig(distractor_domains=("sideways",)))

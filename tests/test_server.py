@@ -164,7 +164,9 @@ def test_router_rows_from_prototypes(packages, seed_vit):
 def test_forced_single_expert_equals_that_expert(packages, seed_vit, digits, context, which):
     """Top-1 with an all-zero router: every token ties and goes to expert 0, which is package ``which``."""
     order = [packages[which]] + [p for j, p in enumerate(packages) if j != which]
-    m = build_unified_model(seed_vit, order, top_k=1, router_init="zeros", context_routing=context).double()
+    m = build_unified_model(
+        seed_vit, order, top_k=1, router_init="zeros", context_routing=context, routed_head=False
+    ).double()
     expert = expert_from_package(seed_vit, packages[which]).double()
     x = torch.from_numpy(np.concatenate([c.x_test for c in digits.clients])).double()
     b = m.prepare(x)
@@ -181,6 +183,34 @@ def test_forced_single_expert_equals_that_expert(packages, seed_vit, digits, con
         base = seed_vit.double().features(seed_vit.prepare(x))
     seed_vit.float()
     assert (feats_e - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_routed_head_adds_log_routing_weight_to_each_private_block(packages, seed_vit, digits, context):
+    plain = build_unified_model(seed_vit, packages, routed_head=False, context_routing=context).double()
+    routed = build_unified_model(seed_vit, packages, context_routing=context).double()
+    assert routed.routed_head and not plain.routed_head
+    x = torch.from_numpy(np.concatenate([c.x_test for c in digits.clients])).double()
+    b = plain.prepare(x)
+    with torch.no_grad():
+        lp = plain(b)
+        R = plain.moe_layers[-1].router_logits.double()  # (B * S, E), the same routers in both models
+        lr = routed(b)
+    B, E = len(x), len(packages)
+    g = torch.softmax(R, -1).reshape(B, -1, E).mean(1)  # each sample's mean routing probability per expert
+    want = lp.clone()
+    for c, (s, e) in enumerate(routed.label_space.private_slices):
+        want[:, s:e] += torch.log(g[:, c : c + 1])
+    torch.testing.assert_close(lr, want, rtol=1e-10, atol=1e-10)
+    ps, pe = routed.label_space.public_slice
+    torch.testing.assert_close(lr[:, ps:pe], lp[:, ps:pe], rtol=0, atol=0)
+    assert (g.max(1).values - g.min(1).values).max() > 1e-2  # the routers are not uniform: the test means something
+    torch.testing.assert_close(routed.expert_weights(b).double(), g, rtol=1e-6, atol=1e-7)
+    p = routed.predict_proba(x.float())
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=0, atol=1e-9)
+    assert not build_unified_model(seed_vit, packages[:1]).routed_head  # one expert: nothing to weigh
+    with pytest.raises(TypeError, match="routed_head"):
+        build_unified_model(seed_vit, packages, routed_head=1)
 
 
 def test_context_is_mean_ffn_input_of_base_pass(packages, seed_vit, digits):

@@ -8,7 +8,7 @@ distractor domains. Nothing is downloaded: ``sklearn.datasets.load_digits`` ship
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -77,6 +77,7 @@ def make_digits_domains(
     n_private: int = 120,
     n_test: int = 150,
     public_per_domain: int = 300,
+    public_per_client_domain: Optional[int] = None,
 ) -> DigitsDomains:
     """Split the digits into disjoint client sets and a public pool, each domain under its own transform.
 
@@ -84,8 +85,16 @@ def make_digits_domains(
     source images; the public pool holds ``public_per_domain`` images of every domain (client domains
     and distractors) drawn from the remaining images, so it is ``len(domains) * public_per_domain``
     samples, at least 10x a client's private set with the defaults.
+
+    ``public_per_client_domain`` (default: ``public_per_domain``) sets the number of public samples of each
+    *client* domain separately, so that the pool can be mostly out-of-domain: the setting MetaMoE is made
+    for, where the public data holds only a small relevant share that proxy selection has to find.
     """
     names = list(client_domains) + list(distractor_domains)
+    n_client_pub = public_per_domain if public_per_client_domain is None else public_per_client_domain
+    for arg, val in (("public_per_domain", public_per_domain), ("public_per_client_domain", n_client_pub)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 0:
+            raise ValueError(f"{arg} must be a non-negative int, got {val!r}")
     unknown = [n for n in names if n not in TRANSFORMS]
     if unknown:
         raise ValueError(f"unknown domain(s) {unknown}; known: {', '.join(TRANSFORMS)}")
@@ -96,10 +105,10 @@ def make_digits_domains(
     order = rng.permutation(len(images))
     need = len(client_domains) * (n_private + n_test)
     rest_n = len(images) - need
-    if rest_n < public_per_domain:
+    if rest_n < max(public_per_domain, n_client_pub):
         raise ValueError(
             f"{len(client_domains)} clients x ({n_private} private + {n_test} test) leave {rest_n} images for the "
-            f"public pool, fewer than public_per_domain={public_per_domain}"
+            f"public pool, fewer than public_per_domain={public_per_domain} / public_per_client_domain={n_client_pub}"
         )
     clients = []
     pos = 0
@@ -120,10 +129,11 @@ def make_digits_domains(
     rest = order[pos:]
     px, py, pd = [], [], []
     for di, name in enumerate(names):
-        idx = rng.choice(rest, size=public_per_domain, replace=False)
+        n_dom = n_client_pub if di < len(client_domains) else public_per_domain
+        idx = rng.choice(rest, size=n_dom, replace=False)
         px.append(np.ascontiguousarray(TRANSFORMS[name](images[idx])))
         py.append(labels[idx])
-        pd.append(np.full(public_per_domain, di, dtype=np.int64))
+        pd.append(np.full(n_dom, di, dtype=np.int64))
     px, py, pd = np.concatenate(px), np.concatenate(py), np.concatenate(pd)
     shuffle = rng.permutation(len(px))
     return DigitsDomains(clients, px[shuffle].astype(np.float32), py[shuffle], pd[shuffle], names)

@@ -87,6 +87,7 @@ server.yaml keys (required: seed_model, packages, public, output):
   moe:
     top_k: 2                 experts per token (default min(2, number of experts))
     context_routing: true    two-pass context-aware routing (false: route on tokens alone)
+    routed_head: true        weigh each client's private classes by the sample's routing to its expert
     router_init_scale: 4.0   norm of each prototype-initialised router row
   training:
     epochs: 10               router training epochs on the union of the proxies
@@ -474,7 +475,7 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     if output is None:
         raise ConfigError("server.yaml needs 'output' (the unified model folder) or --out")
     output = _resolve(base if out is None else None, output, "output")
-    moe = _section(cfg, "moe", ("top_k", "context_routing", "router_init_scale"))
+    moe = _section(cfg, "moe", ("top_k", "context_routing", "routed_head", "router_init_scale"))
     tr = _section(
         cfg, "training", ("epochs", "lr", "batch_size", "seed", "train_lora", "loss", "checkpoint_every")
     )
@@ -488,6 +489,7 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     opts = {
         "top_k": moe.get("top_k"),
         "context_routing": bool(moe.get("context_routing", True)),
+        "routed_head": bool(moe.get("routed_head", True)),
         "router_init_scale": _float(moe, "router_init_scale", 4.0, "moe"),
     }
     model = build_unified_model(seed_model, pkgs, **opts)
@@ -571,7 +573,7 @@ def load_unified(model_dir: Any):
     base = None if base is None else str(d / base)
     seed_model = _seed_model({"seed_model": m["seed_model"]}, base)
     _, pkgs, build_unified_model = _build({"packages": packages}, None, seed_model, m["moe"])
-    model = build_unified_model(seed_model, pkgs, **m["moe"])
+    model = build_unified_model(seed_model, pkgs, **{"routed_head": False, **m["moe"]})  # older files: no routed head
     state = load_file(str(wp))
     missing = model.load_state_dict(state, strict=False)
     if missing.unexpected_keys:

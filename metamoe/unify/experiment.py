@@ -51,6 +51,7 @@ import torch
 
 __all__ = [
     "DigitsConfig",
+    "config_domains",
     "RESULTS_FILE",
     "CHART_FILE",
     "plot_results",
@@ -70,6 +71,8 @@ class DigitsConfig:
     n_private: int = 120
     n_test: int = 150
     public_per_domain: int = 300
+    public_per_client_domain: Optional[int] = None  # None: public_per_domain
+    distractor_domains: tuple = ("mirrored", "transposed", "blurred")
     # seed model: timm ViT from its config, pre-trained on the public pool
     embed_dim: int = 32
     depth: int = 2
@@ -90,6 +93,7 @@ class DigitsConfig:
     router_lr: float = 1e-2
     router_batch_size: int = 64
     router_init_scale: float = 4.0
+    routed_head: bool = True  # UnifiedModel.routed_head (build_unified_model); False: the plain concatenated head
     # "block": the router's cross-entropy runs over the label block its data is labelled in (public classes
     # for proxies, private classes for the oracle's private data); "full": over the whole unified label space
     router_loss: str = "block"
@@ -103,7 +107,9 @@ class DigitsConfig:
     seed_pool: str = "public"
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["distractor_domains"] = list(self.distractor_domains)  # as JSON holds it
+        return d
 
 
 # --------------------------------------------------------------------------- timing
@@ -341,10 +347,25 @@ def run_digits_experiment(
     return results
 
 
+def config_domains(seed: int, cfg: Optional[DigitsConfig] = None):
+    """The data split of ``cfg`` (default: :class:`DigitsConfig`) for ``seed``: a
+    :class:`~metamoe.data.digits.DigitsDomains` from :func:`~metamoe.data.digits.make_digits_domains`."""
+    from ..data.digits import make_digits_domains
+
+    cfg = DigitsConfig() if cfg is None else cfg
+    return make_digits_domains(
+        seed,
+        distractor_domains=tuple(cfg.distractor_domains),
+        n_private=cfg.n_private,
+        n_test=cfg.n_test,
+        public_per_domain=cfg.public_per_domain,
+        public_per_client_domain=cfg.public_per_client_domain,
+    )
+
+
 def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) -> Dict[str, Any]:
     import shutil
 
-    from ..data.digits import make_digits_domains
     from ..models import create_seed_model
     from ..selection import relevance_scores, select_dpp, select_random, select_top_relevance
     from .baselines import build_method, expert_set_key
@@ -355,9 +376,7 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
 
     clock = _Clock(report)
     with clock.stage("data"):
-        data = make_digits_domains(
-            seed, n_private=cfg.n_private, n_test=cfg.n_test, public_per_domain=cfg.public_per_domain
-        )
+        data = config_domains(seed, cfg)
         N = len(data.public_x)
         if cfg.k > N:
             raise ValueError(f"k={cfg.k} exceeds the public pool ({N} samples)")
@@ -465,7 +484,14 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
         with clock.stage(f"server: {spec.name}"):
             pkgs = validate_packages(package_sets[key], seed_model=seed_model, public_pool_size=N)
             model = (
-                build_method(spec, seed_model, pkgs, top_k=cfg.top_k, router_init_scale=cfg.router_init_scale)
+                build_method(
+                    spec,
+                    seed_model,
+                    pkgs,
+                    top_k=cfg.top_k,
+                    router_init_scale=cfg.router_init_scale,
+                    routed_head=cfg.routed_head,
+                )
                 if spec.combine == "moe"
                 else build_method(spec, seed_model, pkgs)
             )

@@ -263,6 +263,7 @@ class UnifiedModel(nn.Module):
         label_space: LabelSpace,
         expert_names: Sequence[str],
         context_routing: bool,
+        routed_head: bool = False,
     ):
         super().__init__()
         self.seed = seed
@@ -270,6 +271,7 @@ class UnifiedModel(nn.Module):
         self.label_space = label_space
         self.expert_names = list(expert_names)
         self.context_routing = context_routing
+        self.routed_head = bool(routed_head) and label_space.kind == "classes" and len(label_space.private_slices) > 1
 
     @property
     def moe_layers(self) -> List[nn.Module]:
@@ -324,9 +326,44 @@ class UnifiedModel(nn.Module):
             context = self.compute_context(batch)
         self._set_context(context if self.context_routing else None)
         try:
-            return self.seed(batch)
+            logits = self.seed(batch)
         finally:
             self._set_context(None)
+        if self.routed_head:
+            logits = self._route_head(batch, logits)
+        return logits
+
+    def expert_weights(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, E) float32 (float64 for a float64 model): each sample's mean router probability per expert in the last MoE layer of the
+        latest forward (softmax over all experts, before top-k; padding tokens excluded)."""
+        last = self._wrappers[-1].moe
+        if last.router_logits is None:
+            raise RuntimeError("expert_weights is available after a forward pass")
+        logits = last.router_logits
+        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        mask = self.seed.token_mask(batch)
+        B = next(iter(batch.values())).shape[0]  # every tensor of a prepared batch leads with the batch dim
+        probs = probs.reshape(B, -1, probs.shape[-1])
+        if mask is None:
+            return probs.mean(1)
+        m = mask.to(probs.dtype).unsqueeze(-1)
+        return (probs * m).sum(1) / m.sum(1).clamp_min(1)
+
+    def _route_head(self, batch: Dict[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+        # Routed head: client c's private classes belong to expert c, so their logits get log(g_c), the
+        # sample's mean routing probability to expert c; the softmax over the unified space then weighs each
+        # client's classes by how strongly the sample is routed to that client's expert. Public classes
+        # (shared by every expert) are left as they are.
+        g = self.expert_weights(batch).to(logits.dtype)
+        log_g = torch.log(g.clamp_min(torch.finfo(logits.dtype).tiny))
+        parts, pos = [], 0
+        for c, (s, e) in enumerate(self.label_space.private_slices):
+            if s > pos:
+                parts.append(logits[:, pos:s])
+            parts.append(logits[:, s:e] + log_g[:, c : c + 1])
+            pos = e
+        parts.append(logits[:, pos:])
+        return torch.cat(parts, dim=1)
 
     def features(
         self, batch: Dict[str, torch.Tensor], context: Optional[torch.Tensor] = None
@@ -447,6 +484,7 @@ def build_unified_model(
     top_k: Optional[int] = None,
     context_routing: bool = True,
     context_lambda_init: float = 0.5,
+    routed_head: bool = True,
     router_init: str = "prototypes",
     router_init_scale: float = 4.0,
     center_prototypes: bool = True,
@@ -463,6 +501,11 @@ def build_unified_model(
         top_k: experts per token; default ``min(2, E)``.
         context_routing: two-pass context-aware routing (module docstring); False routes on tokens alone.
         context_lambda_init: initial lambda in (0, 1).
+        routed_head: (classification, two or more experts) add ``log g_c`` to the logits of client c's private
+            classes, where ``g_c`` is the sample's mean routing probability to expert c in the last MoE layer
+            (:meth:`UnifiedModel.expert_weights`). Without it every client's private head rows score every
+            sample, also samples routed to other experts, whose features those rows were never trained on.
+            Not part of the paper's description; False gives the plain concatenated head.
         router_init: ``"prototypes"`` (rows from the packages' prototypes) or ``"zeros"`` (uniform routing).
         router_init_scale: > 0, norm of each router row after initialisation (inverse temperature).
         center_prototypes: subtract the mean prototype over the experts before normalising (module docstring).
@@ -533,7 +576,9 @@ def build_unified_model(
     for w in wrappers:
         for name, prm in w.moe.named_parameters():
             prm.requires_grad_(name == "router.weight" or name == "context_lambda_logit")
-    um = UnifiedModel(model, wrappers, space, [p.path.name for p in packages], context_routing)
+    if not isinstance(routed_head, bool):
+        raise TypeError(f"routed_head must be a bool, got {type(routed_head).__name__}")
+    um = UnifiedModel(model, wrappers, space, [p.path.name for p in packages], context_routing, routed_head)
     um.eval()
     return um
 
