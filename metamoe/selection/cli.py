@@ -14,10 +14,17 @@ The JSON is :meth:`Selection.save`'s (``indices``, ``gains``, ``objective``, ``m
 ``seconds``, ``info``); ``method`` is the method named here, ``seconds`` the selection step alone and
 ``info.relevance_seconds`` / ``info.total_seconds`` the rest. Only the indices need to leave the client.
 
+``--public`` is a .npy or a pool written by ``metamoe embed-pool`` (``manifest.json`` or its folder;
+:mod:`metamoe.unify.pool_embedding`).
+
 ``--distributed`` (under ``torchrun --nproc_per_node=N -m metamoe select --distributed ...``): every rank
-opens the .npy as a memmap and slices its contiguous shard (:mod:`metamoe.selection.distributed`); dpp
-(cosine) and fl-private (``--graph dense``) give the single-process picks, fl runs GreeDi; rank 0 alone
-writes ``--out``. ``--timeout`` bounds every collective, so a dead rank makes the others exit with code 2.
+opens the .npy as a memmap (or the pool's shards) and takes its contiguous rows
+(:func:`metamoe.selection.distributed.pool_shard_range`: with a pool embedded by N ranks, exactly one shard
+file); relevance: the pool's feature moments are summed from every rank's chunks (one all_reduce, the
+single-process bits), the classifier trains identically on every rank (seeded samples of the whole pool)
+and scores only the rank's rows, so no rank reads the whole pool; dpp (cosine) and fl-private
+(``--graph dense``) give the single-process picks, fl runs GreeDi; rank 0 alone writes ``--out``.
+``--timeout`` bounds every collective, so a dead rank makes the others exit with code 2.
 """
 
 from __future__ import annotations
@@ -42,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Client-side proxy selection: relevance scores on the public pool, then k proxies.",
     )
     p.add_argument("--private", required=True, help="(M, D) private embeddings, .npy (float32/float16)")
-    p.add_argument("--public", required=True, help="(N, D) public pool embeddings, .npy (opened as a memmap)")
+    p.add_argument(
+        "--public", required=True,
+        help="(N, D) public pool embeddings: a .npy (opened as a memmap) or a pool from `metamoe embed-pool` "
+        "(its manifest.json or folder; shards memmapped, sha256-checked)",
+    )
     p.add_argument("--k", required=True, type=int, help="number of proxies to select")
     p.add_argument("--method", default="dpp", choices=METHODS, help="selection criterion (default: dpp)")
     p.add_argument(
@@ -97,6 +108,21 @@ def _load(path: str, name: str) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
+def _load_public(path: str, distributed: bool):
+    """--public: a .npy memmap, or a sharded pool (manifest.json or its folder, from `metamoe embed-pool`).
+
+    A pool under --distributed stays a lazy view (relevance reads it row by row; each rank then opens and
+    sha256-checks only the shard files of its own rows); in one process a one-shard pool is that shard's
+    memmap and a multi-shard pool is concatenated in memory (N x D in the pool's dtype), after every shard
+    file's sha256 is checked."""
+    if os.path.isdir(path) or path.endswith(".json"):
+        from ..unify.pool_embedding import open_pool_embeddings
+
+        pool = open_pool_embeddings(path, verify=not distributed)
+        return pool if distributed else pool.to_array()
+    return _load(path, "public")
+
+
 def _facility_location(X, k, ground, weights, args, progress):
     try:
         from . import select_facility_location
@@ -127,7 +153,7 @@ def run(args: argparse.Namespace):
     t0 = time.perf_counter()
     progress = not args.no_progress
     P = _load(args.private, "private")
-    X = _load(args.public, "public")
+    X = _load_public(args.public, getattr(args, "distributed", False))
     if X.ndim != 2:
         raise ValueError(f"--public must hold a 2-D (N, D) array, got shape {X.shape}")
     check_k(args.k, X.shape[0])  # fail before the relevance step, not after
@@ -149,19 +175,33 @@ def run(args: argparse.Namespace):
 
         cli_check(args)  # unsupported combinations fail before the relevance step
         cli_init(args)
+    sharded = getattr(args, "distributed", False) and args.method in ("dpp", "fl", "fl-private")
+    rows = None
+    if sharded:  # this rank's rows. Relevance: the pool's moments are gathered from the ranks' chunks, the
+        # classifier trains on seeded samples of the whole pool (identically on every rank), scores these rows
+        from .distributed import cli_rows
+
+        rows = cli_rows(X.shape[0])
     relevance, rel_seconds = None, 0.0
     if args.method in NEEDS_RELEVANCE:
         t = time.perf_counter()
-        relevance = relevance_scores(P, X, seed=args.seed, device=args.device, progress=progress)
+        moments = None
+        if sharded:  # the pool's moments from every rank's chunks (one all_reduce): no rank reads the whole pool
+            from .distributed import cli_moments
+
+            moments = cli_moments(args, X)
+        relevance = relevance_scores(P, X, seed=args.seed, device=args.device, progress=progress, score_rows=rows,
+                                     public_moments=moments)
         rel_seconds = time.perf_counter() - t
+        where = "" if rows is None else f" (rows {rows[0]}:{rows[1]} of {X.shape[0]}, this rank's shard)"
         print(
-            f"relevance: {len(relevance)} public samples scored in {rel_seconds:.2f} s "
+            f"relevance: {len(relevance)} public samples scored{where} in {rel_seconds:.2f} s "
             f"(mean {relevance.mean():.3f}, max {relevance.max():.3f})"
         )
-    if getattr(args, "distributed", False) and args.method in ("dpp", "fl", "fl-private"):
+    if sharded:
         from .distributed import cli_select
 
-        sel = cli_select(args, P, X, relevance)
+        sel = cli_select(args, P, X, relevance, rows)
     elif args.method == "dpp":
         sel = select_dpp(
             X,

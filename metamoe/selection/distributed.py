@@ -29,6 +29,10 @@ sizes may differ and are exchanged once (all_gather), so global index = rank off
   them. Not the single-process picks; the objective is reported on the whole pool (dense similarities)
   so that it can be compared with the single-process run.
 
+* :func:`pool_moments` -- the pool's per-feature (mean, E[x^2]) for the relevance classifier: each rank sums
+  the chunks that start in its rows, one all_reduce, every rank adds the chunk sums in order: the bits of
+  :func:`metamoe.selection.relevance_scores`' own pass, without any rank reading the whole pool.
+
 Timeouts: :func:`init_distributed` sets ``init_process_group(timeout=...)`` (default 10 min); with gloo
 a collective whose peer died raises after that timeout (or at once when the peer's socket closes), so
 the surviving ranks exit with an error instead of hanging.
@@ -36,6 +40,7 @@ the surviving ranks exit with an error instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
@@ -107,6 +112,15 @@ def shard_range(n: int, rank: int, world: int, align: int = SHARD_ALIGN) -> Tupl
     start = (rank * base + min(rank, extra)) * align
     stop = start + (base + (1 if rank < extra else 0)) * align
     return min(start, n), min(stop, n)
+
+
+def pool_shard_range(n: int, rank: int, world: int) -> Tuple[int, int]:
+    """The rows of rank's shard of an n-row pool in ``metamoe select --distributed`` and ``metamoe embed-pool``.
+
+    :func:`shard_range` with 64-row boundaries, or 1-row boundaries when n < 64 x world (so that no rank is
+    left without rows). Both commands use it, so a pool embedded with W ranks gives each of W selecting
+    ranks exactly one shard file."""
+    return shard_range(n, rank, world, SHARD_ALIGN if n >= SHARD_ALIGN * world else 1)
 
 
 def _comm_device(group=None):
@@ -522,31 +536,117 @@ def cli_init(args) -> Tuple[int, int]:
     return init_distributed(args.dist_backend, args.timeout)
 
 
-def cli_select(args, P, X, relevance) -> Selection:
-    """The sharded selection for ``metamoe select --distributed``: this rank's contiguous slice of the memmap X."""
+def cli_rows(n: int) -> Tuple[int, int]:
+    """[start, stop) of this rank's rows of an n-row pool under ``metamoe select --distributed`` (pool_shard_range)."""
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    align = SHARD_ALIGN if X.shape[0] >= SHARD_ALIGN * world else 1  # tiny pools: no empty shard
-    start, stop = shard_range(X.shape[0], rank, world, align)
+    start, stop = pool_shard_range(n, rank, world)
     if stop <= start:
-        raise ValueError(f"--distributed with {world} ranks needs at least one public row per rank, got N={X.shape[0]}")
-    Xs = X[start:stop]  # a view of the memmap: only this shard's pages are read
-    rel = None if relevance is None else np.ascontiguousarray(relevance[start:stop])
-    try:
+        raise ValueError(f"--distributed with {world} ranks needs at least one public row per rank, got N={n}")
+    return start, stop
+
+
+def cli_select(args, P, X, relevance_shard, rows: Tuple[int, int]) -> Selection:
+    """The sharded selection for ``metamoe select --distributed`` over this rank's ``rows`` = :func:`cli_rows`.
+
+    ``X``: the pool, a .npy memmap or a :class:`metamoe.unify.pool_embedding.PoolEmbeddings` (then only the
+    shard files holding ``rows`` are opened: one file when the pool was embedded with this world size);
+    ``relevance_shard``: the relevance of ``rows`` only (or None)."""
+    start, stop = rows
+    if getattr(X, "is_pool_embeddings", False):
+        from ..unify.pool_embedding import open_pool_embeddings
+
+        Xs = open_pool_embeddings(X.path, rows=(start, stop), verify=True)  # hashes only this rank's shard files
+    else:
+        Xs = X[start:stop]  # a view of the memmap: only this shard's pages are read
+    rel = None if relevance_shard is None else np.ascontiguousarray(relevance_shard)
+    if rel is not None and len(rel) != stop - start:
+        raise ValueError(f"relevance_shard has {len(rel)} rows, the shard {stop - start}")
+    with _collective_errors(args.timeout):
         if args.method == "dpp":
             return select_dpp_sharded(Xs, args.k, rel, ridge=args.ridge)
         if args.method == "fl-private":
             return select_facility_location_private_sharded(Xs, P, args.k)
         return select_facility_location_greedi(Xs, args.k, weights_shard=rel, graph=args.graph,
                                                n_neighbors=args.neighbors, backend=args.backend)
-    except RuntimeError as exc:  # gloo raises plain RuntimeErrors, NCCL DistBackendError (a RuntimeError)
+
+
+@contextlib.contextmanager
+def _collective_errors(timeout_s: float):
+    """Turn a failed collective (gloo: plain RuntimeError; NCCL: DistBackendError) into one clear error."""
+    import torch.distributed as dist
+
+    try:
+        yield
+    except RuntimeError as exc:
         if not (isinstance(exc, dist.DistError) or any(w in str(exc) for w in ("gloo", "Gloo", "NCCL", "c10d"))):
             raise
         raise RuntimeError(
             f"a collective failed: another rank died, hangs or closed its connection (collectives time out "
-            f"after --timeout {args.timeout:g} s). Cause: {str(exc).splitlines()[0]}"
+            f"after --timeout {timeout_s:g} s). Cause: {str(exc).splitlines()[0]}"
         ) from None
+
+
+def pool_moments(X: Any, chunk_size: int = 65536, group=None):
+    """(mean, E[x^2]) of the whole pool from its shards (collective): the bits of relevance's own moments pass.
+
+    Each rank sums the ``chunk_size``-row chunks of the pool that start in its rows (:func:`pool_shard_range`;
+    a chunk that crosses into the next rank's rows is read whole by the rank where it starts), one all_reduce
+    (SUM over zero-padded (chunks, 2, D) float64: each entry has one non-zero term, so the sum is exact)
+    gives every rank every chunk's sums, and every rank adds them in chunk order from zero, exactly as
+    :func:`metamoe.selection.relevance._moments` does in one process. Pass the result to
+    ``relevance_scores(..., public_moments=...)`` with the same ``chunk_size``.
+
+    Args:
+        X: (N, D) the whole pool as every rank sees it: NumPy array / memmap, CPU torch tensor, or
+            :class:`metamoe.unify.pool_embedding.PoolEmbeddings`; only this rank's chunks are read.
+        chunk_size: rows per chunk; must equal relevance_scores' ``chunk_size`` (default 65536 in both).
+        group: process group (default: the default group).
+
+    Returns:
+        (mean, E[x^2]): two (D,) float64 CPU tensors, identical on every rank.
+
+    Raises:
+        ValueError: NaN/inf in the pool (the first chunk holding them is named), on every rank.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from .relevance import _chunk_sums, _PoolRows
+
+    Xt = _PoolRows(X) if getattr(X, "is_pool_embeddings", False) else check_embeddings(
+        X, "X", check_finite=False, zero_copy_readonly=True)
+    n, d = Xt.shape
+    chunk_size = int(chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    start, stop = pool_shard_range(n, dist.get_rank(group), dist.get_world_size(group))
+    n_chunks = -(-n // chunk_size)
+    sums = torch.zeros(n_chunks, 2, d, dtype=torch.float64)
+    for c in range(-(-start // chunk_size), -(-stop // chunk_size) if stop > start else 0):
+        sums[c, 0], sums[c, 1] = _chunk_sums(Xt, c * chunk_size, chunk_size)
+    cdev = _comm_device(group)
+    red = sums.to(cdev)
+    dist.all_reduce(red, group=group)
+    sums = red.cpu()
+    bad = ~torch.isfinite(sums).reshape(n_chunks, -1).all(dim=1)
+    if bool(bad.any()):
+        c = int(bad.nonzero()[0, 0])
+        raise ValueError(f"the public pool has NaN or inf values in rows {c * chunk_size}:"
+                         f"{min(n, (c + 1) * chunk_size)}")
+    s = torch.zeros(d, dtype=torch.float64)
+    s2 = torch.zeros_like(s)
+    for c in range(n_chunks):
+        s += sums[c, 0]
+        s2 += sums[c, 1]
+    return s / n, s2 / n
+
+
+def cli_moments(args, X):
+    """:func:`pool_moments` for ``metamoe select --distributed``, with its collective errors made clear."""
+    with _collective_errors(args.timeout):
+        return pool_moments(X)
 
 
 def cli_finish(failed: bool = False) -> None:
@@ -569,6 +669,7 @@ def cli_finish(failed: bool = False) -> None:
 
 
 __all__ = [
-    "init_distributed", "shard_range", "SHARD_ALIGN", "select_dpp_sharded", "select_facility_location_private_sharded",
+    "init_distributed", "shard_range", "pool_shard_range", "pool_moments", "cli_rows", "cli_moments", "SHARD_ALIGN",
+    "select_dpp_sharded", "select_facility_location_private_sharded",
     "select_facility_location_greedi", "DEFAULT_TIMEOUT_S", "cli_check", "cli_init", "cli_select", "cli_finish",
 ]

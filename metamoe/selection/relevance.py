@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
@@ -47,6 +47,37 @@ def _check_real(value: Any, name: str, *, positive: bool) -> float:
     return value
 
 
+def _check_rows(rows: Any, n: int):
+    if (not isinstance(rows, (tuple, list)) or len(rows) != 2
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in rows)):
+        raise TypeError(f"score_rows must be a (start, stop) pair of integers, got {rows!r}")
+    lo, hi = int(rows[0]), int(rows[1])
+    if not 0 <= lo < hi <= n:
+        raise ValueError(f"score_rows must satisfy 0 <= start < stop <= N={n}, got ({lo}, {hi})")
+    return lo, hi
+
+
+class _PoolRows:
+    """A sharded pool (``is_pool_embeddings``) seen as the row-indexable tensor the code below reads: CPU torch
+    tensors for row slices and index tensors."""
+
+    def __init__(self, pool):
+        import torch
+
+        self.pool, self.shape, self.device = pool, tuple(pool.shape), torch.device("cpu")
+
+    def __getitem__(self, idx):
+        import warnings
+
+        import torch
+
+        if torch.is_tensor(idx):
+            idx = idx.cpu().numpy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only memmap slice: only read
+            return torch.from_numpy(np.ascontiguousarray(self.pool[idx]))
+
+
 def _moments(X, chunk: int):
     """Per-feature (mean, E[x^2]) in float64 over the rows of X, streamed in chunks of rows."""
     import torch
@@ -54,11 +85,30 @@ def _moments(X, chunk: int):
     s = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
     s2 = torch.zeros_like(s)
     for a in range(0, X.shape[0], chunk):
-        block = X[a : a + chunk].double()
-        s += block.sum(0)
-        s2 += (block * block).sum(0)
+        bs, bs2 = _chunk_sums(X, a, chunk)
+        s += bs
+        s2 += bs2
     n = X.shape[0]
     return s / n, s2 / n
+
+
+def _chunk_sums(X, a: int, chunk: int):
+    """(sum x, sum x^2) in float64 over rows [a, a + chunk) of X: the terms _moments adds up, in order
+    (:func:`metamoe.selection.distributed.pool_moments` computes them shard by shard and adds them the same way)."""
+    block = X[a : a + chunk].double()
+    return block.sum(0), (block * block).sum(0)
+
+
+def _check_moments(moments: Any, d: int):
+    import torch
+
+    if not isinstance(moments, (tuple, list)) or len(moments) != 2:
+        raise TypeError(f"public_moments must be a (mean, E[x^2]) pair, got {type(moments).__name__}")
+    out = [torch.as_tensor(np.asarray(v) if not torch.is_tensor(v) else v).detach().cpu().double() for v in moments]
+    if any(v.shape != (d,) for v in out) or not all(bool(torch.isfinite(v).all()) for v in out):
+        raise ValueError(f"public_moments must be two finite (D,) = ({d},) vectors, got shapes "
+                         f"{[tuple(v.shape) for v in out]}")
+    return out[0], out[1]
 
 
 class _Stream:
@@ -113,6 +163,8 @@ def relevance_scores(
     device: Optional[Any] = None,
     chunk_size: int = 65536,
     progress: bool = True,
+    score_rows: Optional[Tuple[int, int]] = None,
+    public_moments: Optional[Tuple[Any, Any]] = None,
 ) -> np.ndarray:
     """P(private | x) for every public sample, from a class-balanced logistic regression on embeddings.
 
@@ -138,10 +190,23 @@ def relevance_scores(
             of ``public`` (CUDA tensors and CuPy arrays stay on their GPU), else the CPU.
         chunk_size: rows per chunk when computing statistics and scoring.
         progress: tqdm progress bars (training steps, scoring chunks).
+        score_rows: ``(start, stop)``: train as usual (on the whole pool, so the classifier is the same
+            whatever the range), then score only rows [start, stop) -- one rank's shard under
+            ``metamoe select --distributed``. The chunks scored are those of the whole-pool run (the
+            ``chunk_size`` grid, cut to the range afterwards), so the scores are bit-identical to
+            ``relevance_scores(...)[start:stop]``. None: every row.
+        public_moments: (mean, E[x^2]) of the whole pool, two (D,) float64 vectors with the bits this
+            function would compute (:func:`metamoe.selection.distributed.pool_moments` gathers them from
+            the shards). With it the pool is not read whole: no moments pass and no NaN/inf scan of every
+            row (the caller checked its rows; non-finite scores still raise); only the training samples
+            and the scored rows are read. None: computed here.
+
+    ``public`` may also be a sharded pool on disk (:class:`metamoe.unify.pool_embedding.PoolEmbeddings`,
+    marked ``is_pool_embeddings``; finite by construction): it is read through its row indexing.
 
     Returns:
-        (N,) float64 NumPy array, P(private | x_i), clipped to [1e-12, 1 - 1e-12] so that every value
-        lies strictly in (0, 1).
+        (N,) float64 NumPy array (or (stop - start,) with ``score_rows``), P(private | x_i), clipped to
+        [1e-12, 1 - 1e-12] so that every value lies strictly in (0, 1).
 
     Raises:
         TypeError: non-array or integer-dtype inputs, non-integer epochs/batch_size/seed/chunk_size.
@@ -152,7 +217,8 @@ def relevance_scores(
     from tqdm.auto import tqdm
 
     P = check_embeddings(private, "private", zero_copy_readonly=True)
-    X = check_embeddings(public, "public", zero_copy_readonly=True)
+    X = _PoolRows(public) if getattr(public, "is_pool_embeddings", False) else check_embeddings(
+        public, "public", zero_copy_readonly=True, check_finite=public_moments is None)
     if P.shape[1] != X.shape[1]:
         raise ValueError(
             f"private and public must have the same embedding dimension D, got private D={P.shape[1]} "
@@ -171,10 +237,11 @@ def relevance_scores(
     else:
         device = torch.device(device)
     m, n, d = P.shape[0], X.shape[0], X.shape[1]
+    lo, hi = (0, n) if score_rows is None else _check_rows(score_rows, n)
 
     # standardisation from the class-balanced mixture of both sets
     mp, sp = _moments(P, chunk_size)
-    mx, sx = _moments(X, chunk_size)
+    mx, sx = _moments(X, chunk_size) if public_moments is None else _check_moments(public_moments, d)
     mu = 0.5 * (mp.to(device) + mx.to(device))
     var = 0.5 * (sp.to(device) + sx.to(device)) - mu * mu
     std = torch.sqrt(torch.clamp(var, min=0.0))
@@ -202,15 +269,19 @@ def relevance_scores(
     finally:
         torch.set_num_threads(threads)
 
-    out = np.empty(n, dtype=np.float64)
-    bar = tqdm(total=n, desc="relevance: score", unit="row", disable=None if progress else True, leave=False)
+    out = np.empty(hi - lo, dtype=np.float64)
+    bar = tqdm(total=hi - lo, desc="relevance: score", unit="row", disable=None if progress else True, leave=False)
     with torch.no_grad(), bar:
         wd, bd = w.detach().double(), b.detach().double()
-        for a in range(0, n, chunk_size):
+        for a in range(lo - lo % chunk_size, hi, chunk_size):  # the whole-pool chunk grid
             rows = X[a : a + chunk_size]
             z = prep(rows).double() @ wd + bd
-            out[a : a + rows.shape[0]] = torch.sigmoid(z).cpu().numpy()
-            bar.update(rows.shape[0])
+            a0, b0 = max(a, lo), min(a + rows.shape[0], hi)
+            out[a0 - lo : b0 - lo] = torch.sigmoid(z[a0 - a : b0 - a]).cpu().numpy()
+            bar.update(b0 - a0)
+    if public_moments is not None and not np.isfinite(out).all():
+        row = lo + int(np.nonzero(~np.isfinite(out))[0][0])
+        raise ValueError(f"public has NaN or inf values (the score of row {row} is not finite)")
     np.clip(out, PROB_CLIP, 1.0 - PROB_CLIP, out=out)
     return out
 
