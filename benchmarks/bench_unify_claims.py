@@ -9,7 +9,9 @@ console output goes to benchmarks/results/unify_claims_<variant>_seeds<first>-<l
 This is an accuracy benchmark, not a timing one: its "peer" is the set of baselines in the same run. The wall
 time per seed is recorded (CPU only, 1 torch thread).
 
-  python benchmarks/bench_unify_claims.py --seeds 0-9                 # the README's table
+  python benchmarks/bench_unify_claims.py --seeds 20-39               # the README's table (default design)
+  python benchmarks/bench_unify_claims.py --seeds 20-39 --public-per-client-domain 300 \
+      --distractors mirrored,transposed,blurred                         # the first ("balanced") design
   python benchmarks/bench_unify_claims.py --seeds 0-4 --seed-pool distractors   # diagnostic variant
   python benchmarks/bench_unify_claims.py --quick                     # tiny settings, seconds (exercise only)
 """
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.utils import RESULTS_DIR, append_csv, environment
 from metamoe.unify.claims import evaluate_claims, format_claims, run_claims
+from metamoe.unify.experiment import DigitsConfig
 
 
 def parse_seeds(text: str):
@@ -37,6 +40,25 @@ def parse_seeds(text: str):
         elif part:
             out.append(int(part))
     return out
+
+
+def design_name(cfg: DigitsConfig) -> str:
+    """The log/CSV name of a harness design: ``outofdomain`` (the default pool: 40 samples per client domain,
+    five distractor domains), ``balanced`` (the first design: 300 per domain, three distractors) or the
+    numbers; then ``_seedpool-distractors`` and ``_plainhead`` when those options are on."""
+    share = cfg.public_per_domain if cfg.public_per_client_domain is None else cfg.public_per_client_domain
+    pool = (share, cfg.public_per_domain, tuple(cfg.distractor_domains))
+    if pool == (40, 300, ("mirrored", "upside_down", "transposed", "blurred", "shifted")):
+        name = "outofdomain"
+    elif pool == (300, 300, ("mirrored", "transposed", "blurred")):
+        name = "balanced"
+    else:
+        name = f"client{share}_distractor{cfg.public_per_domain}x{len(cfg.distractor_domains)}"
+    if cfg.seed_pool != "public":
+        name += f"_seedpool-{cfg.seed_pool}"
+    if not cfg.routed_head:
+        name += "_plainhead"
+    return name
 
 
 def main(argv=None) -> int:
@@ -53,14 +75,13 @@ def main(argv=None) -> int:
         "--public-per-client-domain",
         type=int,
         default=None,
-        help="public samples of each client domain (default: as many as of every distractor domain, 300); "
-        "small values make the pool mostly out-of-domain (diagnostic)",
+        help="public samples of each client domain (default 40, against 300 per distractor domain; 300 with "
+        "--distractors mirrored,transposed,blurred is the first, 'balanced' design)",
     )
     p.add_argument(
         "--distractors",
         default=None,
-        help="comma-separated distractor domains (default: mirrored,transposed,blurred; known: "
-        "mirrored,upside_down,transposed,blurred,shifted)",
+        help="comma-separated distractor domains (default: mirrored,upside_down,transposed,blurred,shifted)",
     )
     p.add_argument(
         "--no-routed-head",
@@ -81,16 +102,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     seeds = parse_seeds(args.seeds)
     overrides = {"seed_pool": args.seed_pool}
-    variant = args.seed_pool
     if args.public_per_client_domain is not None:
         overrides["public_per_client_domain"] = args.public_per_client_domain
-        variant += f"_client{args.public_per_client_domain}"
     if args.distractors:
         overrides["distractor_domains"] = tuple(d.strip() for d in args.distractors.split(",") if d.strip())
-        variant += f"_{len(overrides['distractor_domains'])}distractors"
     if args.no_routed_head:
         overrides["routed_head"] = False
-        variant += "_plainhead"
+    variant = design_name(DigitsConfig(**overrides))
     if args.quick:
         from metamoe.demo import QUICK
 
@@ -110,7 +128,7 @@ def main(argv=None) -> int:
     say("")
     say(f"command: {cmd}")
     say(
-        f"variant: {variant} (seed pre-trained on {args.seed_pool}; overrides {overrides})"
+        f"variant: {variant} (overrides of DigitsConfig: {overrides})"
         f"{' (QUICK settings: not a measurement)' if args.quick else ''}; "
         f"seeds {seeds}; {time.perf_counter() - t0:.0f} s"
     )

@@ -2,7 +2,8 @@
 
 1. The environment: which backends run here.
 2. Proxy selection at a glance on the bundled digits (three clients with private domains: upright, rotated,
-   inverted digits; a public pool that mixes those domains with three distractor domains). Each client scores
+   inverted digits; a public pool that mixes those domains, 40 samples each, with five distractor domains,
+   300 samples each). Each client scores
    the pool with its domain classifier and picks proxies with the relevance-weighted DPP, facility location
    over its private set, top-relevance (FlexOlmo-style) and random; the table shows how many proxies come
    from the client's own domain, how many digit classes they cover and how well they cover the private set
@@ -36,6 +37,7 @@ QUICK = dict(
     n_private=20,
     n_test=12,
     public_per_domain=24,
+    public_per_client_domain=8,
     embed_dim=16,
     depth=1,
     seed_epochs=2,

@@ -145,8 +145,13 @@ def test_config_domains_pool_composition():
     for i in np.flatnonzero(d.public_domain == 4)[:5]:
         hits = [j for j in range(len(images)) if np.array_equal(TRANSFORMS["shifted"](images[j : j + 1])[0], d.public_x[i])]
         assert hits and d.public_y[i] in labels[hits]
-    default = config_domains(5, DigitsConfig(n_private=20, n_test=10, public_per_domain=30))
-    np.testing.assert_array_equal(np.bincount(default.public_domain), [30] * 6)
+    default = config_domains(5)  # the harness's default pool: mostly out-of-domain, 13.5x a private set
+    np.testing.assert_array_equal(np.bincount(default.public_domain), [40] * 3 + [300] * 5)
+    assert len(default.public_x) == 1620 >= 10 * len(default.clients[0].x_train)
+    balanced = config_domains(
+        5, DigitsConfig(public_per_client_domain=None, distractor_domains=("mirrored", "transposed", "blurred"))
+    )
+    np.testing.assert_array_equal(np.bincount(balanced.public_domain), [300] * 6)
     with pytest.raises(ValueError, match="public_per_client_domain"):
         config_domains(5, DigitsConfig(public_per_client_domain=-1))
     with pytest.raises(ValueError, match="unknown domain"):

@@ -112,7 +112,7 @@ def test_bench_script_quick():
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "metamoe vs" in r.stdout and "btx_oracle" in r.stdout and "QUICK" in r.stdout
-    assert "pre-trained on distractors" in r.stdout
+    assert "variant: outofdomain_seedpool-distractors_quick" in r.stdout and "'seed_pool': 'distractors'" in r.stdout
 
 
 def test_seed_pool_is_checked():
