@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -26,22 +24,18 @@ if not dist.is_available():
 
 from metamoe.selection import DppRankWarning, select_dpp, select_facility_location  # noqa: E402
 from metamoe.selection.distributed import shard_range  # noqa: E402
+from conftest import free_port, rank_env, run_beside_dead_peer  # noqa: E402
 
 PY = sys.executable
 WORLD = 2
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _env(rank: int, port: int) -> dict:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-               LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    return env
+    return rank_env(rank, port, WORLD)
 
 
 # --------------------------------------------------------------------------- data (same on every rank)
@@ -273,25 +267,14 @@ def test_cli_distributed_rejects_unsharded_options(npy):
 
 @pytest.mark.parametrize("fate", ["exits", "hangs"])
 def test_dead_rank_makes_the_survivor_exit_with_an_error(npy, fate):
-    port = _free_port()
     peer = ("import os, sys, time; from metamoe.selection.distributed import init_distributed; "
             f"init_distributed(timeout_s=5); {'sys.exit(3)' if fate == 'exits' else 'time.sleep(120)'}")
-    survivor = subprocess.Popen(
+    code, err, took = run_beside_dead_peer(
         [PY, "-m", "metamoe", "select", "--distributed", "--timeout", "5", "--private", str(npy / "P.npy"),
          "--public", str(npy / "X.npy"), "--k", "10", "--ridge", "0.01", "--no-progress",
          "--out", str(npy / f"dead_{fate}.json")],
-        env=_env(0, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    other = subprocess.Popen([PY, "-c", peer], env=_env(1, port), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    t0 = time.monotonic()
-    try:
-        _, err = survivor.communicate(timeout=60)
-    finally:
-        survivor.kill()
-        other.kill()
-        other.wait()
-    took = time.monotonic() - t0
-    assert survivor.returncode == 2, err[-3000:]
+        peer)
+    assert code == 2, err[-3000:]
     assert "metamoe select (rank 0 of 2): error: a collective failed: another rank died" in err
     assert took < 45
     assert not (npy / f"dead_{fate}.json").exists()

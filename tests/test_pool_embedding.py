@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,6 +29,7 @@ if not dist.is_available():
 
 from metamoe.models import create_seed_model, weight_hash  # noqa: E402
 from metamoe.selection import relevance_scores  # noqa: E402
+from conftest import free_port, rank_env, run_beside_dead_peer  # noqa: E402
 from metamoe.unify import embed  # noqa: E402
 from metamoe.unify.pool_embedding import (  # noqa: E402
     PoolEmbeddings,
@@ -104,16 +103,11 @@ def _one_thread():
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _env(rank: int, port: int, **extra) -> dict:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-               LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1", **extra)
-    env.pop("TRITON_INTERPRET", None)
-    return env
+    return rank_env(rank, port, WORLD, **extra)
 
 
 def _cli_args(raw, out, *more):
@@ -319,23 +313,13 @@ def test_crashed_rank_shard_is_redone_alone(raw, single, tmp_path, capsys):
 
 def test_rank_dead_before_startup_makes_the_other_fail_not_hang(raw, tmp_path):
     out = tmp_path / "pool"
-    port = _free_port()
     peer = ("import os; from metamoe.selection.distributed import init_distributed; "
             "init_distributed(timeout_s=5); os._exit(3)")
-    survivor = subprocess.Popen([PY, "-m", "metamoe", "embed-pool", "--distributed", "--timeout", "5",
-                                 *_cli_args(raw, out)], env=_env(0, port), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-    other = subprocess.Popen([PY, "-c", peer], env=_env(1, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.monotonic()
-    try:
-        _, err = survivor.communicate(timeout=60)
-    finally:
-        survivor.kill()
-        other.kill()
-        other.wait()
-    assert survivor.returncode == 2, err[-3000:]
+    code, err, took = run_beside_dead_peer(
+        [PY, "-m", "metamoe", "embed-pool", "--distributed", "--timeout", "5", *_cli_args(raw, out)], peer)
+    assert code == 2, err[-3000:]
     assert "metamoe embed-pool (rank 0 of 2): error: embed-pool: the start-up all_gather failed" in err
-    assert time.monotonic() - t0 < 45
+    assert took < 45
 
 
 # --------------------------------------------------------------------------- CLI
