@@ -372,3 +372,21 @@ def test_candidates_and_cupy_on_gpu(rng):
     ref = select_dpp(X, 20, r, ridge=0.01, candidates=300, backend="torch", progress=False)
     sel = select_dpp(cupy.asarray(X), 20, r, ridge=0.01, candidates=300, progress=False)
     np.testing.assert_array_equal(sel.indices, ref.indices)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_torch_blocked_products_match_one_block(rng, dtype):
+    """The torch greedy reads X in 64-row-aligned blocks (a memmap is never converted whole); the picks and
+    residuals do not depend on the block size, which the sharded greedy (64-row-aligned shards) relies on."""
+    from metamoe.selection.dpp import dpp_greedy_torch, matvec_rows
+
+    X = torch.from_numpy(rng.standard_normal((1000, 24))).to(dtype)
+    X[700] = X[3]  # an exact tie in the residuals
+    rel = rng.uniform(0.2, 1.0, 1000)
+    one = dpp_greedy_torch(X, rel, 40, 1e-3, 1e-10, chunk_rows=4096)
+    for rows in (64, 128, 192):
+        got = dpp_greedy_torch(X, rel, 40, 1e-3, 1e-10, chunk_rows=rows)
+        np.testing.assert_array_equal(got[0], one[0])
+        np.testing.assert_array_equal(got[1], one[1])
+    assert matvec_rows(768) % 64 == 0 and matvec_rows(768) * 768 * 8 <= 1 << 24
+    assert matvec_rows(10**6) == 64  # very wide rows: still whole 64-row groups

@@ -49,7 +49,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .dpp import DEFAULT_EPS, DppRankWarning, add_direction
+from .dpp import DEFAULT_EPS, DppRankWarning, _matvec_blocks, _row_norms, add_direction, matvec_rows
 from .facility_location import DenseSimilarities, _check_weights, _dense_blocks
 from .result import Selection
 from .validation import check_embeddings, check_k, check_nonnegative, check_relevance
@@ -196,7 +196,9 @@ def select_dpp_sharded(
         eps: stop when the best residual is <= eps times the largest diagonal entry of L (over the pool).
         group: process group (default: the default group).
         device: where this rank computes (default: the rank's CUDA device under nccl, else the CPU).
-            The shard is copied there in the working dtype (float64 on the CPU, float32 on a GPU).
+            A CPU shard is moved there in its storage dtype; the products convert one block of rows at a
+            time to the working dtype (float64 on the CPU, float32 on a GPU), so a CPU shard is never copied
+            whole.
 
     Returns:
         The same :class:`Selection` on every rank: ``indices`` int64 (<= k,) global pool indices in pick
@@ -215,9 +217,13 @@ def select_dpp_sharded(
     r_local = check_relevance(relevance_shard, n_local)
     ridge = check_nonnegative(ridge, "ridge")
     eps = check_nonnegative(eps, "eps")
-    zero = Xt.abs().amax(dim=1) == 0
-    if bool(zero.any()):
-        raise ValueError(f"X_shard row {int(zero.nonzero()[0, 0])} is all zeros; the cosine kernel needs non-zero rows")
+    rows = matvec_rows(d)
+    for a in range(0, n_local, rows):  # blockwise: a shard can be a memmap larger than memory
+        zero = Xt[a : a + rows].abs().amax(dim=1) == 0
+        if bool(zero.any()):
+            raise ValueError(
+                f"X_shard row {a + int(zero.nonzero()[0, 0])} is all zeros; the cosine kernel needs non-zero rows"
+            )
     offset, n, sizes = _shard_offsets(n_local, group, cdev)
     dims = [torch.zeros(1, dtype=torch.int64, device=cdev) for _ in sizes]
     dist.all_gather(dims, torch.tensor([d], dtype=torch.int64, device=cdev), group=group)
@@ -225,10 +231,12 @@ def select_dpp_sharded(
         raise ValueError(f"every rank's X_shard must have the same D; got {[int(x.item()) for x in dims]}")
     k = check_k(k, n)
     work = torch.float64 if dev.type == "cpu" else torch.float32
-    Xw = Xt.to(device=dev, dtype=work)
+    # the shard is read in 64-row-aligned blocks, one converted block at a time, exactly as dpp_greedy_torch
+    # reads the whole pool (same block grid relative to the global index: the shard starts are multiples of 64)
+    if Xt.device != dev:
+        Xt = Xt.to(dev)  # e.g. a CPU memmap shard onto this rank's GPU, in its storage dtype
     r = torch.as_tensor(r_local, dtype=torch.float64, device=dev)
-    norms = (torch.linalg.vector_norm(Xw.double(), dim=1) if work == torch.float64
-             else torch.linalg.vector_norm(Xw, dim=1).double())
+    norms = _row_norms(Xt, work, rows)
     scale = r / norms
     d2 = r * r * (1.0 + ridge)
     rmax = torch.tensor([float((r * r).max())], dtype=torch.float64, device=cdev)
@@ -249,7 +257,7 @@ def select_dpp_sharded(
         owner = _owner(j, sizes)
         if owner == dist.get_rank(group):
             jl = j - offset
-            payload[:d] = (scale[jl] * Xw[jl].double()).to(cdev)
+            payload[:d] = (scale[jl] * Xt[jl].to(work).double()).to(cdev)
             payload[d] = r[jl].to(cdev)
         dist.broadcast(payload, src=dist.get_global_rank(group, owner) if group is not None else owner, group=group)
         vd = payload[:d].to(dev).clone()
@@ -257,7 +265,7 @@ def select_dpp_sharded(
         picks.append(j)
         resid.append(dj2)
         add_direction(Qd, Qe, t, vd, rj, ridge, dj2)  # the arithmetic of dpp_greedy_torch
-        e = (Xw @ Qd[t].to(work)).double() * scale
+        e = _matvec_blocks(Xt, Qd[t].to(work), work, rows) * scale
         d2 = d2 - e * e
         if owner == dist.get_rank(group):
             d2[j - offset] = neg_inf
@@ -460,13 +468,14 @@ def select_facility_location_greedi(
                                              backend=backend, progress=False, **kw).indices
     t1 = time.perf_counter()
     # gather the candidates' global indices and (normalised) rows on every rank, padded to k rows
-    Xf = Xt.float()
-    if metric == "cosine":
-        Xf = torch.nn.functional.normalize(Xf, dim=1)
+    def rows_f32(sel):  # float32 (normalised for cosine) rows of the shard, converted only where read
+        b = Xt[sel].float()
+        return torch.nn.functional.normalize(b, dim=1) if metric == "cosine" else b
+
     idx_pad = torch.full((k,), -1, dtype=torch.int64)
     idx_pad[: len(local_idx)] = torch.as_tensor(local_idx) + offset
     rows_pad = torch.zeros(k, d, dtype=torch.float32)
-    rows_pad[: len(local_idx)] = Xf[torch.as_tensor(local_idx)]
+    rows_pad[: len(local_idx)] = rows_f32(torch.as_tensor(local_idx))
     all_idx = [torch.zeros_like(idx_pad, device=cdev) for _ in range(world)]
     all_rows = [torch.zeros_like(rows_pad, device=cdev) for _ in range(world)]
     dist.all_gather(all_idx, idx_pad.to(cdev), group=group)
@@ -477,7 +486,10 @@ def select_facility_location_greedi(
     gi, gr = gi[keep], gr[keep]
     order = torch.argsort(gi)
     U, C = gi[order], gr[order]  # union in global index order (disjoint shards: no duplicates)
-    S = torch.clamp(Xf @ C.T, min=0.0)  # (N_rank, |U|) float32, negatives never count
+    # (N_rank, |U|) float32, negatives never count; the shard is converted block by block (the result itself
+    # is N_rank x |U|: GreeDi's second stage evaluates the union against every row of the shard)
+    blk = matvec_rows(d)
+    S = torch.cat([torch.clamp(rows_f32(slice(a, a + blk)) @ C.T, min=0.0) for a in range(0, n_local, blk)])
     cur = torch.zeros(n_local, dtype=torch.float64)
 
     def gains_of(cols):

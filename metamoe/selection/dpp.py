@@ -17,7 +17,8 @@ Two kernels, ``r`` the relevance and ``Xn`` the L2-normalised rows of ``X``:
 Implementations: op ``dpp_greedy`` (cosine): ``cuda`` (csrc/cuda/dpp_greedy.cu), ``cpp``
 (csrc/cpu/dpp_greedy.cpp, OpenMP) and ``torch`` (this file; any device). Op ``dpp_greedy_rbf``: ``cpp``
 and ``torch`` (any device, so also the GPU path). The C++ code reads float16/bfloat16 storage in
-place (a float16 ``np.memmap`` is never copied to float32).
+place (a float16 ``np.memmap`` is never copied to float32); the torch paths stream X in row blocks
+(``chunk_rows``), converting one block at a time, so a pool larger than memory works on every backend.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..backends import CallSpec, define_op
 from ..backends.availability import require_extension
 from ..backends.tensors import dtype_name
 from .result import Selection
-from .validation import check_embeddings, check_k, check_nonnegative, check_relevance
+from .validation import block_rows, check_embeddings, check_k, check_nonnegative, check_relevance
 
 dpp_greedy = define_op(
     "dpp_greedy",
@@ -93,21 +94,62 @@ def add_direction(Qd, Qe, t: int, vd, r_j: float, ridge: float, dj2: float) -> N
         Qe[t, : t + 1] = ve * inv
 
 
+def matvec_rows(d: int, chunk_rows=None) -> int:
+    """Rows per block of the per-pick N x D product: about 16 MiB of float64, a multiple of 64.
+
+    A multiple of 64 so that a row's offset inside its block is its global index mod 64 whether the pool
+    is read whole or as 64-row-aligned shards (:func:`metamoe.selection.distributed.shard_range`): BLAS
+    matrix-vector kernels can round a row differently depending on where it sits in the block, and the
+    sharded greedy must reproduce the single-process products bit for bit.
+    """
+    if chunk_rows is not None:
+        return int(chunk_rows)
+    return max(64, block_rows(d, 8) // 64 * 64)
+
+
+def _matvec_blocks(X, q, work, rows: int):
+    """(N,) float64 ``X @ q`` with X read ``rows`` rows at a time and cast to ``work`` per block.
+
+    X in ``work`` already (no conversion needed): one product. Otherwise (float16/bfloat16/float32
+    storage, e.g. a memmap of a pool larger than memory) only one converted block exists at a time.
+    """
+    import torch
+
+    if X.dtype == work:
+        return (X @ q).double()
+    out = torch.empty(X.shape[0], dtype=torch.float64, device=X.device)
+    for a in range(0, X.shape[0], rows):
+        out[a : a + rows] = X[a : a + rows].to(work) @ q
+    return out
+
+
+def _row_norms(X, work, rows: int):
+    """(N,) float64 ||x_i||, the norm taken in ``work`` (float64 on the CPU, float32 on a GPU), blockwise."""
+    import torch
+
+    out = torch.empty(X.shape[0], dtype=torch.float64, device=X.device)
+    for a in range(0, X.shape[0], rows):
+        out[a : a + rows] = torch.linalg.vector_norm(X[a : a + rows].to(work), dim=1).double()
+    return out
+
+
 @dpp_greedy.register("torch", devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16", "float64"))
-def dpp_greedy_torch(X, relevance: np.ndarray, k: int, ridge: float, eps: float, progress: bool = False):
-    """Pure PyTorch: float64 on the CPU; on a GPU the N x D product runs in float32, the rest in float64."""
+def dpp_greedy_torch(
+    X, relevance: np.ndarray, k: int, ridge: float, eps: float, progress: bool = False, *, chunk_rows=None
+):
+    """Pure PyTorch: float64 on the CPU; on a GPU the N x D product runs in float32, the rest in float64.
+
+    X is never converted whole: each pick's N x D product reads ``chunk_rows`` rows at a time (None:
+    16 MiB blocks), so a float16 memmap larger than memory is streamed with O(block + N) memory.
+    """
     import torch
 
     dev = X.device
     work = torch.float64 if dev.type == "cpu" else torch.float32
-    Xw = X.to(work)
-    n, d = Xw.shape
+    n, d = X.shape
+    rows = matvec_rows(d, chunk_rows)
     r = torch.as_tensor(relevance, dtype=torch.float64, device=dev)
-    norms = (
-        torch.linalg.vector_norm(Xw.double(), dim=1)
-        if work == torch.float64
-        else torch.linalg.vector_norm(Xw, dim=1).double()
-    )
+    norms = _row_norms(X, work, rows)
     scale = r / norms
     d2 = r * r * (1.0 + ridge)
     Qd = torch.zeros(k, d, dtype=torch.float64, device=dev)
@@ -122,8 +164,8 @@ def dpp_greedy_torch(X, relevance: np.ndarray, k: int, ridge: float, eps: float,
                 break
             picks.append(j)
             resid.append(dj2)
-            add_direction(Qd, Qe, t, scale[j] * Xw[j].double(), float(r[j]), ridge, dj2)
-            e = (Xw @ Qd[t].to(work)).double() * scale
+            add_direction(Qd, Qe, t, scale[j] * X[j].to(work).double(), float(r[j]), ridge, dj2)
+            e = _matvec_blocks(X, Qd[t].to(work), work, rows) * scale
             d2 = d2 - e * e
             d2[j] = neg_inf  # stays -inf: -inf - e^2 = -inf
             bar.update(1)
@@ -247,13 +289,16 @@ def dpp_greedy_cuda(X, relevance: np.ndarray, k: int, ridge: float, eps: float, 
 # --------------------------------------------------------------------------- rbf
 
 
-def _inv_norms(X, chunk_rows: int):
-    """(N,) float64 1 / ||x_i||, computed chunk by chunk (X may be a zero-copy memmap view)."""
+def _inv_norms(X, chunk_rows: int, work=None):
+    """(N,) float64 1 / ||x_i||, computed chunk by chunk (X may be a zero-copy memmap view); each chunk is
+    cast to ``work`` (None: kept) before the float64 norm, as the kernel rows see it."""
     import torch
 
     out = torch.empty(X.shape[0], dtype=torch.float64, device=X.device)
     for a in range(0, X.shape[0], chunk_rows):
-        out[a : a + chunk_rows] = 1.0 / torch.linalg.vector_norm(X[a : a + chunk_rows].double(), dim=1)
+        b = X[a : a + chunk_rows]
+        b = b if work is None else b.to(work)
+        out[a : a + chunk_rows] = 1.0 / torch.linalg.vector_norm(b.double(), dim=1)
     return out
 
 
@@ -269,23 +314,24 @@ def dpp_greedy_rbf_torch(
     progress: bool = False,
     *,
     gamma: float = 1.0,
-    chunk_rows: int = 65536,
+    chunk_rows: Optional[int] = None,
 ):
     """Pure PyTorch, Chen et al.'s algorithm: kernel row per pick from X, k x N float64 Cholesky rows.
 
     CPU: float64 throughout. GPU: the N x D kernel-row product runs in float32, the rest in float64.
-    Like the cosine torch path, X is converted to the working dtype once; the per-pick work runs in
-    chunks of ``chunk_rows`` rows, so the temporaries stay small next to the k x N workspace.
+    X is never converted whole: the per-pick work reads ``chunk_rows`` rows at a time (None: 16 MiB
+    blocks), each cast to the working dtype, so a float16 memmap is streamed and the temporaries stay
+    small next to the k x N workspace.
     """
     import torch
 
     dev = X.device
     work = torch.float64 if dev.type == "cpu" else torch.float32
-    X = X.to(work)
     n, d = X.shape
+    chunk_rows = block_rows(d, 8) if chunk_rows is None else int(chunk_rows)
     f64 = dict(dtype=torch.float64, device=dev)
     r = torch.as_tensor(relevance, **f64)
-    inv = _inv_norms(X, chunk_rows)
+    inv = _inv_norms(X, chunk_rows, work)
     d2 = r * r * (1.0 + ridge)
     C = torch.empty(k, n, **f64)  # Chen et al.'s Cholesky rows c_t (row t written at pick t)
     picks, resid = [], []
@@ -297,12 +343,12 @@ def dpp_greedy_rbf_torch(
                 break
             picks.append(j)
             resid.append(dj2)
-            xj = (X[j].double() * inv[j]).to(work)
+            xj = (X[j].to(work).double() * inv[j]).to(work)
             cj = C[:t, j].clone()
             inv_dj = 1.0 / np.sqrt(dj2)
             for a in range(0, n, chunk_rows):
                 b = min(n, a + chunk_rows)
-                cos = (X[a:b] @ xj).double() * inv[a:b]
+                cos = (X[a:b].to(work) @ xj).double() * inv[a:b]
                 dist2 = torch.clamp(2.0 - 2.0 * cos, min=0.0)  # ||xn_i - xn_j||^2 for unit rows
                 lrow = float(r[j]) * r[a:b] * torch.exp(-gamma * dist2)
                 e = (lrow - cj @ C[:t, a:b]) * inv_dj if t else lrow * inv_dj
@@ -323,7 +369,7 @@ def dpp_greedy_rbf_cpp(
     progress: bool = False,
     *,
     gamma: float = 1.0,
-    chunk_rows: int = 65536,
+    chunk_rows: Optional[int] = None,
 ):
     """C++/OpenMP: kernel row on the fly from X read in place, N x k float64 Cholesky rows."""
     _C = require_extension("_C")
@@ -422,7 +468,7 @@ def select_dpp(
     eps: float = DEFAULT_EPS,
     backend: Optional[str] = None,
     progress: bool = True,
-    chunk_rows: int = 65536,
+    chunk_rows: Optional[int] = None,
     max_workspace_bytes: Optional[int] = None,
 ) -> Selection:
     """Pick ``k`` samples that are relevant and diverse: greedy MAP of a relevance-weighted DPP.
@@ -452,7 +498,10 @@ def select_dpp(
         backend: ``"auto"`` (default, or ``METAMOE_BACKEND``), ``"cuda"``, ``"cpp"`` or ``"torch"``
             (the RBF kernel has ``cpp`` and ``torch``; torch also runs on a GPU).
         progress: show a tqdm progress bar (only on a terminal).
-        chunk_rows: rows of X per block in the torch RBF path (bounds the temporaries).
+        chunk_rows: rows of X per block in the torch paths and the input scans (bounds the temporaries;
+            None: blocks of about 16 MiB of float64, 2,730 rows at D = 768). X itself is never
+            converted or copied whole, so an ``np.memmap`` larger than memory works (the cpp backend
+            reads it in place; the torch one streams it once per pick).
         max_workspace_bytes: cap for the RBF workspace; None means 80% of the free memory of the
             device (host MemAvailable, or ``torch.cuda.mem_get_info``).
 
@@ -478,8 +527,11 @@ def select_dpp(
         gamma = check_nonnegative(gamma, "gamma")
         if gamma == 0:
             raise ValueError("gamma must be > 0 (the RBF bandwidth), got 0")
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    if chunk_rows is not None and (
+        isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral) or chunk_rows < 1
+    ):
+        raise ValueError(f"chunk_rows must be a positive integer or None, got {chunk_rows!r}")
+    rows = block_rows(d, 8) if chunk_rows is None else int(chunk_rows)
     cand = None
     if candidates is not None:
         if isinstance(candidates, bool) or not isinstance(candidates, numbers.Integral):
@@ -490,8 +542,8 @@ def select_dpp(
         Xt = Xt[torch_index(cand, Xt.device)]
         r = np.ascontiguousarray(r[cand])
     m = Xt.shape[0]
-    for a in range(0, m, 65536):
-        norms_ok = Xt[a : a + 65536].abs().amax(dim=1) > 0
+    for a in range(0, m, rows):
+        norms_ok = Xt[a : a + rows].abs().amax(dim=1) > 0
         if not bool(norms_ok.all()):
             row = a + int((~norms_ok).nonzero()[0, 0])
             row = int(cand[row]) if cand is not None else row
@@ -507,7 +559,9 @@ def select_dpp(
             gamma = default_rbf_gamma(Xt)
         info["gamma"] = gamma
         info["workspace_bytes"] = _check_rbf_memory(m, k, Xt.device, max_workspace_bytes)
-        idx, resid = impl.fn(Xt, r, k, ridge, eps_abs, progress, gamma=gamma, chunk_rows=int(chunk_rows))
+        idx, resid = impl.fn(Xt, r, k, ridge, eps_abs, progress, gamma=gamma, chunk_rows=rows)
+    elif impl.backend == "torch":
+        idx, resid = impl.fn(Xt, r, k, ridge, eps_abs, progress, chunk_rows=rows)
     else:
         idx, resid = impl.fn(Xt, r, k, ridge, eps_abs, progress)
     if cand is not None:

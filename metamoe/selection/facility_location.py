@@ -23,7 +23,8 @@ kept with vectorised segment sums). Every exact optimizer returns the picks of n
 
 ``graph="dense"``: up to DENSE_MATERIALIZE_PAIRS ground x pool pairs the similarities are materialised
 as CSR and any backend runs. Above it they are computed on the fly (:class:`DenseSimilarities`,
-:func:`_dense_on_the_fly`): memory O((N + M) D), exact lazy greedy with incremental bounds, in torch
+:func:`_dense_on_the_fly`): memory O((N + M) D) (a pool larger than DENSE_POOL_COPY_BYTES, e.g. a memmap,
+is read tile by tile: O(M D + N)), exact lazy greedy with incremental bounds, in torch
 only (CPU or GPU). The cpp and cuda backends decline such calls with a reason, so ``backend="auto"``
 falls to torch: the work is dense matmuls that torch already runs at BLAS / cuBLAS speed, and a C++
 path would add a second copy of that arithmetic (whose similarities must match bit for bit) for no gain.
@@ -44,7 +45,7 @@ from ..backends import CallSpec, define_op
 from ..backends.availability import require_extension
 from .knn_graph import KnnGraph, build_knn_graph
 from .result import Selection
-from .validation import as_float64_vector, check_embeddings, check_k
+from .validation import as_float64_vector, block_rows, check_embeddings, check_k
 
 facility_location = define_op(
     "facility_location",
@@ -67,6 +68,12 @@ DENSE_MATERIALIZE_PAIRS = 2**22
 # _DenseSimilarities): T = 32, B = 4096 keeps the float64 block (1 MiB) in a CPU core's L2; on a GPU
 # the larger blocks amortise the kernel launches. Both must be multiples of 16.
 DENSE_BLOCKS = {"cpu": (32, 4096), "cuda": (256, 32768)}
+# graph="dense" on the fly keeps the candidates (the pool) as one float32 (N_pad, D) tensor up to this
+# many bytes; a larger pool (e.g. a float16 memmap of 10M x 768, 29 GiB as float32) is read from its
+# storage tile by tile instead (_PoolRows), each tile cast and normalised on the way in: the same float32
+# rows (the cast and the per-row normalisation do not depend on how many rows are converted together),
+# with O(block x D) memory for the candidates. The ground set is always held (M_pad, D) float32.
+DENSE_POOL_COPY_BYTES = 1 << 28
 
 
 @dataclass
@@ -361,14 +368,61 @@ def _available_bytes(device: Any) -> int:
         return 1 << 62  # unknown here: do not refuse
 
 
-def dense_on_the_fly_bytes(n: int, m: int, d: int, tile: int, block: int) -> int:
+def dense_on_the_fly_bytes(n: int, m: int, d: int, tile: int, block: int, stream_pool: bool = False) -> int:
     """Bytes that graph='dense' on the fly allocates: float32 copies of the pool and the ground set (padded
     to whole tiles / blocks, plus one unpadded conversion buffer), float64 per candidate (gain bound, its
     error terms, norm) and per ground point (coverage and its previous value, weight, norm, weight x norm),
-    two flags per candidate, the (tile, block) workspace and the bound update's float32 + float64 chunk."""
+    two flags per candidate, the (tile, block) workspace and the bound update's float32 + float64 chunk.
+    ``stream_pool``: the pool is read tile by tile (see DENSE_POOL_COPY_BYTES): no pool copy, two
+    converted blocks of :func:`block_rows` rows instead."""
     n_pad, m_pad = _round_up(n, tile), _round_up(m, block)
-    return (4 * d * (n_pad + m_pad + max(n, m)) + 8 * (5 * n_pad + 6 * m_pad) + 2 * n_pad + 12 * tile * block
-            + 12 * (1 << 17))
+    pool = 2 * 4 * d * block_rows(d, 4) if stream_pool else 4 * d * n_pad
+    return (pool + 4 * d * (m_pad + max(m, 1 if stream_pool else n)) + 8 * (5 * n_pad + 6 * m_pad) + 2 * n_pad
+            + 12 * tile * block + 12 * (1 << 17))
+
+
+def _stream_pool(n: int, d: int, tile: int) -> bool:
+    return 4 * d * _round_up(n, tile) > DENSE_POOL_COPY_BYTES
+
+
+class _PoolRows:
+    """The candidates of graph='dense' read from their storage on demand, never copied whole.
+
+    Indexing (a slice of rows, or an index tensor of rows < N) returns what the precomputed copy would
+    hold: float32 rows, L2-normalised for cosine, zero rows for the padding past N. ``shape`` is
+    (N_pad, D). Used when the float32 pool would exceed DENSE_POOL_COPY_BYTES.
+    """
+
+    def __init__(self, src, n_pad: int, metric: str, device):
+        self.src, self.n, self.metric, self.device = src, int(src.shape[0]), metric, device
+        self.shape = (int(n_pad), int(src.shape[1]))
+
+    def _prep(self, a):
+        import torch
+
+        a = a.to(device=self.device, dtype=torch.float32)
+        return torch.nn.functional.normalize(a, dim=1) if self.metric == "cosine" else a
+
+    def __getitem__(self, key):
+        import torch
+
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            if step != 1:
+                raise ValueError("_PoolRows takes contiguous slices")
+            out = self._prep(self.src[start : min(stop, self.n)]) if start < self.n else None
+            rows = max(0, stop - start)
+            if out is not None and out.shape[0] == rows:
+                return out
+            full = torch.zeros(rows, self.shape[1], dtype=torch.float32, device=self.device)
+            if out is not None:
+                full[: out.shape[0]] = out
+            return full
+        idx = torch.as_tensor(key)
+        if idx.numel() and int(idx.max()) >= self.n:
+            raise IndexError("_PoolRows: gather of a padding row")
+        return self._prep(self.src[idx.to(self.src.device)])
+
 
 
 class DenseSimilarities:
@@ -409,12 +463,16 @@ class DenseSimilarities:
 
         def prep(A, rows):
             out = torch.zeros(rows, d, dtype=torch.float32, device=dev)
-            for s in range(0, A.shape[0], 65536):  # converts memmaps and half precision in chunks
-                a = A[s : s + 65536].to(device=dev, dtype=torch.float32)
+            step = block_rows(d, 4)
+            for s in range(0, A.shape[0], step):  # converts memmaps and half precision in chunks
+                a = A[s : s + step].to(device=dev, dtype=torch.float32)
                 out[s : s + a.shape[0]] = torch.nn.functional.normalize(a, dim=1) if metric == "cosine" else a
             return out
 
-        X = prep(Xt, _round_up(n, tile))
+        if _stream_pool(n, d, tile):
+            X = _PoolRows(Xt, _round_up(n, tile), metric, dev)
+        else:
+            X = prep(Xt, _round_up(n, tile))
         Q = prep(Xt if Gt is None else Gt, _round_up(m, block))
         w = torch.zeros(Q.shape[0], dtype=torch.float64, device=dev)
         w[:m] = torch.as_tensor(weights, dtype=torch.float64, device=dev)
@@ -458,7 +516,11 @@ class DenseSimilarities:
         import torch
 
         if not hasattr(self, "_xn"):
-            self._xn = torch.linalg.vector_norm(self.X.double(), dim=1) * (1 + 1e-6)
+            xn = torch.empty(self.X.shape[0], dtype=torch.float64, device=self.device)
+            rows = block_rows(self.X.shape[1], 8)  # blockwise: no (N, D) float64 copy of the pool
+            for a in range(0, self.X.shape[0], rows):
+                xn[a : a + rows] = torch.linalg.vector_norm(self.X[a : a + rows].double(), dim=1)
+            self._xn = xn * (1 + 1e-6)
             self._qn = torch.linalg.vector_norm(self.Q.double(), dim=1) * (1 + 1e-6)
             self._wq = self.w * self._qn
             d = self.X.shape[1]
@@ -498,6 +560,8 @@ class DenseSimilarities:
         wc = self.w[changed]
         rel = 2.0**-22 * (len(changed) + 4)
         rows = max(1, chunk_elems // len(changed))
+        if isinstance(self.X, _PoolRows):  # each chunk is converted from storage: keep it one block
+            rows = min(rows, block_rows(self.X.shape[1], 4))
         for s in range(0, self.X.shape[0], rows):
             e = min(s + rows, self.X.shape[0])
             S = self.X[s:e] @ Qc.T  # (rows, |C|) float32
@@ -707,11 +771,17 @@ def select_facility_location(
             :func:`build_knn_graph`; with ground = pool each point lists itself), ``"dense"`` (every
             similarity, exact: up to DENSE_MATERIALIZE_PAIRS (4.2e6) ground x pool pairs they are
             materialised as CSR for any backend; above, they are computed on the fly, blockwise, by the
-            torch backend (CPU or GPU) with memory O((N + M) D), checked up front (MemoryError naming N,
+            torch backend (CPU or GPU) with memory O((N + M) D) (O(M D + N) when the float32 pool exceeds
+            DENSE_POOL_COPY_BYTES = 256 MiB: the pool, e.g. a memmap, is then read tile by tile), checked
+            up front (MemoryError naming N,
             M, D and the bytes); N = M = 1e5, D = 64, k = 200 takes minutes on one CPU core; float32
             similarities, float64 gains; same picks as the materialised path) or a :class:`KnnGraph` from ``build_knn_graph(X, K, queries=ground)``, which
             is checked against X and ground (shape and fingerprint; a graph built for other data raises).
-        n_neighbors: K for ``graph="knn"``, 1 <= K < N.
+        n_neighbors: K for ``graph="knn"``, 1 <= K < N. The graph is built by :func:`build_knn_graph`
+            with its defaults: with ``ground`` given (Nq x N <= 1e10 pairs) an exact search that streams
+            the pool in slices; with ground = pool and a large N an IVF index whose float32 lists hold
+            N x D x 4 bytes: for a pool larger than memory build the graph yourself with
+            ``build_knn_graph(X, K, storage="int8")`` (or ``"float16"``) and pass it as ``graph``.
         optimizer: ``"lazy"`` (default; exact greedy: the same picks as naive greedy), ``"stochastic"``
             (Mirzasoleiman et al., AAAI 2015: each pick evaluates a seeded uniform sample of
             ceil((N / k) log(1 / epsilon)) unpicked candidates; (1 - 1/e - epsilon) in expectation) or
@@ -764,7 +834,8 @@ def select_facility_location(
     impl = facility_location.select(spec, backend)
     if graph == "dense":
         tile, block = _dense_blocks(Xt.device.type, n, m)
-        need = dense_on_the_fly_bytes(n, m, d, tile, block)
+        stream = _stream_pool(n, d, tile)
+        need = dense_on_the_fly_bytes(n, m, d, tile, block, stream_pool=stream)
         if not on_the_fly:
             need += 4 * _round_up(n, tile) * _round_up(m, block) + 24 * n * m  # the matrix and the CSR
         have = _available_bytes(Xt.device)
@@ -801,9 +872,11 @@ def select_facility_location(
         g_info = {"graph": "knn", "n_neighbors": kg.n_neighbors, **kg.info}
     else:
         if Gt is None and metric == "cosine":
-            zero = Xt.abs().amax(dim=1) == 0
-            if bool(zero.any()):
-                raise ValueError(f"X row {int(zero.nonzero()[0, 0])} is all zeros; cosine needs non-zero rows")
+            rows = block_rows(d, 4)
+            for a in range(0, n, rows):  # blockwise: no N x D temporary
+                zero = Xt[a : a + rows].abs().amax(dim=1) == 0
+                if bool(zero.any()):
+                    raise ValueError(f"X row {a + int(zero.nonzero()[0, 0])} is all zeros; cosine needs non-zero rows")
         tg = time.perf_counter()
         dense = DenseSimilarities.build(Xt, Gt, w, metric, tile, block)
         g_info = {"graph": "dense (on the fly)" if on_the_fly else "dense", "tile": tile, "block": block}

@@ -12,6 +12,11 @@ similarities, as CSR arrays. Where it runs:
 
 Inputs are NumPy arrays, ``np.memmap`` (read block by block), torch tensors on CPU or GPU, in
 float32/float16/bfloat16/float64; every block is cast to float32 on its way in.
+
+Pools larger than memory (e.g. a float16 memmap of 10M x 768): exact CPU search never holds more than
+``max_index_bytes`` of float32 pool rows (slices searched with ``faiss.knn``, per-slice top-K merged);
+an IVF index holds every pool row by nature, so ``storage="float16"`` / ``"int8"`` (scalar-quantised
+lists) halve / quarter that against float32's N x D x 4 bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 
 from ..backends.tensors import as_torch, is_torch
+from .validation import block_rows as _rows_for_bytes
 from .validation import check_embeddings
 
 METRICS = ("cosine", "ip", "l2")
@@ -36,6 +42,16 @@ METHODS = ("auto", "exact", "ivf", "torch", "faiss-gpu")
 # "auto" on the CPU switches from exact to IVF when queries x pool rows exceed this (about 1e5 x 1e5:
 # exact is then ~1e10 * D FLOP, minutes on 2 cores at D = 768, hours at 1e6).
 AUTO_IVF_MIN_PAIRS = 10**10
+# Exact search on the CPU: a faiss Flat index holds a float32 copy of what it searches (and, while it
+# grows, up to twice that). Up to this many bytes (256 MiB: 87k rows at D = 768) the pool goes into one
+# index; a larger pool (e.g. a memmap larger than memory) is searched one slice of that size at a time
+# (faiss.knn on the slice) and the per-slice top-K are merged, so memory stays O(slice x D + Nq x K)
+# whatever N is.
+EXACT_INDEX_BYTES = 1 << 28
+# IVF storage: the inverted lists hold every pool row. "float32" (IndexIVFFlat) takes N x D x 4 bytes
+# (29 GiB for 10M x 768); "float16" / "int8" (IndexIVFScalarQuantizer) a half / a quarter of that, at a
+# small cost in recall (measured in info["recall"]).
+IVF_STORAGE = ("float32", "float16", "int8")
 _FORMAT = "metamoe.knn_graph/1"
 
 
@@ -133,7 +149,7 @@ class KnnGraph:
 
     def check_matches(self, X: Any, queries: Any = None, *, name: str = "graph") -> None:
         """Raise ValueError unless this graph was built from ``X`` (and ``queries``; None = the pool's own graph)."""
-        fp = _fingerprint(as_torch(X))
+        fp = _fingerprint(X if isinstance(X, np.ndarray) else as_torch(X))  # NumPy/memmap: no copy
         if fp != self.pool_fingerprint:
             raise ValueError(
                 f"{name} was built for other data: pool fingerprint {self.pool_fingerprint} "
@@ -146,7 +162,7 @@ class KnnGraph:
                     f"but it is used as the pool's own graph (queries/ground=None)"
                 )
             return
-        qfp = _fingerprint(as_torch(queries))
+        qfp = _fingerprint(queries if isinstance(queries, np.ndarray) else as_torch(queries))
         if self.query_fingerprint is None:
             raise ValueError(
                 f"{name} is the pool's own kNN graph, but separate queries/ground ({qfp['n']} rows) were given; "
@@ -256,14 +272,69 @@ def _exact_torch(Q, P, K: int, metric: str, *, q_block: int = 2048, p_block: int
     return out_s, out_i
 
 
-def _faiss_index(d: int, metric: str, nlist: int = 0):
+def _faiss_index(d: int, metric: str, nlist: int = 0, storage: str = "float32"):
     import faiss
 
     mt = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
     flat = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
     if nlist <= 0:
         return flat
-    return faiss.IndexIVFFlat(flat, d, nlist, mt)
+    if storage == "float32":
+        return faiss.IndexIVFFlat(flat, d, nlist, mt)
+    qt = faiss.ScalarQuantizer.QT_fp16 if storage == "float16" else faiss.ScalarQuantizer.QT_8bit
+    return faiss.IndexIVFScalarQuantizer(flat, d, nlist, qt, mt)  # faiss keeps a reference to `flat`
+
+
+def _merge_topk(best_s, best_i, s, i, K: int):
+    """Merge two (Nq, *) candidate lists into the top K per row: similarity descending, index ascending on
+    ties (faiss pads with index -1 and similarity -inf/-3.4e38; those sort last)."""
+    cs = np.concatenate([best_s, s], axis=1)
+    ci = np.concatenate([best_i, i], axis=1)
+    key_i = np.where(ci >= 0, ci, np.iinfo(np.int64).max)
+    key_s = np.where(ci >= 0, cs, -np.inf)
+    order = _row_lexsort(key_s, key_i)[:, :K]
+    rows = np.arange(cs.shape[0])[:, None]
+    return cs[rows, order], ci[rows, order]
+
+
+def _row_lexsort(key_s, key_i):
+    """Per row: order by key_s descending, then key_i ascending."""
+    o = np.argsort(key_i, axis=1, kind="stable")
+    s_sorted = np.take_along_axis(key_s, o, axis=1)
+    o2 = np.argsort(-s_sorted, axis=1, kind="stable")
+    return np.take_along_axis(o, o2, axis=1)
+
+
+def _exact_faiss_sliced(Xt, Qt, K: int, metric: str, slice_rows: int, block_rows: int, progress: bool):
+    """Exact top-K of every query over a pool too large for one Flat index: ``faiss.knn`` (brute force on
+    the slice's own float32 array, no index copy) per slice of ``slice_rows`` pool rows, queries in blocks
+    of ``block_rows``, the per-slice top-K merged (ties to the lower index). Memory: one float32 slice,
+    one query block and the (Nq, 2K) merge. Returns (sims float32 (Nq, K), idx int64 (Nq, K))."""
+    import faiss
+    from tqdm.auto import tqdm
+
+    n, d = Xt.shape
+    nq = Qt.shape[0]
+    mt = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
+    best_i = np.full((nq, 0), -1, dtype=np.int64)
+    for s0 in tqdm(range(0, n, slice_rows), desc="knn (exact, sliced)", disable=None if progress else True, leave=False):
+        s1 = min(n, s0 + slice_rows)
+        xb = np.empty((s1 - s0, d), dtype=np.float32)  # filled block by block: one slice, one block in memory
+        for b0 in range(s0, s1, block_rows):
+            b1 = min(s1, b0 + block_rows)
+            xb[b0 - s0 : b1 - s0] = _block_np(Xt, b0, b1, metric == "cosine")
+        kk = min(K, s1 - s0)
+        sims = np.empty((nq, kk), dtype=np.float32)
+        idx = np.empty((nq, kk), dtype=np.int64)
+        for q0 in range(0, nq, block_rows):
+            q1 = min(nq, q0 + block_rows)
+            D, I = faiss.knn(_block_np(Qt, q0, q1, metric == "cosine"), xb, kk, metric=mt)
+            sims[q0:q1] = -D if metric == "l2" else D
+            idx[q0:q1] = np.where(I >= 0, I + s0, -1)
+        del xb
+        best_s, best_i = _merge_topk(best_s, best_i, sims, idx, K)
+    return best_s, best_i
 
 
 def _faiss_search(index, Q, K: int, metric: str, q_block: int, progress: bool, desc: str):
@@ -306,10 +377,12 @@ def build_knn_graph(
     nlist: Optional[int] = None,
     nprobe: Optional[int] = None,
     recall_sample: int = 1000,
-    block_rows: int = 65536,
+    block_rows: Optional[int] = None,
     seed: int = 0,
     progress: bool = True,
     check_input: bool = True,
+    storage: str = "float32",
+    max_index_bytes: Optional[int] = None,
 ) -> KnnGraph:
     """The ``n_neighbors`` most similar pool rows of every query row, as a CSR :class:`KnnGraph`.
 
@@ -335,11 +408,22 @@ def build_knn_graph(
             ``max(16, nlist // 32)``, capped at nlist).
         recall_sample: for IVF, how many random queries are also searched exactly to measure
             recall@K (``info["recall"]``); 0 skips it.
-        block_rows: rows per block when reading X/queries (memory bound for memmaps and GPU search).
+        block_rows: rows per block when reading X/queries (memory bound for memmaps and GPU search);
+            None: about 16 MiB of float32 per block (5,461 rows at D = 768).
         seed: seeds the IVF training sample and the recall sample.
         progress: tqdm progress bars (only on a terminal).
         check_input: scan X and queries for NaN/inf (default). Callers that have already validated
             them (``select_facility_location`` does) pass False to skip a second pass over the pool.
+        storage: what the IVF lists hold per pool row: ``"float32"`` (IndexIVFFlat, N x D x 4 bytes),
+            ``"float16"`` or ``"int8"`` (IndexIVFScalarQuantizer: a half or a quarter of that, for pools
+            whose float32 copy does not fit in memory; recall is measured as usual). IVF only.
+        max_index_bytes: exact CPU search (faiss Flat) puts at most this many bytes of float32 pool rows
+            into one index (None: ``EXACT_INDEX_BYTES`` = 256 MiB). A larger pool, e.g. a float16 memmap of
+            10M x 768, is searched slice by slice with the per-slice top-K merged (ties to the lower
+            index): the same neighbours, with O(slice x D + Nq x K) memory.
+
+    Memory: X is never converted or copied whole (blocks of ``block_rows``), except by what the chosen
+    index itself stores: an IVF index holds every pool row (see ``storage``); exact search holds one slice.
 
     Returns:
         :class:`KnnGraph` with ``indptr`` int64 (Nq + 1,), ``indices`` int32/int64 (Nq * K,) and
@@ -362,7 +446,12 @@ def build_knn_graph(
     K = _check_int(n_neighbors, "n_neighbors")
     if K >= n:
         raise ValueError(f"n_neighbors={K} must be smaller than the pool size N={n}")
-    block_rows = _check_int(block_rows, "block_rows")
+    block_rows = _rows_for_bytes(d, 4) if block_rows is None else _check_int(block_rows, "block_rows")
+    if storage not in IVF_STORAGE:
+        raise ValueError(f"storage must be one of {', '.join(map(repr, IVF_STORAGE))}, got {storage!r}")
+    if max_index_bytes is None:
+        max_index_bytes = EXACT_INDEX_BYTES
+    max_index_bytes = _check_int(max_index_bytes, "max_index_bytes")
     own = queries is None
     if own:
         Qt = Xt
@@ -402,6 +491,10 @@ def build_knn_graph(
         s, i = _exact_torch(Qt, Xt, Ks, metric, progress=progress)
         sims, idx = s.cpu().numpy(), i.cpu().numpy()
         info["method"] = "torch-exact"
+    elif method == "exact" and n > max(1, max_index_bytes // (4 * d)):
+        sims, idx = _exact_faiss_sliced(Xt, Qt, Ks, metric, max(1, max_index_bytes // (4 * d)), block_rows, progress)
+        info["method"] = "faiss-flat"
+        info["slices"] = -(-n // max(1, max_index_bytes // (4 * d)))
     elif method in ("exact", "faiss-gpu"):
         index = _faiss_index(d, metric)
         if method == "faiss-gpu":
@@ -419,7 +512,7 @@ def build_knn_graph(
         nl = min(nl, n)
         npb = max(16, nl // 32) if nprobe is None else _check_int(nprobe, "nprobe")
         npb = min(npb, nl)
-        index = _faiss_index(d, metric, nl)
+        index = _faiss_index(d, metric, nl, storage)
         rng = np.random.default_rng(seed)
         n_train = int(min(n, max(64 * nl, 39 * nl)))
         train_rows = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
@@ -431,7 +524,7 @@ def build_knn_graph(
             index.add(_block_np(Xt, s0, min(n, s0 + block_rows), metric == "cosine"))
         index.nprobe = npb
         sims, idx = _faiss_search(index, Qt, Ks, metric, block_rows, progress, "knn (ivf)")
-        info.update(method="faiss-ivf", nlist=nl, nprobe=npb, n_train=n_train)
+        info.update(method="faiss-ivf", nlist=nl, nprobe=npb, n_train=n_train, storage=storage)
         if recall_sample > 0:
             m = min(int(recall_sample), nq)
             qrows = np.sort(rng.choice(nq, size=m, replace=False))
