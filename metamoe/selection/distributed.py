@@ -600,7 +600,7 @@ def _collective_errors(timeout_s: float):
         ) from None
 
 
-def pool_moments(X: Any, chunk_size: int = 65536, group=None):
+def pool_moments(X: Any, chunk_size: Optional[int] = None, group=None):
     """(mean, E[x^2]) of the whole pool from its shards (collective): the bits of relevance's own moments pass.
 
     Each rank sums the ``chunk_size``-row chunks of the pool that start in its rows (:func:`pool_shard_range`;
@@ -613,7 +613,8 @@ def pool_moments(X: Any, chunk_size: int = 65536, group=None):
     Args:
         X: (N, D) the whole pool as every rank sees it: NumPy array / memmap, CPU torch tensor, or
             :class:`metamoe.unify.pool_embedding.PoolEmbeddings`; only this rank's chunks are read.
-        chunk_size: rows per chunk; must equal relevance_scores' ``chunk_size`` (default 65536 in both).
+        chunk_size: rows per chunk; must equal relevance_scores' ``chunk_size`` (None in both:
+            :func:`metamoe.selection.relevance.default_chunk_rows`).
         group: process group (default: the default group).
 
     Returns:
@@ -625,12 +626,12 @@ def pool_moments(X: Any, chunk_size: int = 65536, group=None):
     import torch
     import torch.distributed as dist
 
-    from .relevance import _chunk_sums, _PoolRows
+    from .relevance import _chunk_sums, _PoolRows, default_chunk_rows
 
     Xt = _PoolRows(X) if getattr(X, "is_pool_embeddings", False) else check_embeddings(
         X, "X", check_finite=False, zero_copy_readonly=True)
     n, d = Xt.shape
-    chunk_size = int(chunk_size)
+    chunk_size = default_chunk_rows(d) if chunk_size is None else int(chunk_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     start, stop = pool_shard_range(n, dist.get_rank(group), dist.get_world_size(group))

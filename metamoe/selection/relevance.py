@@ -24,7 +24,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from ..backends.tensors import device_type
-from .validation import check_embeddings
+from .validation import block_rows, check_embeddings
 
 MIN_STEPS = 300  # Adam steps at least, however small the sets (one "epoch" of 100 rows is one step)
 PROB_CLIP = 1e-12  # scores are clipped to [PROB_CLIP, 1 - PROB_CLIP] so that they lie strictly in (0, 1)
@@ -90,6 +90,12 @@ def _moments(X, chunk: int):
         s2 += bs2
     n = X.shape[0]
     return s / n, s2 / n
+
+
+def default_chunk_rows(d: int) -> int:
+    """Rows per chunk of :func:`relevance_scores` (and of ``distributed.pool_moments``) for dimension ``d``:
+    one chunk of float64 values takes about 16 MiB (2,730 rows at D = 768)."""
+    return block_rows(d, 8)
 
 
 def _chunk_sums(X, a: int, chunk: int):
@@ -161,7 +167,7 @@ def relevance_scores(
     batch_size: int = 1024,
     seed: int = 0,
     device: Optional[Any] = None,
-    chunk_size: int = 65536,
+    chunk_size: Optional[int] = None,
     progress: bool = True,
     score_rows: Optional[Tuple[int, int]] = None,
     public_moments: Optional[Tuple[Any, Any]] = None,
@@ -188,7 +194,8 @@ def relevance_scores(
         seed: seeds the batch sampling; with zero initialisation the result is deterministic on the CPU.
         device: where to train and score (``"cpu"``, ``"cuda"``, a ``torch.device``); None: the device
             of ``public`` (CUDA tensors and CuPy arrays stay on their GPU), else the CPU.
-        chunk_size: rows per chunk when computing statistics and scoring.
+        chunk_size: rows per chunk when computing statistics and scoring (None: :func:`default_chunk_rows`,
+            about 16 MiB of float64 per chunk, so the temporaries stay small next to a large pool).
         progress: tqdm progress bars (training steps, scoring chunks).
         score_rows: ``(start, stop)``: train as usual (on the whole pool, so the classifier is the same
             whatever the range), then score only rows [start, stop) -- one rank's shard under
@@ -226,7 +233,7 @@ def relevance_scores(
         )
     epochs = _check_int(epochs, "epochs", 1)
     batch_size = _check_int(batch_size, "batch_size", 2)
-    chunk_size = _check_int(chunk_size, "chunk_size", 1)
+    chunk_size = default_chunk_rows(X.shape[1]) if chunk_size is None else _check_int(chunk_size, "chunk_size", 1)
     seed = _check_int(seed, "seed", 0)
     lr = _check_real(lr, "lr", positive=True)
     weight_decay = _check_real(weight_decay, "weight_decay", positive=False)
