@@ -417,6 +417,7 @@ def select_facility_location_greedi(
     backend: Optional[str] = None,
     group=None,
     refresh: int = 16,
+    max_dense_bytes: int = 256 << 20,
 ) -> Selection:
     """GreeDi facility location over a sharded pool, ground = the pool (collective: call on every rank).
 
@@ -434,12 +435,15 @@ def select_facility_location_greedi(
         weights_shard: (N_rank,) ground weights >= 0 of this rank's rows (None: ones).
         graph, n_neighbors, metric, backend: round 1's graph and backend (see select_facility_location).
         group: process group. refresh: lazy-greedy batch of round 2.
+        max_dense_bytes: round 2 keeps the N_rank x |U| float32 similarities in memory when they take at most
+            this many bytes; otherwise it recomputes the columns it needs from the shard, block by block
+            (memory O(block x |U|), one extra N_rank x D pass per refreshed column batch and per pick).
 
     Returns:
         The same :class:`Selection` on every rank: ``indices`` int64 (k,) global indices in pick order,
         ``gains`` float64 (k,), ``objective`` = f(A) on the whole pool with dense similarities (comparable
         with ``select_facility_location(X, k, weights=w, graph="dense").objective``). Memory per rank:
-        N_rank x |U| float32. Guarantee (Mirzasoleiman et al. 2013): a constant fraction of the greedy
+        N_rank x |U| float32 up to ``max_dense_bytes``, then O(block x |U|). Guarantee (Mirzasoleiman et al. 2013): a constant fraction of the greedy
         objective in the worst case; close to it on data whose shards look alike (the benchmark reports it).
     """
     import torch
@@ -486,16 +490,38 @@ def select_facility_location_greedi(
     gi, gr = gi[keep], gr[keep]
     order = torch.argsort(gi)
     U, C = gi[order], gr[order]  # union in global index order (disjoint shards: no duplicates)
-    # (N_rank, |U|) float32, negatives never count; the shard is converted block by block (the result itself
-    # is N_rank x |U|: GreeDi's second stage evaluates the union against every row of the shard)
+    # similarities of the shard's rows to the union, float32, negatives never count; the shard is converted
+    # block by block. Kept whole (N_rank x |U|) when small enough, else recomputed per use from the shard.
     blk = matvec_rows(d)
-    S = torch.cat([torch.clamp(rows_f32(slice(a, a + blk)) @ C.T, min=0.0) for a in range(0, n_local, blk)])
+    col_chunk = 4096  # columns per block product when streaming: a (blk, 4096) float32 block is ~43 MiB at D=768
+
+    def sims(a: int, cols) -> "torch.Tensor":
+        return torch.clamp(rows_f32(slice(a, a + blk)) @ C[cols].T, min=0.0)
+
+    S = None
+    if n_local * len(U) * 4 <= max_dense_bytes:
+        S = torch.cat([sims(a, slice(None)) for a in range(0, n_local, blk)])
     cur = torch.zeros(n_local, dtype=torch.float64)
 
     def gains_of(cols):
-        part = (w_local[:, None] * torch.clamp(S[:, cols].double() - cur[:, None], min=0.0)).sum(0).to(cdev)
+        cols = torch.as_tensor(cols)
+        if S is not None:
+            part = (w_local[:, None] * torch.clamp(S[:, cols].double() - cur[:, None], min=0.0)).sum(0)
+        else:
+            part = torch.zeros(len(cols), dtype=torch.float64)
+            for c0 in range(0, len(cols), col_chunk):
+                cc = cols[c0 : c0 + col_chunk]
+                for a in range(0, n_local, blk):
+                    g = torch.clamp(sims(a, cc).double() - cur[a : a + blk, None], min=0.0)
+                    part[c0 : c0 + len(cc)] += (w_local[a : a + blk, None] * g).sum(0)
+        part = part.to(cdev)
         dist.all_reduce(part, group=group)  # every rank receives the same sums
         return part.cpu()
+
+    def column(j: int):
+        if S is not None:
+            return S[:, j]
+        return torch.cat([sims(a, [j])[:, 0] for a in range(0, n_local, blk)])
 
     neg_inf = float("-inf")
     ub = gains_of(torch.arange(len(U)))
@@ -512,14 +538,15 @@ def select_facility_location_greedi(
             fresh[top] = True
         picks.append(int(U[j]))
         gains.append(float(ub[j]))
-        torch.maximum(cur, S[:, j].double(), out=cur)
+        torch.maximum(cur, column(j).double(), out=cur)
         ub[j] = neg_inf
         fresh.zero_()
     obj = (w_local * cur).sum().reshape(1).to(cdev)
     dist.all_reduce(obj, group=group)
     info = {"optimizer": "greedi", "metric": metric, "graph_round1": graph, "k_requested": k, "n": n, "d": d,
             "world_size": world, "shard_sizes": sizes, "union_size": int(len(U)),
-            "round1_seconds": t1 - t0, "objective_graph": "dense"}
+            "round1_seconds": t1 - t0, "objective_graph": "dense",
+            "round2_similarities": "in memory" if S is not None else "streamed"}
     return Selection(indices=np.asarray(picks, dtype=np.int64), gains=np.asarray(gains, dtype=np.float64),
                      objective=float(obj.cpu()), backend="torch-distributed", seconds=time.perf_counter() - t0,
                      method="facility_location", info=info)
