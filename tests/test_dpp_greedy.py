@@ -390,3 +390,22 @@ def test_torch_blocked_products_match_one_block(rng, dtype):
         np.testing.assert_array_equal(got[1], one[1])
     assert matvec_rows(768) % 64 == 0 and matvec_rows(768) * 768 * 8 <= 1 << 24
     assert matvec_rows(10**6) == 64  # very wide rows: still whole 64-row groups
+
+
+def test_candidates_check_only_the_candidate_rows(rng):
+    X = rng.standard_normal((400, 8)).astype(np.float32)
+    r = rng.uniform(0.05, 0.2, 400)
+    r[[7, 11, 250]] = [0.9, 0.8, 0.7]
+    bad = X.copy()
+    bad[7, 2] = np.nan  # a candidate: a clear error naming its row in the pool
+    with pytest.raises(ValueError, match="row 7"):
+        select_dpp(bad, 5, r, candidates=20, progress=False)
+    far = X.copy()
+    low = int(np.argmin(r))
+    far[low, 0] = np.inf  # never a candidate: the pool outside the top-M is not read
+    got = select_dpp(far, 5, r, candidates=20, progress=False)
+    want = select_dpp(X, 5, r, candidates=20, progress=False)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    assert low not in got.indices
+    with pytest.raises(ValueError, match="NaN or inf"):
+        select_dpp(far, 5, r, progress=False)  # without candidates the whole pool is checked

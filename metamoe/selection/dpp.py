@@ -493,7 +493,8 @@ def select_dpp(
             ``candidates`` is given); see :func:`default_rbf_gamma`. Only for ``kernel="rbf"``.
         candidates: None (the whole pool) or M with k <= M <= N: keep only the top-M samples by
             relevance (ties to the lower index) and run the DPP on those; indices still refer to the
-            full pool. ``candidates=2000`` with ``k=500`` is the paper's protocol.
+            full pool. ``candidates=2000`` with ``k=500`` is the paper's protocol. Only the M candidate rows are
+            checked for NaN/inf (the rest of the pool is never read).
         eps: stop when the best residual is <= eps times the largest diagonal entry of L.
         backend: ``"auto"`` (default, or ``METAMOE_BACKEND``), ``"cuda"``, ``"cpp"`` or ``"torch"``
             (the RBF kernel has ``cpp`` and ``torch``; torch also runs on a GPU).
@@ -513,7 +514,8 @@ def select_dpp(
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got {kernel!r}")
     t0 = time.perf_counter()
-    Xt = check_embeddings(X, zero_copy_readonly=True)
+    # with candidates only the M gathered rows are scanned for NaN/inf (below), not the whole pool
+    Xt = check_embeddings(X, zero_copy_readonly=True, check_finite=candidates is None)
     n, d = Xt.shape
     k = check_k(k, n)
     r = check_relevance(relevance, n)
@@ -531,7 +533,7 @@ def select_dpp(
         isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral) or chunk_rows < 1
     ):
         raise ValueError(f"chunk_rows must be a positive integer or None, got {chunk_rows!r}")
-    rows = block_rows(d, 8) if chunk_rows is None else int(chunk_rows)
+    rows = matvec_rows(d, chunk_rows)  # 64-row multiples: the sharded greedy reproduces these products
     cand = None
     if candidates is not None:
         if isinstance(candidates, bool) or not isinstance(candidates, numbers.Integral):
@@ -541,6 +543,15 @@ def select_dpp(
         cand = top_candidates(r, int(candidates))
         Xt = Xt[torch_index(cand, Xt.device)]
         r = np.ascontiguousarray(r[cand])
+        try:
+            check_embeddings(Xt, "X")
+        except ValueError as exc:  # name the pool row, not the candidate's position
+            import re
+
+            hit = re.search(r"row (\d+)", str(exc))
+            if hit is None:
+                raise
+            raise ValueError(str(exc).replace(hit.group(0), f"row {int(cand[int(hit.group(1))])}", 1)) from None
     m = Xt.shape[0]
     for a in range(0, m, rows):
         norms_ok = Xt[a : a + rows].abs().amax(dim=1) > 0
