@@ -470,3 +470,18 @@ def test_sharded_relevance_moments_and_scores_are_the_single_process_bits(two_ra
         lo, hi = pool_shard_range(N, r, WORLD)
         np.testing.assert_array_equal(res["scores"], full[lo:hi])
         assert res["nan"] == "the public pool has NaN or inf values in rows 192:256", res["nan"]
+
+
+def test_multi_shard_pool_larger_than_memory_is_concatenated_on_disk(single, monkeypatch, capsys):
+    """One process, a 2-shard pool that 'does not fit': streamed into an unlinked temporary .npy, not RAM."""
+    from metamoe.selection import cli as scli
+    from metamoe.selection import facility_location as fl
+
+    in_memory = scli._load_public(str(single), False)
+    assert not isinstance(in_memory, np.memmap)
+    monkeypatch.setattr(fl, "_available_bytes", lambda device: 1024)
+    on_disk = scli._load_public(str(single / "manifest.json"), False)
+    assert isinstance(on_disk, np.memmap) and not on_disk.flags.writeable
+    np.testing.assert_array_equal(np.asarray(on_disk), in_memory)
+    assert "concatenated on disk" in capsys.readouterr().out
+    assert not list(single.glob(".select-concat-*"))  # unlinked at once; freed when the process exits

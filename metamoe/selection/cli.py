@@ -113,13 +113,30 @@ def _load_public(path: str, distributed: bool):
 
     A pool under --distributed stays a lazy view (relevance reads it row by row; each rank then opens and
     sha256-checks only the shard files of its own rows); in one process a one-shard pool is that shard's
-    memmap and a multi-shard pool is concatenated in memory (N x D in the pool's dtype), after every shard
-    file's sha256 is checked."""
+    memmap and a multi-shard pool is concatenated, after every shard file's sha256 is checked: in memory
+    when it takes at most half of the memory available, else streamed into a temporary .npy in the pool
+    folder that is memmapped and unlinked at once (its disk space is freed when the process exits)."""
     if os.path.isdir(path) or path.endswith(".json"):
         from ..unify.pool_embedding import open_pool_embeddings
+        from .facility_location import _available_bytes
 
         pool = open_pool_embeddings(path, verify=not distributed)
-        return pool if distributed else pool.to_array()
+        if distributed or len(pool.shard_ranges) == 1:
+            return pool if distributed else pool.to_array()
+        nbytes = int(np.prod(pool.shape)) * np.dtype(pool.dtype).itemsize
+        if nbytes <= _available_bytes("cpu") // 2:
+            return pool.to_array()
+        import tempfile
+
+        folder = os.path.dirname(os.path.abspath(path)) if path.endswith(".json") else path
+        fd, tmp = tempfile.mkstemp(prefix=".select-concat-", suffix=".npy", dir=folder)
+        os.close(fd)
+        print(f"--public: {len(pool.shard_ranges)} shards, {nbytes / 2**30:.1f} GiB: more than half of the free "
+              f"memory, concatenated on disk ({tmp}, removed at exit)")
+        try:
+            return pool.to_array(out=tmp)
+        finally:
+            os.unlink(tmp)  # the memmap keeps the file's pages until the process ends
     return _load(path, "public")
 
 
