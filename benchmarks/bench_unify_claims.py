@@ -137,6 +137,15 @@ def main(argv=None) -> int:
         + " ".join(f"s{s}={runs[s]['seed_model']['average']:.3f}" for s in seeds)
     )
     say(format_claims(per_seed, claims))
+    say("")
+    say("routing quality: mean routing probability of a test sample to its own client's expert (last MoE layer),")
+    say("averaged over the client domains, per seed (MoE methods):")
+    for m in next(iter(runs.values()))["methods"]:
+        vals = [runs[s]["methods"][m].get("own_expert_weight") for s in seeds]
+        if any(v is None for v in vals):
+            continue
+        per = [sum(v.values()) / len(v) for v in vals]
+        say(f"  {m:<14}" + " ".join(f"{x:.3f}" for x in per) + f"   mean {sum(per) / len(per):.3f}")
     if args.no_csv:
         return 0
     env = environment("cpu")

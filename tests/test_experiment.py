@@ -53,6 +53,10 @@ def test_results_json_schema(run):
         assert isinstance(m["average"], float)
         assert m["average"] == pytest.approx(sum(m["per_domain"].values()) / 3)
         assert isinstance(m["breaks_privacy"], bool) and isinstance(m["description"], str)
+    for name in ("metamoe", "btx_oracle"):  # MoE methods: routing quality per client domain, a probability
+        own = on_disk["methods"][name]["own_expert_weight"]
+        assert set(own) == {"upright", "rotated", "inverted"} and all(0 < v < 1 for v in own.values())
+    assert "own_expert_weight" not in on_disk["methods"]["model_soup"]
     assert on_disk["methods"]["btx_oracle"]["breaks_privacy"] is True
     assert "BREAKS PRIVACY" in on_disk["methods"]["btx_oracle"]["privacy"]
     assert on_disk["seed"] == 3 and on_disk["domains"] == ["upright", "rotated", "inverted"]

@@ -206,6 +206,9 @@ def test_routed_head_adds_log_routing_weight_to_each_private_block(packages, see
     torch.testing.assert_close(lr[:, ps:pe], lp[:, ps:pe], rtol=0, atol=0)
     assert (g.max(1).values - g.min(1).values).max() > 1e-2  # the routers are not uniform: the test means something
     torch.testing.assert_close(routed.expert_weights(b).double(), g, rtol=1e-6, atol=1e-7)
+    rw = routed.routing_weights(x, batch_size=7)  # batched, in eval mode: the same weights
+    np.testing.assert_allclose(rw, g.numpy(), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(rw.sum(1), 1.0, rtol=0, atol=1e-9)
     p = routed.predict_proba(x.float())
     np.testing.assert_allclose(p.sum(1), 1.0, rtol=0, atol=1e-9)
     assert not build_unified_model(seed_vit, packages[:1]).routed_head  # one expert: nothing to weigh

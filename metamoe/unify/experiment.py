@@ -31,7 +31,9 @@ The result is the dict written to ``results.json``::
      "total_cpu_s": ., "seed_model": {"per_domain": ..., "average": ., "loss_per_epoch": [...]},
      "local_experts": {"<set>": {"<domain>": acc}}, "proxies_from_own_domain": {...}, "versions": {...}}
 
-``seed_model`` is the seed alone with its 10-digit head, ``local_experts`` each client's expert on its own
+MoE methods also report ``routing`` (per layer, the fraction of token slots each expert receives) and
+``own_expert_weight`` (per client domain, the test samples' mean routing probability to that client's expert
+in the last MoE layer: routing quality). ``seed_model`` is the seed alone with its 10-digit head, ``local_experts`` each client's expert on its own
 domain (both references, not methods).
 """
 
@@ -544,6 +546,11 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
             if spec.combine == "moe":
                 entry["routing"] = {
                     d: model.routing_fractions(x_te).round(4).tolist() for d, (x_te, _) in tests.items()
+                }
+                # routing quality: a test sample's mean routing probability to its own client's expert
+                # (last MoE layer), per client domain
+                entry["own_expert_weight"] = {
+                    d: float(model.routing_weights(x_te)[:, i].mean()) for i, (d, (x_te, _)) in enumerate(tests.items())
                 }
             out_methods[spec.name] = entry
     if not keep:

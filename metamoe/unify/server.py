@@ -402,6 +402,23 @@ class UnifiedModel(nn.Module):
         return out
 
     @torch.no_grad()
+    def routing_weights(self, x: Any, batch_size: int = 256) -> np.ndarray:
+        """(n, E) float64: each sample's :meth:`expert_weights` (mean routing probability per expert in the
+        last MoE layer), in eval mode."""
+        n = SeedModel.num_samples(x)
+        out = np.empty((n, self.num_experts), dtype=np.float64)
+        prev = self.training
+        self.eval()
+        try:
+            for s in range(0, n, batch_size):
+                b = self.prepare(SeedModel.take(x, slice(s, s + batch_size)))
+                self(b)
+                out[s : s + batch_size] = self.expert_weights(b).double().cpu().numpy()
+        finally:
+            self.train(prev)
+        return out
+
+    @torch.no_grad()
     def routing_fractions(self, x: Any, batch_size: int = 256) -> np.ndarray:
         """(L, E) float64: fraction of the (token, slot) pairs of ``x`` each layer sends to each expert."""
         n = SeedModel.num_samples(x)
