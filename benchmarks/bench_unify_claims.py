@@ -19,6 +19,8 @@ time per seed is recorded (CPU only, 1 torch thread).
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -48,7 +50,8 @@ def design_name(cfg: DigitsConfig) -> str:
     numbers; then ``_seedpool-distractors`` and ``_plainhead`` when those options are on."""
     share = cfg.public_per_domain if cfg.public_per_client_domain is None else cfg.public_per_client_domain
     pool = (share, cfg.public_per_domain, tuple(cfg.distractor_domains))
-    if pool == (40, 300, ("mirrored", "upside_down", "transposed", "blurred", "shifted")):
+    default = DigitsConfig()
+    if pool == (default.public_per_client_domain, default.public_per_domain, tuple(default.distractor_domains)):
         name = "outofdomain"
     elif pool == (300, 300, ("mirrored", "transposed", "blurred")):
         name = "balanced"
@@ -88,6 +91,14 @@ def main(argv=None) -> int:
         action="store_true",
         help="the plain concatenated head instead of the routed head (build_unified_model(routed_head=False))",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other DigitsConfig field, e.g. --set router_epochs=40 --set router_lr=0.03 (VALUE parsed as "
+        "a Python literal); appended to the variant name",
+    )
     p.add_argument("--alpha", type=float, default=0.05, help="level of the one-sided tests (default 0.05)")
     p.add_argument(
         "--close-margin",
@@ -108,12 +119,23 @@ def main(argv=None) -> int:
         overrides["distractor_domains"] = tuple(d.strip() for d in args.distractors.split(",") if d.strip())
     if args.no_routed_head:
         overrides["routed_head"] = False
-    variant = design_name(DigitsConfig(**overrides))
+    extra = {}
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        fields = [f.name for f in dataclasses.fields(DigitsConfig)]
+        if not sep or field not in fields:
+            p.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        try:
+            extra[field] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            extra[field] = value  # a plain string, e.g. --set router_loss=full
+    variant = design_name(DigitsConfig(**{**overrides, **extra})) + "".join(f"_{k}{v}" for k, v in extra.items())
     if args.quick:
         from metamoe.demo import QUICK
 
         overrides.update(QUICK)
         variant += "_quick"
+    overrides.update(extra)  # --set wins over --quick
     log = []
 
     def say(line: str) -> None:

@@ -30,14 +30,6 @@ PY = sys.executable
 WORLD = 2
 
 
-def _free_port() -> int:
-    return free_port()
-
-
-def _env(rank: int, port: int) -> dict:
-    return rank_env(rank, port, WORLD)
-
-
 # --------------------------------------------------------------------------- data (same on every rank)
 
 
@@ -80,7 +72,7 @@ def clustered_case():
 
 
 def _worker(rank: int, port: int, out_dir: str):
-    os.environ.update(_env(rank, port))
+    os.environ.update(rank_env(rank, port, WORLD))
     torch.set_num_threads(1)
     from metamoe.selection.distributed import (init_distributed, select_dpp_sharded,
                                                select_facility_location_greedi,
@@ -114,7 +106,7 @@ def sharded(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
@@ -251,7 +243,7 @@ def test_cli_torchrun_writes_the_single_process_json(npy, method, extra):
     single = npy / f"single_{method}.json"
     assert main([*common, "--out", str(single)]) == 0
     out = npy / f"dist_{method}.json"
-    env = _env(0, 0)
+    env = rank_env(0, 0, WORLD)
     for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(v)
     proc = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",

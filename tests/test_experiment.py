@@ -146,9 +146,10 @@ def test_config_domains_pool_composition():
     from metamoe.data.digits import TRANSFORMS, load_digit_images
 
     images, labels = load_digit_images()
+    shifted = TRANSFORMS["shifted"](images)
     for i in np.flatnonzero(d.public_domain == 4)[:5]:
-        hits = [j for j in range(len(images)) if np.array_equal(TRANSFORMS["shifted"](images[j : j + 1])[0], d.public_x[i])]
-        assert hits and d.public_y[i] in labels[hits]
+        hits = np.flatnonzero((shifted == d.public_x[i]).all(axis=(1, 2)))
+        assert len(hits) and d.public_y[i] in labels[hits]
     default = config_domains(5)  # the harness's default pool: mostly out-of-domain, 13.5x a private set
     np.testing.assert_array_equal(np.bincount(default.public_domain), [40] * 3 + [300] * 5)
     assert len(default.public_x) == 1620 >= 10 * len(default.clients[0].x_train)

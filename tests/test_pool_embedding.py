@@ -102,14 +102,6 @@ def _one_thread():
         torch.set_num_threads(t)
 
 
-def _free_port() -> int:
-    return free_port()
-
-
-def _env(rank: int, port: int, **extra) -> dict:
-    return rank_env(rank, port, WORLD, **extra)
-
-
 def _cli_args(raw, out, *more):
     return ["--model", VIT, "--model-seed", "0", "--model-config", json.dumps(VIT_CFG), "--num-classes", "10",
             "--data", str(raw), "--out", str(out), "--batch-size", str(BATCH), "--no-progress", *more]
@@ -117,11 +109,11 @@ def _cli_args(raw, out, *more):
 
 def _launch(raw, out, timeout_s=30, **extra):
     """Two ranks of `embed-pool --distributed`, started by hand; returns [(returncode, stderr)] per rank."""
-    port = _free_port()
+    port = free_port()
     worker = out.parent / "worker.py"
     worker.write_text(WORKER)
     procs = [subprocess.Popen([PY, str(worker), "--distributed", "--timeout", str(timeout_s), *_cli_args(raw, out)],
-                              env=_env(r, port, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=rank_env(r, port, WORLD, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(WORLD)]
     res = []
     try:
@@ -398,10 +390,10 @@ def test_select_distributed_manifest_equals_single_process(single, private, tmp_
               "--no-progress"]
     _select([*common, "--public", str(private / "X.npy"), "--out", str(tmp_path / "single.json")])
     out = tmp_path / "dist.json"
-    port = _free_port()  # ranks started by hand, as torchrun would (one interpreter less to start)
+    port = free_port()  # ranks started by hand, as torchrun would (one interpreter less to start)
     procs = [subprocess.Popen([PY, "-m", "metamoe", "select", "--distributed", "--timeout", "60", *common,
                                "--public", str(single / "manifest.json"), "--out", str(out)],
-                              env=_env(r, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=rank_env(r, port, WORLD), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(WORLD)]
     try:
         outs = [p.communicate(timeout=90) for p in procs]

@@ -123,7 +123,7 @@ def _load_public(path: str, distributed: bool):
         pool = open_pool_embeddings(path, verify=not distributed)
         if distributed or len(pool.shard_ranges) == 1:
             return pool if distributed else pool.to_array()
-        nbytes = int(np.prod(pool.shape)) * np.dtype(pool.dtype).itemsize
+        nbytes = pool.nbytes
         if nbytes <= _available_bytes("cpu") // 2:
             return pool.to_array()
         import tempfile

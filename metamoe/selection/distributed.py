@@ -49,10 +49,10 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .dpp import DEFAULT_EPS, DppRankWarning, _matvec_blocks, _row_norms, add_direction, matvec_rows
+from .dpp import DEFAULT_EPS, DppRankWarning, _matvec_blocks, add_direction, matvec_rows
 from .facility_location import DenseSimilarities, _check_weights, _dense_blocks
 from .result import Selection
-from .validation import check_embeddings, check_k, check_nonnegative, check_relevance
+from .validation import check_embeddings, check_k, check_nonnegative, check_relevance, first_zero_row, row_norms
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -218,12 +218,9 @@ def select_dpp_sharded(
     ridge = check_nonnegative(ridge, "ridge")
     eps = check_nonnegative(eps, "eps")
     rows = matvec_rows(d)
-    for a in range(0, n_local, rows):  # blockwise: a shard can be a memmap larger than memory
-        zero = Xt[a : a + rows].abs().amax(dim=1) == 0
-        if bool(zero.any()):
-            raise ValueError(
-                f"X_shard row {a + int(zero.nonzero()[0, 0])} is all zeros; the cosine kernel needs non-zero rows"
-            )
+    zero = first_zero_row(Xt, rows)  # blockwise: a shard can be a memmap larger than memory
+    if zero is not None:
+        raise ValueError(f"X_shard row {zero} is all zeros; the cosine kernel needs non-zero rows")
     offset, n, sizes = _shard_offsets(n_local, group, cdev)
     dims = [torch.zeros(1, dtype=torch.int64, device=cdev) for _ in sizes]
     dist.all_gather(dims, torch.tensor([d], dtype=torch.int64, device=cdev), group=group)
@@ -236,7 +233,7 @@ def select_dpp_sharded(
     if Xt.device != dev:
         Xt = Xt.to(dev)  # e.g. a CPU memmap shard onto this rank's GPU, in its storage dtype
     r = torch.as_tensor(r_local, dtype=torch.float64, device=dev)
-    norms = _row_norms(Xt, work, rows)
+    norms = row_norms(Xt, work, rows)
     scale = r / norms
     d2 = r * r * (1.0 + ridge)
     rmax = torch.tensor([float((r * r).max())], dtype=torch.float64, device=cdev)

@@ -35,7 +35,7 @@ from ..backends import CallSpec, define_op
 from ..backends.availability import require_extension
 from ..backends.tensors import dtype_name
 from .result import Selection
-from .validation import block_rows, check_embeddings, check_k, check_nonnegative, check_relevance
+from .validation import block_rows, check_embeddings, check_k, check_nonnegative, check_relevance, first_zero_row, row_norms
 
 dpp_greedy = define_op(
     "dpp_greedy",
@@ -123,16 +123,6 @@ def _matvec_blocks(X, q, work, rows: int):
     return out
 
 
-def _row_norms(X, work, rows: int):
-    """(N,) float64 ||x_i||, the norm taken in ``work`` (float64 on the CPU, float32 on a GPU), blockwise."""
-    import torch
-
-    out = torch.empty(X.shape[0], dtype=torch.float64, device=X.device)
-    for a in range(0, X.shape[0], rows):
-        out[a : a + rows] = torch.linalg.vector_norm(X[a : a + rows].to(work), dim=1).double()
-    return out
-
-
 @dpp_greedy.register("torch", devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16", "float64"))
 def dpp_greedy_torch(
     X, relevance: np.ndarray, k: int, ridge: float, eps: float, progress: bool = False, *, chunk_rows=None
@@ -149,7 +139,7 @@ def dpp_greedy_torch(
     n, d = X.shape
     rows = matvec_rows(d, chunk_rows)
     r = torch.as_tensor(relevance, dtype=torch.float64, device=dev)
-    norms = _row_norms(X, work, rows)
+    norms = row_norms(X, work, rows)
     scale = r / norms
     d2 = r * r * (1.0 + ridge)
     Qd = torch.zeros(k, d, dtype=torch.float64, device=dev)
@@ -543,22 +533,12 @@ def select_dpp(
         cand = top_candidates(r, int(candidates))
         Xt = Xt[torch_index(cand, Xt.device)]
         r = np.ascontiguousarray(r[cand])
-        try:
-            check_embeddings(Xt, "X")
-        except ValueError as exc:  # name the pool row, not the candidate's position
-            import re
-
-            hit = re.search(r"row (\d+)", str(exc))
-            if hit is None:
-                raise
-            raise ValueError(str(exc).replace(hit.group(0), f"row {int(cand[int(hit.group(1))])}", 1)) from None
+        check_embeddings(Xt, "X", row_ids=cand)  # errors name the pool row
     m = Xt.shape[0]
-    for a in range(0, m, rows):
-        norms_ok = Xt[a : a + rows].abs().amax(dim=1) > 0
-        if not bool(norms_ok.all()):
-            row = a + int((~norms_ok).nonzero()[0, 0])
-            row = int(cand[row]) if cand is not None else row
-            raise ValueError(f"X row {row} is all zeros; the {kernel} kernel needs non-zero rows")
+    zero = first_zero_row(Xt, rows)
+    if zero is not None:
+        row = int(cand[zero]) if cand is not None else zero
+        raise ValueError(f"X row {row} is all zeros; the {kernel} kernel needs non-zero rows")
     op = dpp_greedy if kernel == "cosine" else dpp_greedy_rbf
     spec = CallSpec(device=Xt.device.type, dtype=dtype_name(Xt), extra={"n": m, "d": d, "k": k})
     impl = op.select(spec, backend)

@@ -45,7 +45,7 @@ from ..backends import CallSpec, define_op
 from ..backends.availability import require_extension
 from .knn_graph import KnnGraph, build_knn_graph
 from .result import Selection
-from .validation import as_float64_vector, block_rows, check_embeddings, check_k
+from .validation import as_float64_vector, block_rows, check_embeddings, check_k, first_zero_row, row_norms
 
 facility_location = define_op(
     "facility_location",
@@ -516,10 +516,8 @@ class DenseSimilarities:
         import torch
 
         if not hasattr(self, "_xn"):
-            xn = torch.empty(self.X.shape[0], dtype=torch.float64, device=self.device)
-            rows = block_rows(self.X.shape[1], 8)  # blockwise: no (N, D) float64 copy of the pool
-            for a in range(0, self.X.shape[0], rows):
-                xn[a : a + rows] = torch.linalg.vector_norm(self.X[a : a + rows].double(), dim=1)
+            # blockwise: no (N, D) float64 copy of the pool
+            xn = row_norms(self.X, torch.float64, block_rows(self.X.shape[1], 8)).to(self.device)
             self._xn = xn * (1 + 1e-6)
             self._qn = torch.linalg.vector_norm(self.Q.double(), dim=1) * (1 + 1e-6)
             self._wq = self.w * self._qn
@@ -872,11 +870,9 @@ def select_facility_location(
         g_info = {"graph": "knn", "n_neighbors": kg.n_neighbors, **kg.info}
     else:
         if Gt is None and metric == "cosine":
-            rows = block_rows(d, 4)
-            for a in range(0, n, rows):  # blockwise: no N x D temporary
-                zero = Xt[a : a + rows].abs().amax(dim=1) == 0
-                if bool(zero.any()):
-                    raise ValueError(f"X row {a + int(zero.nonzero()[0, 0])} is all zeros; cosine needs non-zero rows")
+            zero = first_zero_row(Xt)  # blockwise: no N x D temporary
+            if zero is not None:
+                raise ValueError(f"X row {zero} is all zeros; cosine needs non-zero rows")
         tg = time.perf_counter()
         dense = DenseSimilarities.build(Xt, Gt, w, metric, tile, block)
         g_info = {"graph": "dense (on the fly)" if on_the_fly else "dense", "tile": tile, "block": block}

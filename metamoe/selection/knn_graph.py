@@ -34,7 +34,7 @@ import numpy as np
 
 from ..backends.tensors import as_torch, is_torch
 from .validation import block_rows as _rows_for_bytes
-from .validation import check_embeddings
+from .validation import check_embeddings, check_int, first_zero_row
 
 METRICS = ("cosine", "ip", "l2")
 METHODS = ("auto", "exact", "ivf", "torch", "faiss-gpu")
@@ -355,17 +355,6 @@ def _default_nlist(n: int) -> int:
     return int(max(1, min(n // 39, round(4 * math.sqrt(n)))))
 
 
-def _check_int(value: Any, name: str, lo: int = 1) -> int:
-    import numbers
-
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    value = int(value)
-    if value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
-    return value
-
-
 def build_knn_graph(
     X: Any,
     n_neighbors: int,
@@ -443,15 +432,15 @@ def build_knn_graph(
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     Xt = check_embeddings(X, "X", check_finite=check_input, zero_copy_readonly=True)
     n, d = Xt.shape
-    K = _check_int(n_neighbors, "n_neighbors")
+    K = check_int(n_neighbors, "n_neighbors")
     if K >= n:
         raise ValueError(f"n_neighbors={K} must be smaller than the pool size N={n}")
-    block_rows = _rows_for_bytes(d, 4) if block_rows is None else _check_int(block_rows, "block_rows")
+    block_rows = _rows_for_bytes(d, 4) if block_rows is None else check_int(block_rows, "block_rows")
     if storage not in IVF_STORAGE:
         raise ValueError(f"storage must be one of {', '.join(map(repr, IVF_STORAGE))}, got {storage!r}")
     if max_index_bytes is None:
         max_index_bytes = EXACT_INDEX_BYTES
-    max_index_bytes = _check_int(max_index_bytes, "max_index_bytes")
+    max_index_bytes = check_int(max_index_bytes, "max_index_bytes")
     own = queries is None
     if own:
         Qt = Xt
@@ -463,10 +452,9 @@ def build_knn_graph(
             raise ValueError(f"queries are on {Qt.device}, X on {Xt.device}: put them on the same device")
     if metric == "cosine":
         for name, t in (("X", Xt), ("queries", Qt)):
-            for s in range(0, t.shape[0], block_rows):
-                zero = t[s : s + block_rows].abs().amax(dim=1) == 0
-                if bool(zero.any()):
-                    raise ValueError(f"{name} row {s + int(zero.nonzero()[0, 0])} is all zeros; cosine needs non-zero rows")
+            zero = first_zero_row(t, block_rows)
+            if zero is not None:
+                raise ValueError(f"{name} row {zero} is all zeros; cosine needs non-zero rows")
     nq = Qt.shape[0]
     on_gpu = Xt.device.type != "cpu"
     drop_self = own and not include_self
@@ -508,9 +496,9 @@ def build_knn_graph(
     else:  # ivf
         import faiss
 
-        nl = _default_nlist(n) if nlist is None else _check_int(nlist, "nlist")
+        nl = _default_nlist(n) if nlist is None else check_int(nlist, "nlist")
         nl = min(nl, n)
-        npb = max(16, nl // 32) if nprobe is None else _check_int(nprobe, "nprobe")
+        npb = max(16, nl // 32) if nprobe is None else check_int(nprobe, "nprobe")
         npb = min(npb, nl)
         index = _faiss_index(d, metric, nl, storage)
         rng = np.random.default_rng(seed)

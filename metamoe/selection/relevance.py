@@ -24,18 +24,10 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from ..backends.tensors import device_type
-from .validation import block_rows, check_embeddings
+from .validation import block_rows, check_embeddings, check_int, check_row_range
 
 MIN_STEPS = 300  # Adam steps at least, however small the sets (one "epoch" of 100 rows is one step)
 PROB_CLIP = 1e-12  # scores are clipped to [PROB_CLIP, 1 - PROB_CLIP] so that they lie strictly in (0, 1)
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {int(value)}")
-    return int(value)
 
 
 def _check_real(value: Any, name: str, *, positive: bool) -> float:
@@ -45,16 +37,6 @@ def _check_real(value: Any, name: str, *, positive: bool) -> float:
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {value}")
     return value
-
-
-def _check_rows(rows: Any, n: int):
-    if (not isinstance(rows, (tuple, list)) or len(rows) != 2
-            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in rows)):
-        raise TypeError(f"score_rows must be a (start, stop) pair of integers, got {rows!r}")
-    lo, hi = int(rows[0]), int(rows[1])
-    if not 0 <= lo < hi <= n:
-        raise ValueError(f"score_rows must satisfy 0 <= start < stop <= N={n}, got ({lo}, {hi})")
-    return lo, hi
 
 
 class _PoolRows:
@@ -231,10 +213,10 @@ def relevance_scores(
             f"private and public must have the same embedding dimension D, got private D={P.shape[1]} "
             f"and public D={X.shape[1]}"
         )
-    epochs = _check_int(epochs, "epochs", 1)
-    batch_size = _check_int(batch_size, "batch_size", 2)
-    chunk_size = default_chunk_rows(X.shape[1]) if chunk_size is None else _check_int(chunk_size, "chunk_size", 1)
-    seed = _check_int(seed, "seed", 0)
+    epochs = check_int(epochs, "epochs", 1)
+    batch_size = check_int(batch_size, "batch_size", 2)
+    chunk_size = default_chunk_rows(X.shape[1]) if chunk_size is None else check_int(chunk_size, "chunk_size", 1)
+    seed = check_int(seed, "seed", 0)
     lr = _check_real(lr, "lr", positive=True)
     weight_decay = _check_real(weight_decay, "weight_decay", positive=False)
     if device is None:
@@ -244,7 +226,7 @@ def relevance_scores(
     else:
         device = torch.device(device)
     m, n, d = P.shape[0], X.shape[0], X.shape[1]
-    lo, hi = (0, n) if score_rows is None else _check_rows(score_rows, n)
+    lo, hi = (0, n) if score_rows is None else check_row_range(score_rows, n, "score_rows")
 
     # standardisation from the class-balanced mixture of both sets
     mp, sp = _moments(P, chunk_size)

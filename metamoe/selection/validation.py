@@ -31,6 +31,7 @@ def check_embeddings(
     check_finite: bool = True,
     chunk_rows: Optional[int] = None,
     zero_copy_readonly: bool = False,
+    row_ids: Optional[Any] = None,
 ):
     """Validate a (N, D) floating-point embedding matrix; returns it as a torch tensor (zero copy where possible).
 
@@ -38,7 +39,8 @@ def check_embeddings(
     ``zero_copy_readonly=True`` wraps a read-only NumPy array (``np.load(..., mmap_mode="r")``) without
     copying it; the caller promises never to write to the returned tensor. The NaN/inf scan reads
     ``chunk_rows`` rows at a time (None: :func:`block_rows` of 4-byte values), so a memmap is streamed,
-    never converted whole.
+    never converted whole. ``row_ids`` (optional, one id per row) names rows in errors by their id instead
+    of their position, e.g. the pool index of a gathered candidate row.
     """
     if isinstance(X, (list, tuple)):
         raise TypeError(f"{name} must be a NumPy array, torch tensor or CuPy array of floats, got a {type(X).__name__}")
@@ -68,8 +70,51 @@ def check_embeddings(
             bad = ~torch_isfinite_rows(block)
             if bool(bad.any()):
                 row = start + int(bad.nonzero()[0, 0])
+                row = row if row_ids is None else int(row_ids[row])
                 raise ValueError(f"{name} has NaN or inf values (first in row {row})")
     return t
+
+
+def first_zero_row(t, rows: Optional[int] = None) -> Optional[int]:
+    """Index of the first all-zero row of the (N, D) tensor ``t`` (None if there is none), read ``rows`` rows
+    at a time (None: :func:`block_rows` of 4-byte values), so a memmap is streamed, never copied whole."""
+    rows = block_rows(t.shape[1], 4) if rows is None else int(rows)
+    for a in range(0, t.shape[0], rows):
+        zero = t[a : a + rows].abs().amax(dim=1) == 0
+        if bool(zero.any()):
+            return a + int(zero.nonzero()[0, 0])
+    return None
+
+
+def row_norms(X, work, rows: int):
+    """(N,) float64 ``||x_i||`` of the rows of the tensor X, each block of ``rows`` rows cast to ``work``
+    (e.g. float64 on the CPU, float32 on a GPU) before the norm: X is never converted whole."""
+    import torch
+
+    out = torch.empty(X.shape[0], dtype=torch.float64, device=X.device)
+    for a in range(0, X.shape[0], rows):
+        out[a : a + rows] = torch.linalg.vector_norm(X[a : a + rows].to(work), dim=1).double()
+    return out
+
+
+def check_int(value: Any, name: str, lo: int = 1) -> int:
+    """``value`` as an int >= ``lo``; TypeError for non-integers (and bools), ValueError below ``lo``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if int(value) < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {int(value)}")
+    return int(value)
+
+
+def check_row_range(rows: Any, n: int, name: str = "rows"):
+    """``(start, stop)`` with ``0 <= start < stop <= n`` from a pair of integers; TypeError / ValueError."""
+    if (not isinstance(rows, (tuple, list)) or len(rows) != 2
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in rows)):
+        raise TypeError(f"{name} must be a (start, stop) pair of integers, got {rows!r}")
+    lo, hi = int(rows[0]), int(rows[1])
+    if not 0 <= lo < hi <= n:
+        raise ValueError(f"{name} must satisfy 0 <= start < stop <= N={n}, got ({lo}, {hi})")
+    return lo, hi
 
 
 def torch_isfinite_rows(block):
@@ -129,4 +174,5 @@ def check_nonnegative(value: Any, name: str) -> float:
     return value
 
 
-__all__ = ["BLOCK_BYTES", "block_rows", "check_embeddings", "check_k", "check_relevance", "check_nonnegative", "device_type", "FLOAT_DTYPES"]
+__all__ = ["BLOCK_BYTES", "block_rows", "check_embeddings", "check_int", "check_row_range", "first_zero_row",
+           "row_norms", "check_k", "check_relevance", "check_nonnegative", "device_type", "FLOAT_DTYPES"]

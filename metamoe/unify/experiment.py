@@ -544,14 +544,11 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
             entry.pop("name")
             entry["router"] = router
             if spec.combine == "moe":
-                entry["routing"] = {
-                    d: model.routing_fractions(x_te).round(4).tolist() for d, (x_te, _) in tests.items()
-                }
-                # routing quality: a test sample's mean routing probability to its own client's expert
-                # (last MoE layer), per client domain
-                entry["own_expert_weight"] = {
-                    d: float(model.routing_weights(x_te)[:, i].mean()) for i, (d, (x_te, _)) in enumerate(tests.items())
-                }
+                # per client domain: the fraction of token slots each expert receives (per layer) and the
+                # routing quality, a test sample's mean routing probability to its own client's expert
+                stats = {d: model.routing_stats(x_te) for d, (x_te, _) in tests.items()}
+                entry["routing"] = {d: frac.round(4).tolist() for d, (frac, _) in stats.items()}
+                entry["own_expert_weight"] = {d: float(stats[d][1][:, i].mean()) for i, d in enumerate(tests)}
             out_methods[spec.name] = entry
     if not keep:
         shutil.rmtree(work / "packages", ignore_errors=True)

@@ -49,11 +49,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..selection.validation import check_int, check_row_range
+from .package import sha256_file
+
 FORMAT = "metamoe.pool_embeddings"
 VERSION = 1
 MANIFEST = "manifest.json"
 DTYPES = ("float16", "float32")
-_HASH_CHUNK = 1 << 22  # bytes per read when hashing a shard file
 
 PathLike = Union[str, os.PathLike]
 
@@ -81,17 +83,6 @@ def shard_file(index: int, num_shards: int) -> str:
 
 def _record_file(index: int, num_shards: int) -> str:
     return shard_file(index, num_shards)[: -len(".npy")] + ".json"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(_HASH_CHUNK)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 def _array_bytes(x: Any) -> Tuple[str, Tuple[int, ...], bytes]:
@@ -136,14 +127,6 @@ def _plan(n: int, num_shards: int) -> List[Tuple[int, int]]:
     return [pool_shard_range(n, i, num_shards) for i in range(num_shards)]
 
 
-def _check_int(v: Any, name: str, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
-    if int(v) < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {int(v)}")
-    return int(v)
-
-
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
     try:
         return json.loads(path.read_text())
@@ -175,7 +158,7 @@ def _record_problem(out: Path, m: Dict[str, Any], i: int, *, hash_file: bool) ->
         return f"its record disagrees with the manifest on {', '.join(bad)}"
     if not f.is_file():
         return f"{f.name} is missing"
-    if hash_file and _sha256_file(f) != rec.get("sha256"):
+    if hash_file and sha256_file(f) != rec.get("sha256"):
         return f"sha256 of {f.name} differs from its record"
     return None
 
@@ -282,7 +265,7 @@ def _embed_shard(model, data, out: Path, m: Dict[str, Any], i: int, batch_size: 
         raise
     rec = {"format": FORMAT + ".shard", "version": VERSION, "shard": i, "num_shards": ns, "start": start,
            "stop": stop, "rows": stop - start, "d": d, "dtype": m["dtype"], "file": final.name,
-           "sha256": _sha256_file(final), "model": m["model"], "source_fingerprint": m["source"]["fingerprint"],
+           "sha256": sha256_file(final), "model": m["model"], "source_fingerprint": m["source"]["fingerprint"],
            "rows_sha256": rows_h.hexdigest(), "seconds": time.perf_counter() - t0, "host": socket.gethostname(),
            "finished_unix": time.time()}
     _write_json(out / _record_file(i, ns), rec)
@@ -381,7 +364,7 @@ def embed_pool_sharded(
         if shard is not None:
             raise ValueError("shard= is for redoing shards without a process group; under torch.distributed rank r "
                              "embeds shard r")
-        if num_shards is not None and _check_int(num_shards, "num_shards", 1) != world:
+        if num_shards is not None and check_int(num_shards, "num_shards", 1) != world:
             raise ValueError(f"num_shards={num_shards} but the process group has {world} ranks (one shard per rank)")
         num_shards = world
         mine = [rank]
@@ -389,12 +372,12 @@ def embed_pool_sharded(
         rank = 0
         if num_shards is None:
             num_shards = existing["num_shards"] if existing is not None else 1
-        num_shards = _check_int(num_shards, "num_shards", 1)
+        num_shards = check_int(num_shards, "num_shards", 1)
         if shard is None:
             mine = list(range(num_shards))
         else:
             shards = [shard] if isinstance(shard, numbers.Integral) and not isinstance(shard, bool) else list(shard)
-            mine = sorted({_check_int(s, "shard", 0) for s in shards})
+            mine = sorted({check_int(s, "shard", 0) for s in shards})
             if not mine or mine[-1] >= num_shards:
                 raise ValueError(f"shard must list indices in [0, {num_shards}), got {shard!r}")
     if num_shards > n:
@@ -596,12 +579,7 @@ def open_pool_embeddings(
     if m.get("dtype") not in DTYPES:
         raise PoolIntegrityError(f"{mp}: dtype {m.get('dtype')!r} is not one of {', '.join(DTYPES)}")
     if rows is not None:
-        if (not isinstance(rows, (tuple, list)) or len(rows) != 2
-                or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in rows)):
-            raise TypeError(f"rows must be a (start, stop) pair of integers, got {rows!r}")
-        start, stop = int(rows[0]), int(rows[1])
-        if not 0 <= start < stop <= n:
-            raise ValueError(f"rows must satisfy 0 <= start < stop <= N={n}, got ({start}, {stop})")
+        start, stop = check_row_range(rows, n, "rows")
     need = [i for i, s in enumerate(m["shards"]) if rows is None or (s["start"] < stop and s["stop"] > start)]
     problems = {i: _record_problem(out, m, i, hash_file=False) for i in range(ns)}
     missing = [i for i in range(ns) if problems[i] is not None]
@@ -621,7 +599,7 @@ def open_pool_embeddings(
             arrays.append(None)  # type: ignore[arg-type]
             continue
         rec = _read_json(out / _record_file(i, ns))
-        if verify and _sha256_file(f) != rec["sha256"]:
+        if verify and sha256_file(f) != rec["sha256"]:
             raise PoolIntegrityError(f"{f}: sha256 differs from its record (the file was changed or corrupted after "
                                      f"it was written); redo it with: {_redo_hint(out, m, [i])} --overwrite"
                                      if m.get("command") else
@@ -639,12 +617,6 @@ def open_pool_embeddings(
     if rows is None:
         return view
     return view.rows(start, stop)
-
-
-def is_pool_path(path: PathLike) -> bool:
-    """True when ``path`` is a pool folder (holding manifest.json) or a ``.json`` file (taken as a manifest)."""
-    p = Path(path)
-    return (p.is_dir() and (p / MANIFEST).is_file()) or p.suffix == ".json"
 
 
 # --------------------------------------------------------------------------- `metamoe embed-pool`

@@ -356,14 +356,10 @@ class UnifiedModel(nn.Module):
         # (shared by every expert) are left as they are.
         g = self.expert_weights(batch).to(logits.dtype)
         log_g = torch.log(g.clamp_min(torch.finfo(logits.dtype).tiny))
-        parts, pos = [], 0
+        offset = torch.zeros_like(logits)
         for c, (s, e) in enumerate(self.label_space.private_slices):
-            if s > pos:
-                parts.append(logits[:, pos:s])
-            parts.append(logits[:, s:e] + log_g[:, c : c + 1])
-            pos = e
-        parts.append(logits[:, pos:])
-        return torch.cat(parts, dim=1)
+            offset[:, s:e] = log_g[:, c : c + 1]
+        return logits + offset
 
     def features(
         self, batch: Dict[str, torch.Tensor], context: Optional[torch.Tensor] = None
@@ -384,57 +380,49 @@ class UnifiedModel(nn.Module):
             raise RuntimeError("router_loss is available after a forward pass")
         return torch.stack([v.to(torch.float32) for v in losses]).sum()
 
-    @torch.no_grad()
+    def _eval_forwards(self, x: Any, batch_size: int):
+        """Yield (row slice, prepared batch, logits) over ``x`` in batches, in eval mode without gradients
+        (the previous train/eval mode is restored afterwards)."""
+        n = SeedModel.num_samples(x)
+        prev = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                for s in range(0, n, batch_size):
+                    sl = slice(s, min(n, s + batch_size))
+                    b = self.prepare(SeedModel.take(x, sl))
+                    yield sl, b, self(b)
+        finally:
+            self.train(prev)
+
     def predict_proba(self, x: Any, batch_size: int = 256) -> np.ndarray:
         """Class probabilities (n, C) float64 over the unified label space, in eval mode (classification)."""
         if self.label_space.kind != "classes":
             raise ValueError("predict_proba is for classification models")
-        n = SeedModel.num_samples(x)
-        out = np.empty((n, self.label_space.num_classes), dtype=np.float64)
-        prev = self.training
-        self.eval()
-        try:
-            for s in range(0, n, batch_size):
-                b = self.prepare(SeedModel.take(x, slice(s, s + batch_size)))
-                out[s : s + batch_size] = torch.softmax(self(b).double(), -1).cpu().numpy()
-        finally:
-            self.train(prev)
+        out = np.empty((SeedModel.num_samples(x), self.label_space.num_classes), dtype=np.float64)
+        for sl, _, logits in self._eval_forwards(x, batch_size):
+            out[sl] = torch.softmax(logits.double(), -1).cpu().numpy()
         return out
 
-    @torch.no_grad()
+    def routing_stats(self, x: Any, batch_size: int = 256) -> Tuple[np.ndarray, np.ndarray]:
+        """One pass over ``x``: (:meth:`routing_fractions`, :meth:`routing_weights`)."""
+        counts = torch.zeros(len(self._wrappers), self.num_experts, dtype=torch.float64)
+        weights = np.empty((SeedModel.num_samples(x), self.num_experts), dtype=np.float64)
+        for sl, b, _ in self._eval_forwards(x, batch_size):
+            for i, m in enumerate(self.moe_layers):
+                idx = m.router_logits.topk(m.top_k, dim=-1).indices
+                counts[i] += torch.bincount(idx.reshape(-1).cpu(), minlength=self.num_experts).double()
+            weights[sl] = self.expert_weights(b).double().cpu().numpy()
+        return (counts / counts.sum(1, keepdim=True).clamp_min(1)).numpy(), weights
+
     def routing_weights(self, x: Any, batch_size: int = 256) -> np.ndarray:
         """(n, E) float64: each sample's :meth:`expert_weights` (mean routing probability per expert in the
         last MoE layer), in eval mode."""
-        n = SeedModel.num_samples(x)
-        out = np.empty((n, self.num_experts), dtype=np.float64)
-        prev = self.training
-        self.eval()
-        try:
-            for s in range(0, n, batch_size):
-                b = self.prepare(SeedModel.take(x, slice(s, s + batch_size)))
-                self(b)
-                out[s : s + batch_size] = self.expert_weights(b).double().cpu().numpy()
-        finally:
-            self.train(prev)
-        return out
+        return self.routing_stats(x, batch_size)[1]
 
-    @torch.no_grad()
     def routing_fractions(self, x: Any, batch_size: int = 256) -> np.ndarray:
         """(L, E) float64: fraction of the (token, slot) pairs of ``x`` each layer sends to each expert."""
-        n = SeedModel.num_samples(x)
-        counts = torch.zeros(len(self._wrappers), self.num_experts, dtype=torch.float64)
-        prev = self.training
-        self.eval()
-        try:
-            for s in range(0, n, batch_size):
-                b = self.prepare(SeedModel.take(x, slice(s, s + batch_size)))
-                self(b)
-                for i, m in enumerate(self.moe_layers):
-                    idx = m.router_logits.topk(m.top_k, dim=-1).indices
-                    counts[i] += torch.bincount(idx.reshape(-1).cpu(), minlength=self.num_experts).double()
-        finally:
-            self.train(prev)
-        return (counts / counts.sum(1, keepdim=True).clamp_min(1)).numpy()
+        return self.routing_stats(x, batch_size)[0]
 
 
 def _check_supported(seed_model: SeedModel) -> None:
