@@ -224,12 +224,14 @@ def run_method(args) -> dict:
             Xs = X[:m]
             tg = time.perf_counter()
             g = build_knn_graph(Xs, args.neighbors, method="ivf", nlist=args.nlist, nprobe=args.nprobe,
-                                recall_sample=args.recall_sample, storage=args.ivf_storage, progress=False)
+                                recall_sample=args.recall_sample, storage=args.ivf_storage,
+                                quantizer=args.quantizer, progress=False)
             graph_s = time.perf_counter() - tg
             sel = select_facility_location(Xs, args.k_fl, graph=g, progress=False)
             rate = m / graph_s
             out.update(N=m, k=args.k_fl, backend=sel.backend, objective=sel.objective,
                        note=(f"IVF {args.ivf_storage} nlist={g.info['nlist']} nprobe={g.info['nprobe']} "
+                             f"quantizer={g.info['quantizer']} "
                              f"recall@{args.neighbors}="
                              f"{g.info.get('recall', float('nan')):.3f}; graph {graph_s:.1f} s = {rate:,.0f} rows/s; "
                              f"greedy {sel.info['select_seconds']:.2f} s"
@@ -290,6 +292,8 @@ def main(argv=None) -> int:
     p.add_argument("--ivf-storage", default="float16", choices=("float32", "float16", "int8"),
                    help="what the IVF lists hold per row (float16: half the float32 index)")
     p.add_argument("--nprobe", type=int, default=4)
+    p.add_argument("--quantizer", default="auto", choices=("auto", "flat", "hnsw"),
+                   help="IVF coarse quantizer (auto: HNSW over the centroids from 4096 lists)")
     p.add_argument("--recall-sample", type=int, default=200)
     p.add_argument("--rel-epochs", type=int, default=1)
     p.add_argument("--methods", default=",".join(METHODS))
@@ -335,15 +339,8 @@ def main(argv=None) -> int:
         return 0
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    child = [sys.executable, str(Path(__file__).resolve()), "--path", args.path, "--n", str(n), "--d", str(args.d),
-             "--clusters", str(args.clusters), "--private", str(args.private), "--private-clusters",
-             str(args.private_clusters), "--seed", str(args.seed), "--k", str(args.k), "--k-dpp", str(args.k_dpp),
-             "--k-dpp-torch", str(args.k_dpp_torch), "--candidates", str(args.candidates), "--k-cand",
-             str(args.k_cand), "--k-fl", str(args.k_fl), "--k-fl-dense", str(args.k_fl_dense), "--neighbors", str(args.neighbors), "--knn-n",
-             str(args.knn_n), "--nprobe", str(args.nprobe), "--recall-sample", str(args.recall_sample),
-             "--rel-epochs", str(args.rel_epochs), "--ivf-storage", args.ivf_storage]
-    if args.nlist:
-        child += ["--nlist", str(args.nlist)]
+    # every child parses the same command line (its --methods is ignored) and runs one method
+    child = [sys.executable, str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
     rows = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         if method not in METHODS:

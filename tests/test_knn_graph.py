@@ -132,6 +132,33 @@ def test_ivf_low_nprobe_reports_lower_recall(rng):
     assert abs(g.info["recall"] - true) < 0.06
 
 
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_ivf_hnsw_quantizer_finds_the_same_lists_as_flat(rng, metric):
+    # an HNSW graph over the centroids replaces the exhaustive centroid scan; on clustered data it should
+    # find the same nprobe lists, so the graph's neighbours match the flat quantizer's almost everywhere
+    X = _blobs(rng, 3000, 16, 12)
+    kw = dict(method="ivf", nlist=40, nprobe=4, metric=metric, recall_sample=300, progress=False)
+    flat = build_knn_graph(X, 8, quantizer="flat", **kw)
+    hnsw = build_knn_graph(X, 8, quantizer="hnsw", **kw)
+    assert flat.info["quantizer"] == "flat" and hnsw.info["quantizer"] == "hnsw"
+    same = np.mean([len(set(a.tolist()) & set(b.tolist())) / 8 for (a, _), (b, _) in zip(_rows(flat), _rows(hnsw))])
+    assert same > 0.97
+    _, ref_i = knn_brute_force(X, X, 8, metric=metric)
+    true = np.mean([len(set(idx.tolist()) & set(ref_i[q].tolist())) / 8 for q, (idx, _) in enumerate(_rows(hnsw))])
+    assert hnsw.info["recall"] > 0.9 and abs(hnsw.info["recall"] - true) < 0.05
+
+
+def test_ivf_quantizer_auto_switches_to_hnsw_at_many_lists(rng, monkeypatch):
+    import metamoe.selection.knn_graph as kg
+
+    X = _blobs(rng, 2000, 8, 10)
+    assert build_knn_graph(X, 5, method="ivf", nlist=20, progress=False).info["quantizer"] == "flat"
+    monkeypatch.setattr(kg, "AUTO_HNSW_MIN_NLIST", 16)
+    assert build_knn_graph(X, 5, method="ivf", nlist=20, progress=False).info["quantizer"] == "hnsw"
+    with pytest.raises(ValueError, match="quantizer must be one of"):
+        build_knn_graph(X, 5, method="ivf", quantizer="ivf", progress=False)
+
+
 def test_auto_uses_ivf_above_threshold(rng, monkeypatch):
     import metamoe.selection.knn_graph as kg
 

@@ -52,6 +52,11 @@ EXACT_INDEX_BYTES = 1 << 28
 # (29 GiB for 10M x 768); "float16" / "int8" (IndexIVFScalarQuantizer) a half / a quarter of that, at a
 # small cost in recall (measured in info["recall"]).
 IVF_STORAGE = ("float32", "float16", "int8")
+# IVF coarse quantizer: "flat" compares every query with all nlist centroids (nlist x D per query, which
+# rivals the scanned lists once nlist reaches thousands); "hnsw" finds the nprobe nearest centroids through
+# an HNSW graph over the centroids (faiss's "IVF<nlist>_HNSW32" for pools of tens of millions of rows).
+IVF_QUANTIZERS = ("auto", "flat", "hnsw")
+AUTO_HNSW_MIN_NLIST = 4096
 _FORMAT = "metamoe.knn_graph/1"
 
 
@@ -272,17 +277,21 @@ def _exact_torch(Q, P, K: int, metric: str, *, q_block: int = 2048, p_block: int
     return out_s, out_i
 
 
-def _faiss_index(d: int, metric: str, nlist: int = 0, storage: str = "float32"):
+def _faiss_index(d: int, metric: str, nlist: int = 0, storage: str = "float32", quantizer: str = "flat"):
     import faiss
 
     mt = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    flat = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
+    if quantizer == "hnsw" and nlist > 0:
+        coarse = faiss.IndexHNSWFlat(d, 32, mt)
+    else:
+        coarse = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
     if nlist <= 0:
-        return flat
+        return coarse
+    # faiss's Python wrapper keeps a reference to `coarse` in the IVF index
     if storage == "float32":
-        return faiss.IndexIVFFlat(flat, d, nlist, mt)
+        return faiss.IndexIVFFlat(coarse, d, nlist, mt)
     qt = faiss.ScalarQuantizer.QT_fp16 if storage == "float16" else faiss.ScalarQuantizer.QT_8bit
-    return faiss.IndexIVFScalarQuantizer(flat, d, nlist, qt, mt)  # faiss keeps a reference to `flat`
+    return faiss.IndexIVFScalarQuantizer(coarse, d, nlist, qt, mt)
 
 
 def _merge_topk(best_s, best_i, s, i, K: int):
@@ -371,6 +380,7 @@ def build_knn_graph(
     progress: bool = True,
     check_input: bool = True,
     storage: str = "float32",
+    quantizer: str = "auto",
     max_index_bytes: Optional[int] = None,
 ) -> KnnGraph:
     """The ``n_neighbors`` most similar pool rows of every query row, as a CSR :class:`KnnGraph`.
@@ -406,6 +416,10 @@ def build_knn_graph(
         storage: what the IVF lists hold per pool row: ``"float32"`` (IndexIVFFlat, N x D x 4 bytes),
             ``"float16"`` or ``"int8"`` (IndexIVFScalarQuantizer: a half or a quarter of that, for pools
             whose float32 copy does not fit in memory; recall is measured as usual). IVF only.
+        quantizer: how IVF finds a query's nprobe lists: ``"flat"`` (every centroid, exact), ``"hnsw"``
+            (an HNSW graph over the centroids: per-query cost nearly independent of nlist, for pools of
+            tens of millions with nlist in the thousands) or ``"auto"`` (default: hnsw from
+            ``AUTO_HNSW_MIN_NLIST`` = 4096 lists). ``info["quantizer"]`` says which ran. IVF only.
         max_index_bytes: exact CPU search (faiss Flat) puts at most this many bytes of float32 pool rows
             into one index (None: ``EXACT_INDEX_BYTES`` = 256 MiB). A larger pool, e.g. a float16 memmap of
             10M x 768, is searched slice by slice with the per-slice top-K merged (ties to the lower
@@ -438,6 +452,8 @@ def build_knn_graph(
     block_rows = _rows_for_bytes(d, 4) if block_rows is None else check_int(block_rows, "block_rows")
     if storage not in IVF_STORAGE:
         raise ValueError(f"storage must be one of {', '.join(map(repr, IVF_STORAGE))}, got {storage!r}")
+    if quantizer not in IVF_QUANTIZERS:
+        raise ValueError(f"quantizer must be one of {', '.join(map(repr, IVF_QUANTIZERS))}, got {quantizer!r}")
     if max_index_bytes is None:
         max_index_bytes = EXACT_INDEX_BYTES
     max_index_bytes = check_int(max_index_bytes, "max_index_bytes")
@@ -500,7 +516,11 @@ def build_knn_graph(
         nl = min(nl, n)
         npb = max(16, nl // 32) if nprobe is None else check_int(nprobe, "nprobe")
         npb = min(npb, nl)
-        index = _faiss_index(d, metric, nl, storage)
+        if quantizer == "auto":
+            quantizer = "hnsw" if nl >= AUTO_HNSW_MIN_NLIST else "flat"
+        index = _faiss_index(d, metric, nl, storage, quantizer)
+        if quantizer == "hnsw":
+            faiss.downcast_index(index.quantizer).hnsw.efSearch = max(64, 2 * npb)  # >= the nprobe lists wanted
         rng = np.random.default_rng(seed)
         n_train = int(min(n, max(64 * nl, 39 * nl)))
         train_rows = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
@@ -512,7 +532,7 @@ def build_knn_graph(
             index.add(_block_np(Xt, s0, min(n, s0 + block_rows), metric == "cosine"))
         index.nprobe = npb
         sims, idx = _faiss_search(index, Qt, Ks, metric, block_rows, progress, "knn (ivf)")
-        info.update(method="faiss-ivf", nlist=nl, nprobe=npb, n_train=n_train, storage=storage)
+        info.update(method="faiss-ivf", nlist=nl, nprobe=npb, n_train=n_train, storage=storage, quantizer=quantizer)
         if recall_sample > 0:
             m = min(int(recall_sample), nq)
             qrows = np.sort(rng.choice(nq, size=m, replace=False))
