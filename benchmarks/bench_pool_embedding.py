@@ -26,7 +26,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,7 +34,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.utils import append_csv, common_parser, environment, print_table, summarize  # noqa: E402
+from benchmarks.utils import (  # noqa: E402
+    append_csv, common_parser, environment, print_table, time_fn,
+)
 
 VIT = "timm:vit_tiny_patch16_224"
 
@@ -61,30 +62,25 @@ def _worker(rank, world, port, tmp, cfg, out):
     if "embed" in cfg["cases"]:
         model = _model(cfg)
         raw = np.load(os.path.join(tmp, "raw.npy"), mmap_mode="r")
-        times = []
-        for i in range(cfg["warmup"] + cfg["rep"]):
-            dist.barrier()
-            t0 = time.perf_counter()
+
+        def run_embed():
             embed_pool_sharded(model, raw, os.path.join(tmp, f"pool{world}"), batch_size=cfg["batch"],
                                progress=False, overwrite=True)
             dist.barrier()
-            if i >= cfg["warmup"]:
-                times.append(time.perf_counter() - t0)
-        res["embed"] = times
+
+        # timed from a barrier (untimed setup) to the barrier after the call
+        res["embed"] = time_fn(run_embed, warmup=cfg["warmup"], rep=cfg["rep"], setup=dist.barrier)
     if "relevance" in cfg["cases"]:
         X = np.load(os.path.join(tmp, "X.npy"), mmap_mode="r")
         P = np.load(os.path.join(tmp, "P.npy"))
         rows = pool_shard_range(X.shape[0], rank, world)
-        times, scores = [], None
-        for i in range(cfg["warmup"] + cfg["rep"]):
+
+        def run_relevance():
+            scores = relevance_scores(P, X, progress=False, score_rows=rows, public_moments=pool_moments(X))
             dist.barrier()
-            t0 = time.perf_counter()
-            mom = pool_moments(X)
-            scores = relevance_scores(P, X, progress=False, score_rows=rows, public_moments=mom)
-            dist.barrier()
-            if i >= cfg["warmup"]:
-                times.append(time.perf_counter() - t0)
-        res["relevance"] = (times, scores)
+            return scores
+
+        res["relevance"] = _timed(run_relevance, cfg["warmup"], cfg["rep"], setup=dist.barrier)
     torch.save(res, out.format(rank=rank))
     dist.destroy_process_group()
 
@@ -95,14 +91,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _timed(fn, warmup, rep):
-    times, val = [], None
-    for i in range(warmup + rep):
-        t0 = time.perf_counter()
-        val = fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times, val
+def _timed(fn, warmup, rep, setup=None):
+    """(:func:`benchmarks.utils.time_fn`'s Timing of ``fn()`` on the CPU, the value of its last call)."""
+    last = []
+    t = time_fn(lambda: last.append(fn()), warmup=warmup, rep=rep, setup=setup)
+    return t, last[-1]
 
 
 def main():
@@ -137,9 +130,8 @@ def main():
         np.save(os.path.join(tmp, "raw.npy"), rng.random((n_embed, 3, 32, 32), dtype=np.float32))
         raw = np.load(os.path.join(tmp, "raw.npy"), mmap_mode="r")
         model = _model(cfg)
-        times, E = _timed(lambda: embed(model, np.array(raw), batch_size=cfg["batch"], progress=False), warmup, rep)
-        ref["embed"] = (E.astype(np.float16), summarize(times).median)
-        t = summarize(times)
+        t, E = _timed(lambda: embed(model, np.array(raw), batch_size=cfg["batch"], progress=False), warmup, rep)
+        ref["embed"] = (E.astype(np.float16), t.median)
         rows.append({"case": "embed", "impl": "embed (1 process)", "procs": 1, "n": n_embed, "d": E.shape[1],
                      "median_s": t.median, "p20_s": t.p20, "p80_s": t.p80, "rows_per_s": n_embed / t.median,
                      "vs_peer": 1.0, "same": "peer"})
@@ -153,9 +145,8 @@ def main():
         P = (rng.standard_normal((2000, d)) + 0.3).astype(np.float32)
         np.save(os.path.join(tmp, "P.npy"), P)
         Xm = np.load(os.path.join(tmp, "X.npy"), mmap_mode="r")
-        times, r = _timed(lambda: relevance_scores(P, Xm, progress=False), warmup, rep)
-        ref["relevance"] = (r, summarize(times).median)
-        t = summarize(times)
+        t, r = _timed(lambda: relevance_scores(P, Xm, progress=False), warmup, rep)
+        ref["relevance"] = (r, t.median)
         rows.append({"case": "relevance", "impl": "relevance_scores (1 process)", "procs": 1, "n": n, "d": d,
                      "median_s": t.median, "p20_s": t.p20, "p80_s": t.p80, "rows_per_s": n / t.median,
                      "vs_peer": 1.0, "same": "peer"})
@@ -166,14 +157,14 @@ def main():
         mp.spawn(_worker, args=(world, free_port(), tmp, cfg, out), nprocs=world, join=True)
         res = [torch.load(out.format(rank=r), weights_only=False) for r in range(world)]
         if "embed" in cases:
-            t = summarize(res[0]["embed"])
+            t = res[0]["embed"]
             got = open_pool_embeddings(os.path.join(tmp, f"pool{world}")).to_array()
             same = bool(np.array_equal(got, ref["embed"][0]))
             rows.append({"case": "embed", "impl": "embed_pool_sharded", "procs": world, "n": n_embed,
                          "d": got.shape[1], "median_s": t.median, "p20_s": t.p20, "p80_s": t.p80,
                          "rows_per_s": n_embed / t.median, "vs_peer": ref["embed"][1] / t.median, "same": same})
         if "relevance" in cases:
-            t = summarize(res[0]["relevance"][0])
+            t = res[0]["relevance"][0]
             got = np.concatenate([res[r]["relevance"][1] for r in range(world)])
             same = bool(np.array_equal(got, ref["relevance"][0]))
             rows.append({"case": "relevance", "impl": "pool_moments + score_rows", "procs": world, "n": n, "d": d,

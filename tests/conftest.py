@@ -84,3 +84,12 @@ def run_beside_dead_peer(survivor_cmd, peer_code: str, timeout: float = 60):
         other.kill()
         other.wait()
     return survivor.returncode, err, time.monotonic() - t0
+
+
+def skip_unavailable(backend: str) -> None:
+    """Skip the calling test when ``backend`` cannot run here (the reason comes from the backend registry)."""
+    from metamoe.backends import availability
+
+    reason = availability.backend_unavailable_reason(backend)
+    if reason:
+        pytest.skip(f"{backend} backend unavailable: {reason}")

@@ -5,19 +5,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import skip_unavailable
 from references import dpp_greedy_chen, dpp_kernel, dpp_kernel_rbf, logdet
 
-from metamoe.backends import BackendNotSupportedError, availability
+from metamoe.backends import BackendNotSupportedError
 from metamoe.selection import DppRankWarning, Selection, select_dpp
 from metamoe.selection.dpp import _cpp_storage, default_rbf_gamma, rbf_workspace_bytes
 
 CPU_BACKENDS = ["torch", "cpp"]
-
-
-def _skip_unavailable(backend):
-    reason = availability.backend_unavailable_reason(backend)
-    if reason:
-        pytest.skip(reason)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -26,7 +21,7 @@ def _skip_unavailable(backend):
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_matches_chen_reference(backend, n, d, k, ridge, dtype, rng):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     X = rng.standard_normal((n, d)).astype(dtype)
     r = rng.uniform(0.05, 1.0, n)
     ref_idx, ref_res = dpp_greedy_chen(dpp_kernel(X, r, ridge), k, eps=1e-9 * r.max() ** 2 * (1 + ridge))
@@ -40,7 +35,7 @@ def test_matches_chen_reference(backend, n, d, k, ridge, dtype, rng):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_cpp_and_torch_agree_on_larger_pool(backend, rng):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     # N x D above the C++ code's threshold for OpenMP (2^19 row-elements): the threaded path runs
     X = rng.standard_normal((9001, 64)).astype(np.float32)
     r = rng.uniform(0.0, 1.0, 9001)
@@ -52,7 +47,7 @@ def test_cpp_and_torch_agree_on_larger_pool(backend, rng):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_ties_go_to_lowest_index(backend):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     # duplicated rows and equal relevance: every step has exact ties
     base = np.eye(4, dtype=np.float32)
     X = np.concatenate([base, base, base])  # rows 0-3, 4-7, 8-11 are the same four directions
@@ -62,7 +57,7 @@ def test_ties_go_to_lowest_index(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_rank_exhaustion_stops_and_warns(backend, rng):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     X = rng.standard_normal((50, 6)).astype(np.float32)
     with pytest.warns(DppRankWarning, match="ridge > 0"):
         sel = select_dpp(X, 20, backend=backend, progress=False)
@@ -167,7 +162,7 @@ def test_bad_k_relevance_ridge(rng):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ridge", [0.0, 0.1])
 def test_cuda_matches_cpp(dtype, ridge, rng):
-    _skip_unavailable("cuda")
+    skip_unavailable("cuda")
     X = rng.standard_normal((5000, 48)).astype(np.float32)
     r = rng.uniform(0.1, 1.0, 5000)
     Xg = torch.from_numpy(X).to("cuda", dtype)
@@ -186,7 +181,7 @@ def test_cuda_matches_cpp(dtype, ridge, rng):
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_rbf_matches_chen_reference(backend, n, d, k, gamma, ridge, dtype, rng):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     X = rng.standard_normal((n, d)).astype(dtype)
     r = rng.uniform(0.05, 1.0, n)
     L = dpp_kernel_rbf(X, r, gamma=gamma, ridge=ridge)
@@ -214,7 +209,7 @@ def test_rbf_default_gamma_is_median_heuristic(rng):
 
 
 def test_rbf_cpp_and_torch_agree_on_larger_pool(rng):
-    _skip_unavailable("cpp")
+    skip_unavailable("cpp")
     # threaded C++ path (N x D >= 2^19) with several candidate blocks (N > 2 x 2048)
     X = rng.standard_normal((9001, 64)).astype(np.float32)
     r = rng.uniform(0.0, 1.0, 9001)
@@ -226,7 +221,7 @@ def test_rbf_cpp_and_torch_agree_on_larger_pool(rng):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_rbf_duplicates_stop_and_warn(backend):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     X = np.concatenate([np.eye(3, dtype=np.float32)] * 4)  # 3 distinct directions, 4 copies each
     with pytest.warns(DppRankWarning, match="duplicates"):
         sel = select_dpp(X, 5, kernel="rbf", gamma=1.0, backend=backend, progress=False)
@@ -262,7 +257,7 @@ def test_gamma_validation(rng):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("kernel,ridge", [("cosine", 0.0), ("cosine", 0.05), ("rbf", 0.0)])
 def test_candidates_match_chen_on_top_m(backend, kernel, ridge, rng):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     n, d, m, k = 400, 10, 60, 10
     X = rng.standard_normal((n, d)).astype(np.float32)
     r = np.round(rng.uniform(0.0, 1.0, n), 2)  # rounded: many ties in relevance
@@ -306,7 +301,7 @@ def test_bad_candidates(rng):
 
 @pytest.mark.parametrize("kernel", ["cosine", "rbf"])
 def test_fp16_memmap_through_cpp_is_read_in_place(kernel, tmp_path, rng):
-    _skip_unavailable("cpp")
+    skip_unavailable("cpp")
     X32 = rng.standard_normal((500, 24)).astype(np.float16).astype(np.float32)  # fp16-representable
     r = rng.uniform(0.1, 1.0, 500)
     np.save(tmp_path / "x.npy", X32.astype(np.float16))
@@ -324,7 +319,7 @@ def test_fp16_memmap_through_cpp_is_read_in_place(kernel, tmp_path, rng):
 
 
 def test_bfloat16_through_cpp_equals_float32(rng):
-    _skip_unavailable("cpp")
+    skip_unavailable("cpp")
     Xb = torch.from_numpy(rng.standard_normal((300, 20)).astype(np.float32)).to(torch.bfloat16)
     r = rng.uniform(0.1, 1.0, 300)
     for kernel in ("cosine", "rbf"):
@@ -335,7 +330,7 @@ def test_bfloat16_through_cpp_equals_float32(rng):
 
 
 def test_fp16_subnormals_and_specials_convert_exactly():
-    _skip_unavailable("cpp")
+    skip_unavailable("cpp")
     # float16 bit patterns (normals, subnormals, negatives) converted by the C++ table must equal
     # NumPy's conversion: rows [v, 1] (never zero norm), every row picked (ridge > 0: full rank),
     # so every row's value enters the residuals, which must match the float32 path bit for bit
@@ -354,7 +349,7 @@ def test_fp16_subnormals_and_specials_convert_exactly():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rbf_torch_on_gpu_matches_cpp(dtype, rng):
-    _skip_unavailable("cpp")
+    skip_unavailable("cpp")
     X = rng.standard_normal((3000, 32)).astype(np.float16).astype(np.float32)
     r = rng.uniform(0.1, 1.0, 3000)
     ref = select_dpp(X, 40, r, kernel="rbf", gamma=1.0, backend="cpp", progress=False)

@@ -5,20 +5,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import skip_unavailable
 
 import metamoe.selection.facility_location as fl_mod
-from metamoe.backends import BackendNotSupportedError, availability
+from metamoe.backends import BackendNotSupportedError
 from metamoe.selection import KnnGraph, Selection, build_knn_graph, select_facility_location
 from references import csr_to_dense, facility_location_greedy_naive, facility_location_value
 
 CPU_BACKENDS = ["cpp", "torch"]
 EXACT = ["lazy", "naive"]
-
-
-def _skip_unavailable(backend):
-    reason = availability.backend_unavailable_reason(backend)
-    if reason:
-        pytest.skip(reason)
 
 
 def _cosine(A, B):
@@ -43,7 +38,7 @@ def _check_against(sel, S, k, weights=None):
 @pytest.mark.parametrize("ground", [False, True])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_knn_graph_matches_naive_reference(backend, optimizer, ground, weighted, rng):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     X = rng.standard_normal((173, 8)).astype(np.float32)
     P = rng.standard_normal((61, 8)).astype(np.float32) if ground else None
     m = 61 if ground else 173
@@ -62,7 +57,7 @@ def test_knn_graph_matches_naive_reference(backend, optimizer, ground, weighted,
 @pytest.mark.parametrize("optimizer", EXACT)
 @pytest.mark.parametrize("ground", [False, True])
 def test_dense_graph_matches_float64_reference(backend, optimizer, ground, rng):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     X = rng.standard_normal((97, 6)).astype(np.float32)
     P = rng.standard_normal((45, 6)).astype(np.float32) if ground else None
     w = rng.uniform(0.5, 1.5, 45 if ground else 97)
@@ -89,7 +84,7 @@ def test_knn_option_builds_the_same_graph(rng):
 
 @pytest.mark.parametrize("optimizer", ["lazy", "naive", "stochastic"])
 def test_cpp_and_torch_agree_on_larger_pool(optimizer, rng):
-    _skip_unavailable("cpp")
+    skip_unavailable("cpp")
     X = rng.standard_normal((2500, 16)).astype(np.float32)
     g = build_knn_graph(X, 15, progress=False)
     k = 60
@@ -107,7 +102,7 @@ def test_cpp_and_torch_agree_on_larger_pool(optimizer, rng):
 @pytest.mark.parametrize("optimizer", EXACT)
 @pytest.mark.parametrize("graph", ["dense", "knn"])
 def test_ties_go_to_lowest_index_and_k_equals_n(backend, optimizer, graph):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     # three copies of four orthogonal directions: every step is an exact tie
     X = np.concatenate([np.eye(4, dtype=np.float32)] * 3)
     sel = select_facility_location(X, 12, graph=graph, n_neighbors=3, optimizer=optimizer, backend=backend,
@@ -120,7 +115,7 @@ def test_ties_go_to_lowest_index_and_k_equals_n(backend, optimizer, graph):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("optimizer", EXACT)
 def test_exact_ties_between_different_candidates(backend, optimizer, rng):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     # a hand-made graph with dyadic similarities: gains tie exactly in any summation order
     n = 24
     X = rng.standard_normal((n, 3)).astype(np.float32)
@@ -137,7 +132,7 @@ def test_exact_ties_between_different_candidates(backend, optimizer, rng):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("optimizer", ["lazy", "naive", "stochastic"])
 def test_k_equals_n_random(backend, optimizer, rng):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     X = rng.standard_normal((40, 5)).astype(np.float32)
     g = build_knn_graph(X, 6, progress=False)
     sel = select_facility_location(X, 40, graph=g, optimizer=optimizer, backend=backend, progress=False)
@@ -150,7 +145,7 @@ def test_k_equals_n_random(backend, optimizer, rng):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_stochastic_valid_reproducible_and_near_greedy(backend, rng):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     X = rng.standard_normal((1200, 12)).astype(np.float32)
     g = build_knn_graph(X, 10, progress=False)
     k, eps = 50, 0.01
@@ -177,7 +172,7 @@ def test_stochastic_valid_reproducible_and_near_greedy(backend, rng):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_stochastic_with_full_sample_is_exact_greedy(backend, rng):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     X = rng.standard_normal((300, 6)).astype(np.float32)
     g = build_knn_graph(X, 8, progress=False)
     sel = select_facility_location(X, 20, graph=g, optimizer="stochastic", epsilon=1e-300, backend=backend,
@@ -312,7 +307,7 @@ def test_op_is_registered_with_three_backends():
 @pytest.mark.parametrize("optimizer", ["lazy", "naive"])
 @pytest.mark.parametrize("ground", [False, True])
 def test_cuda_matches_cpp(optimizer, ground, rng):
-    _skip_unavailable("cuda")
+    skip_unavailable("cuda")
     X = rng.standard_normal((5000, 32)).astype(np.float32)
     P = rng.standard_normal((700, 32)).astype(np.float32) if ground else None
     w = rng.uniform(0, 1, 700 if ground else 5000)
@@ -329,7 +324,7 @@ def test_cuda_matches_cpp(optimizer, ground, rng):
 
 @pytest.mark.gpu
 def test_torch_on_gpu_matches_cpp(rng):
-    _skip_unavailable("cpp")
+    skip_unavailable("cpp")
     X = rng.standard_normal((3000, 16)).astype(np.float32)
     g = build_knn_graph(X, 12, progress=False)
     ref = select_facility_location(X, 80, graph=g, backend="cpp", progress=False)
@@ -427,7 +422,7 @@ def test_dense_on_the_fly_orthogonal_ties(on_the_fly, tiny_blocks):
 @pytest.mark.parametrize("ground", [False, True])
 @pytest.mark.parametrize("blocks", ["default", "tiny"])
 def test_dense_on_the_fly_equals_materialised(backend, ground, blocks, rng, monkeypatch, request):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     if blocks == "tiny":
         request.getfixturevalue("tiny_blocks")
     X = rng.standard_normal((260, 12)).astype(np.float32)

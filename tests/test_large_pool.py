@@ -21,23 +21,19 @@ import textwrap
 import numpy as np
 import pytest
 
+from conftest import skip_unavailable
 from metamoe.backends import availability
 from metamoe.selection import (
     relevance_scores, select_dpp, select_facility_location, select_random, select_top_relevance,
 )
 from metamoe.selection.knn_graph import build_knn_graph
 from metamoe.selection.validation import check_embeddings
+from references import knn_brute_force
 
 N, D, M = 10_000, 64, 200
 
 # small problems: one intra-op thread (conftest), far faster on a shared CPU than OpenMP spin-waits
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _skip_unavailable(backend):
-    reason = availability.backend_unavailable_reason(backend)
-    if reason:
-        pytest.skip(f"{backend} backend unavailable: {reason}")
 
 
 def _clustered(n, d, m, seed=0):
@@ -82,7 +78,7 @@ def test_baselines_from_memmap(pools):
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("kernel", ["cosine", "rbf"])
 def test_dpp_from_memmap_equals_in_memory(pools, backend, kernel):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     k = 25 if kernel == "cosine" else 10
     kw = dict(kernel=kernel, ridge=1e-3, backend=backend, progress=False)
     ref = select_dpp(pools["mem16"], k, pools["r"], **kw)
@@ -115,10 +111,7 @@ def test_exact_knn_slices_equal_one_index(pools):
     assert all(set(x) == set(y) for x, y in zip(a, b))
     np.testing.assert_allclose(sliced.similarities, one.similarities, rtol=0, atol=1e-6)
     # and against an independent float64 reference
-    Xn = pools["mem32"].astype(np.float64)
-    Xn /= np.linalg.norm(Xn, axis=1, keepdims=True)
-    Pn = P.astype(np.float64) / np.linalg.norm(P.astype(np.float64), axis=1, keepdims=True)
-    ref = np.argsort(-(Pn @ Xn.T), axis=1, kind="stable")[:, :10]
+    _, ref = knn_brute_force(pools["mem32"], P, 10)
     agree = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(sliced.indices.reshape(-1, 10), ref)])
     assert agree > 0.999, agree
     sliced.check_matches(mm, P)  # fingerprinting a read-only memmap reads 64 rows, no copy

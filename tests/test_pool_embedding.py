@@ -4,12 +4,11 @@ A tiny timm ViT embeds a 300-row NumPy pool. In-process runs are compared with :
 gloo ranks are started by hand (RANK/WORLD_SIZE/MASTER_PORT, as in test_distributed_selection.py) so that no
 launcher tears a survivor down for us. A crash is simulated by the worker script of this file only: for the rank
 named in TEST_CRASH_RANK it replaces SeedModel.features with one that calls os._exit on the second batch.
-Every process (and this one, around the in-process runs) uses one thread, so that files can be compared byte for byte.
+Every process (and this one: conftest's one_torch_thread) uses one thread, so that files can be compared byte for byte.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shlex
 import shutil
@@ -46,6 +45,7 @@ VIT = "timm:vit_tiny_patch16_224"
 VIT_CFG = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=2)
 N, BATCH = 300, 64
 WORLD = 2
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the in-process runs, as the ranks: one thread
 WORKER = textwrap.dedent(
     """
     import os, sys
@@ -92,39 +92,35 @@ def _model():
     return create_seed_model(VIT, seed=0, num_classes=10, **VIT_CFG)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    t = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(t)
-
-
 def _cli_args(raw, out, *more):
     return ["--model", VIT, "--model-seed", "0", "--model-config", json.dumps(VIT_CFG), "--num-classes", "10",
             "--data", str(raw), "--out", str(out), "--batch-size", str(BATCH), "--no-progress", *more]
 
 
-def _launch(raw, out, timeout_s=30, **extra):
-    """Two ranks of `embed-pool --distributed`, started by hand; returns [(returncode, stderr)] per rank."""
+def _run_ranks(cmd, **extra):
+    """``cmd`` as the WORLD ranks of a gloo group, started by hand (conftest's rank_env, as torchrun would, one
+    interpreter less); returns [(returncode, stdout, stderr)] per rank. Every rank is killed afterwards."""
     port = free_port()
-    worker = out.parent / "worker.py"
-    worker.write_text(WORKER)
-    procs = [subprocess.Popen([PY, str(worker), "--distributed", "--timeout", str(timeout_s), *_cli_args(raw, out)],
-                              env=rank_env(r, port, WORLD, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(WORLD)]
+    procs = [subprocess.Popen(cmd, env=rank_env(r, port, WORLD, **extra), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(WORLD)]
     res = []
     try:
         for p in procs:
-            _, err = p.communicate(timeout=90)
-            res.append((p.returncode, err))
+            out, err = p.communicate(timeout=90)
+            res.append((p.returncode, out, err))
     finally:
         for p in procs:
             p.kill()
             p.wait()
     return res
+
+
+def _launch(raw, out, timeout_s=30, **extra):
+    """Two ranks of `embed-pool --distributed` (this file's worker script); returns [(returncode, stderr)]."""
+    worker = out.parent / "worker.py"
+    worker.write_text(WORKER)
+    res = _run_ranks([PY, str(worker), "--distributed", "--timeout", str(timeout_s), *_cli_args(raw, out)], **extra)
+    return [(rc, err) for rc, _, err in res]
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +133,10 @@ def raw(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(raw, tmp_path_factory):
+def single(raw, tmp_path_factory, one_torch_thread):
     """The same pool embedded in this process in 2 shards (the reference for the distributed runs)."""
     out = tmp_path_factory.mktemp("single") / "pool"
-    with _one_thread():
-        res = embed_pool_sharded(_model(), np.load(raw), out, num_shards=WORLD, batch_size=BATCH, progress=False)
+    res = embed_pool_sharded(_model(), np.load(raw), out, num_shards=WORLD, batch_size=BATCH, progress=False)
     assert res["complete"] and res["this_call"]["embedded"] == [0, 1]
     return out
 
@@ -152,11 +147,10 @@ def single(raw, tmp_path_factory):
 def test_single_process_equals_embed(raw, tmp_path):
     X = np.load(raw)
     model = _model()
-    with _one_thread():
-        ref = embed(model, X, batch_size=BATCH, progress=False)
-        res = embed_pool_sharded(model, X, tmp_path / "p", num_shards=3, batch_size=BATCH, progress=False)
-        res32 = embed_pool_sharded(model, X, tmp_path / "p32", num_shards=3, batch_size=50, dtype="float32",
-                                   progress=False)
+    ref = embed(model, X, batch_size=BATCH, progress=False)
+    res = embed_pool_sharded(model, X, tmp_path / "p", num_shards=3, batch_size=BATCH, progress=False)
+    res32 = embed_pool_sharded(model, X, tmp_path / "p32", num_shards=3, batch_size=50, dtype="float32",
+                               progress=False)
     assert res["complete"] and res["n"] == N and res["d"] == 32 and res["dtype"] == "float16"
     assert res32["complete"] and res32["dtype"] == "float32"
     assert [(s["start"], s["stop"]) for s in res["shards"]] == [(0, 128), (128, 256), (256, 300)]
@@ -293,8 +287,7 @@ def test_crashed_rank_shard_is_redone_alone(raw, single, tmp_path, capsys):
     assert select_main(["--private", str(raw), "--public", str(out), "--k", "3", "--out", str(tmp_path / "s.json")]) == 2
     assert "--shards 1" in capsys.readouterr().err  # `metamoe select` names the redo command too
     rec0 = (out / "shard-00000-of-00002.json").read_text()
-    with _one_thread():
-        assert main(cmd[2:]) == 0  # the exact command from the error, in one process, no process group
+    assert main(cmd[2:]) == 0  # the exact command from the error, in one process, no process group
     assert (out / "shard-00000-of-00002.json").read_text() == rec0  # shard 0 was not redone
     assert not list(out.glob(".*.tmp"))  # the crashed rank's half-written temporary file is gone
     assert json.loads((out / "manifest.json").read_text())["complete"]
@@ -340,8 +333,7 @@ def test_cli_config_file(raw, single, tmp_path):
     cfg = tmp_path / "pool.yaml"
     cfg.write_text(f"seed_model:\n  name: {VIT}\n  seed: 0\n  num_classes: 10\n  config: {json.dumps(VIT_CFG)}\n"
                    f"data: {raw}\noutput: out\nbatch_size: {BATCH}\nnum_shards: 2\n")
-    with _one_thread():
-        assert main(["--config", str(cfg), "--no-progress"]) == 0
+    assert main(["--config", str(cfg), "--no-progress"]) == 0
     for i in range(WORLD):
         assert (tmp_path / "out" / shard_file(i, WORLD)).read_bytes() == (single / shard_file(i, WORLD)).read_bytes()
 
@@ -377,8 +369,7 @@ def test_select_manifest_equals_npy(single, private, raw, tmp_path, public):
     assert a["indices"] == b["indices"] and a["gains"] == b["gains"] and len(a["indices"]) == 25
     # a one-shard pool is read as that shard's memmap
     one = tmp_path / "one"
-    with _one_thread():
-        embed_pool_sharded(_model(), np.load(raw), one, batch_size=BATCH, progress=False)
+    embed_pool_sharded(_model(), np.load(raw), one, batch_size=BATCH, progress=False)
     _select([*common, "--public", str(one), "--out", str(tmp_path / "one.json")])
     assert json.loads((tmp_path / "one.json").read_text())["indices"] == a["indices"]
 
@@ -390,18 +381,10 @@ def test_select_distributed_manifest_equals_single_process(single, private, tmp_
               "--no-progress"]
     _select([*common, "--public", str(private / "X.npy"), "--out", str(tmp_path / "single.json")])
     out = tmp_path / "dist.json"
-    port = free_port()  # ranks started by hand, as torchrun would (one interpreter less to start)
-    procs = [subprocess.Popen([PY, "-m", "metamoe", "select", "--distributed", "--timeout", "60", *common,
-                               "--public", str(single / "manifest.json"), "--out", str(out)],
-                              env=rank_env(r, port, WORLD), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(WORLD)]
-    try:
-        outs = [p.communicate(timeout=90) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for _, e in outs)
+    res = _run_ranks([PY, "-m", "metamoe", "select", "--distributed", "--timeout", "60", *common,
+                      "--public", str(single / "manifest.json"), "--out", str(out)])
+    assert [rc for rc, _, _ in res] == [0, 0], "\n".join(e[-2000:] for _, _, e in res)
+    outs = [(o, e) for _, o, e in res]
     stdout = "".join(o for o, _ in outs)
     a, b = json.loads((tmp_path / "single.json").read_text()), json.loads(out.read_text())
     assert a["indices"] == b["indices"]

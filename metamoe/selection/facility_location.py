@@ -70,9 +70,9 @@ DENSE_MATERIALIZE_PAIRS = 2**22
 DENSE_BLOCKS = {"cpu": (32, 4096), "cuda": (256, 32768)}
 # graph="dense" on the fly keeps the candidates (the pool) as one float32 (N_pad, D) tensor up to this
 # many bytes; a larger pool (e.g. a float16 memmap of 10M x 768, 29 GiB as float32) is read from its
-# storage tile by tile instead (_PoolRows), each tile cast and normalised on the way in: the same float32
-# rows (the cast and the per-row normalisation do not depend on how many rows are converted together),
-# with O(block x D) memory for the candidates. The ground set is always held (M_pad, D) float32.
+# storage tile by tile instead (_StreamedCandidates), each tile cast and normalised on the way in: the same
+# float32 rows (the cast and the per-row normalisation do not depend on how many rows are converted
+# together), with O(block x D) memory for the candidates. The ground set is always held (M_pad, D) float32.
 DENSE_POOL_COPY_BYTES = 1 << 28
 
 
@@ -385,8 +385,11 @@ def _stream_pool(n: int, d: int, tile: int) -> bool:
     return 4 * d * _round_up(n, tile) > DENSE_POOL_COPY_BYTES
 
 
-class _PoolRows:
+class _StreamedCandidates:
     """The candidates of graph='dense' read from their storage on demand, never copied whole.
+
+    (Not the same job as ``relevance._PoolRows``, which only turns a sharded pool's rows into tensors: this
+    one casts to float32, normalises for cosine and pads, i.e. stands in for the precomputed copy.)
 
     Indexing (a slice of rows, or an index tensor of rows < N) returns what the precomputed copy would
     hold: float32 rows, L2-normalised for cosine, zero rows for the padding past N. ``shape`` is
@@ -409,7 +412,7 @@ class _PoolRows:
         if isinstance(key, slice):
             start, stop, step = key.indices(self.shape[0])
             if step != 1:
-                raise ValueError("_PoolRows takes contiguous slices")
+                raise ValueError("_StreamedCandidates takes contiguous slices")
             out = self._prep(self.src[start : min(stop, self.n)]) if start < self.n else None
             rows = max(0, stop - start)
             if out is not None and out.shape[0] == rows:
@@ -420,7 +423,7 @@ class _PoolRows:
             return full
         idx = torch.as_tensor(key)
         if idx.numel() and int(idx.max()) >= self.n:
-            raise IndexError("_PoolRows: gather of a padding row")
+            raise IndexError("_StreamedCandidates: gather of a padding row")
         return self._prep(self.src[idx.to(self.src.device)])
 
 
@@ -470,7 +473,7 @@ class DenseSimilarities:
             return out
 
         if _stream_pool(n, d, tile):
-            X = _PoolRows(Xt, _round_up(n, tile), metric, dev)
+            X = _StreamedCandidates(Xt, _round_up(n, tile), metric, dev)
         else:
             X = prep(Xt, _round_up(n, tile))
         Q = prep(Xt if Gt is None else Gt, _round_up(m, block))
@@ -558,7 +561,7 @@ class DenseSimilarities:
         wc = self.w[changed]
         rel = 2.0**-22 * (len(changed) + 4)
         rows = max(1, chunk_elems // len(changed))
-        if isinstance(self.X, _PoolRows):  # each chunk is converted from storage: keep it one block
+        if isinstance(self.X, _StreamedCandidates):  # each chunk is converted from storage: keep it one block
             rows = min(rows, block_rows(self.X.shape[1], 4))
         for s in range(0, self.X.shape[0], rows):
             e = min(s + rows, self.X.shape[0])

@@ -24,7 +24,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from ..backends.tensors import device_type
-from .validation import block_rows, check_embeddings, check_int, check_row_range
+from .validation import block_rows, check_embeddings, check_int, check_row_range, readonly_from_numpy
 
 MIN_STEPS = 300  # Adam steps at least, however small the sets (one "epoch" of 100 rows is one step)
 PROB_CLIP = 1e-12  # scores are clipped to [PROB_CLIP, 1 - PROB_CLIP] so that they lie strictly in (0, 1)
@@ -40,8 +40,10 @@ def _check_real(value: Any, name: str, *, positive: bool) -> float:
 
 
 class _PoolRows:
-    """A sharded pool (``is_pool_embeddings``) seen as the row-indexable tensor the code below reads: CPU torch
-    tensors for row slices and index tensors."""
+    """A sharded pool (``is_pool_embeddings``) seen as the row-indexable tensor the code below reads: CPU
+    torch tensors for row slices and index tensors, in the pool's dtype, zero copy where the pool returns a
+    memmap slice. (Also used by :func:`metamoe.selection.distributed.pool_moments`; not to be confused with
+    facility location's ``_StreamedCandidates``, which casts, normalises and pads the rows it reads.)"""
 
     def __init__(self, pool):
         import torch
@@ -49,15 +51,11 @@ class _PoolRows:
         self.pool, self.shape, self.device = pool, tuple(pool.shape), torch.device("cpu")
 
     def __getitem__(self, idx):
-        import warnings
-
         import torch
 
         if torch.is_tensor(idx):
             idx = idx.cpu().numpy()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # a read-only memmap slice: only read
-            return torch.from_numpy(np.ascontiguousarray(self.pool[idx]))
+        return readonly_from_numpy(np.ascontiguousarray(self.pool[idx]))  # may be a read-only memmap slice
 
 
 def _moments(X, chunk: int):

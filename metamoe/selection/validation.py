@@ -54,13 +54,7 @@ def check_embeddings(
     if X.shape[0] == 0 or X.shape[1] == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(X.shape)}")
     if zero_copy_readonly and isinstance(X, np.ndarray) and not X.flags.writeable and dt != "bfloat16":
-        import warnings
-
-        import torch
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "array is not writable": we only read it
-            t = torch.from_numpy(X)
+        t = readonly_from_numpy(X)
     else:
         t = as_torch(X)
     if check_finite:
@@ -73,6 +67,19 @@ def check_embeddings(
                 row = row if row_ids is None else int(row_ids[row])
                 raise ValueError(f"{name} has NaN or inf values (first in row {row})")
     return t
+
+
+def readonly_from_numpy(a: np.ndarray):
+    """``torch.from_numpy(a)`` without copying, also for a read-only array (e.g. an ``np.memmap`` opened
+    with ``mmap_mode="r"``): torch's "array is not writable" warning is silenced. The caller promises never
+    to write to the returned tensor (it shares ``a``'s memory)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "array is not writable": we only read it
+        return torch.from_numpy(a)
 
 
 def first_zero_row(t, rows: Optional[int] = None) -> Optional[int]:
@@ -175,4 +182,5 @@ def check_nonnegative(value: Any, name: str) -> float:
 
 
 __all__ = ["BLOCK_BYTES", "block_rows", "check_embeddings", "check_int", "check_row_range", "first_zero_row",
+           "readonly_from_numpy",
            "row_norms", "check_k", "check_relevance", "check_nonnegative", "device_type", "FLOAT_DTYPES"]

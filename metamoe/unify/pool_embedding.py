@@ -143,24 +143,26 @@ def _write_json(path: Path, obj: Dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- records and the manifest
 
 
-def _record_problem(out: Path, m: Dict[str, Any], i: int, *, hash_file: bool) -> Optional[str]:
-    """None when shard i is done (record present and consistent with the plan and the file), else why not."""
+def _check_record(out: Path, m: Dict[str, Any], i: int, *,
+                  hash_file: bool) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """(record, None) when shard i is done (record present and consistent with the plan and the file), else
+    (the record or None, why not). The record is read once, here, and returned for the caller to use."""
     ns = m["num_shards"]
     rec = _read_json(out / _record_file(i, ns))
     f = out / shard_file(i, ns)
     if rec is None:
-        return "no record (never finished)"
+        return rec, "no record (never finished)"
     start, stop = m["shards"][i]["start"], m["shards"][i]["stop"]
     want = {"shard": i, "num_shards": ns, "start": start, "stop": stop, "rows": stop - start, "d": m["d"],
             "dtype": m["dtype"], "model": m["model"], "source_fingerprint": m["source"]["fingerprint"]}
     bad = [k for k, v in want.items() if rec.get(k) != v]
     if bad:
-        return f"its record disagrees with the manifest on {', '.join(bad)}"
+        return rec, f"its record disagrees with the manifest on {', '.join(bad)}"
     if not f.is_file():
-        return f"{f.name} is missing"
+        return rec, f"{f.name} is missing"
     if hash_file and sha256_file(f) != rec.get("sha256"):
-        return f"sha256 of {f.name} differs from its record"
-    return None
+        return rec, f"sha256 of {f.name} differs from its record"
+    return rec, None
 
 
 def _redo_hint(out: Path, m: Dict[str, Any], missing: Sequence[int]) -> str:
@@ -199,9 +201,8 @@ def _finalize_once(out: Path, hash_files: bool) -> Dict[str, Any]:
     shards = []
     for i, s in enumerate(m["shards"]):
         s = dict(s)
-        prob = _record_problem(out, m, i, hash_file=hash_files)
+        rec, prob = _check_record(out, m, i, hash_file=hash_files)
         if prob is None:
-            rec = _read_json(out / _record_file(i, m["num_shards"]))
             s.update(status="done", sha256=rec["sha256"], rows_sha256=rec["rows_sha256"], seconds=rec["seconds"])
         else:
             s.update(status="pending")
@@ -220,9 +221,7 @@ def _finalize_once(out: Path, hash_files: bool) -> Dict[str, Any]:
 
 def _embed_shard(model, data, out: Path, m: Dict[str, Any], i: int, batch_size: int,
                  progress: bool) -> Dict[str, Any]:
-    import torch
-
-    from .client import _progress, _TrainFlag
+    from .client import _progress, embed
     from ..models.registry import SeedModel
 
     ns, d = m["num_shards"], m["d"]
@@ -235,21 +234,22 @@ def _embed_shard(model, data, out: Path, m: Dict[str, Any], i: int, batch_size: 
     rows_h = hashlib.sha256()
     try:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(m["dtype"]), shape=(stop - start, d))
-        with torch.no_grad(), _TrainFlag(model, False), _progress(
-            stop - start, progress, f"embed shard {i}/{ns} ({model.name})", "sample"
-        ) as bar:
+        # client.embed is called batch by batch (eval mode, no grad: the features embed gives), not once: the
+        # input rows are hashed, checked and cast per batch and written into the shard's memmap as they come,
+        # so a shard never needs a (rows, D) float32 array in memory.
+        with _progress(stop - start, progress, f"embed shard {i}/{ns} ({model.name})", "sample") as bar:
             for a in range(start, stop, batch_size):
                 b = min(stop, a + batch_size)
                 raw = SeedModel.take(data, slice(a, b))
                 if isinstance(raw, np.ndarray) and not raw.flags.writeable:
                     raw = np.array(raw)  # a read-only memmap slice: torch wants a writable buffer
                 _hash_rows(rows_h, raw)
-                f = model.features(model.prepare(raw)).float().cpu()
-                if not bool(torch.isfinite(f).all()):
-                    row = a + int((~torch.isfinite(f).all(dim=1)).nonzero()[0, 0])
+                f = embed(model, raw, batch_size=b - a, progress=False)  # one forward: (b - a, D) float32
+                if not np.isfinite(f).all():
+                    row = a + int(np.flatnonzero(~np.isfinite(f).all(axis=1))[0])
                     raise ValueError(f"the seed model gave NaN/inf features for pool row {row}")
                 with np.errstate(over="ignore"):  # overflow is reported below, with the rows
-                    h = f.numpy().astype(arr.dtype)
+                    h = f.astype(arr.dtype)
                 if not np.isfinite(h).all():
                     raise ValueError(f"features of pool rows {a}:{b} overflow {m['dtype']} (|x| > "
                                      f"{float(np.finfo(arr.dtype).max):g}); store them with dtype='float32'")
@@ -411,7 +411,7 @@ def embed_pool_sharded(
     m = _read_json(out / MANIFEST) or m
     embedded, skipped = [], []
     for i in mine:
-        if not overwrite and _record_problem(out, m, i, hash_file=True) is None:
+        if not overwrite and _check_record(out, m, i, hash_file=True)[1] is None:
             skipped.append(i)
             continue
         (out / _record_file(i, num_shards)).unlink(missing_ok=True)  # not done until the new record lands
@@ -581,7 +581,7 @@ def open_pool_embeddings(
     if rows is not None:
         start, stop = check_row_range(rows, n, "rows")
     need = [i for i, s in enumerate(m["shards"]) if rows is None or (s["start"] < stop and s["stop"] > start)]
-    problems = {i: _record_problem(out, m, i, hash_file=False) for i in range(ns)}
+    records, problems = zip(*(_check_record(out, m, i, hash_file=False) for i in range(ns)))
     missing = [i for i in range(ns) if problems[i] is not None]
     missing_needed = [i for i in need if problems[i] is not None]
     if missing_needed:
@@ -598,8 +598,7 @@ def open_pool_embeddings(
         if i not in need:
             arrays.append(None)  # type: ignore[arg-type]
             continue
-        rec = _read_json(out / _record_file(i, ns))
-        if verify and sha256_file(f) != rec["sha256"]:
+        if verify and sha256_file(f) != records[i]["sha256"]:
             raise PoolIntegrityError(f"{f}: sha256 differs from its record (the file was changed or corrupted after "
                                      f"it was written); redo it with: {_redo_hint(out, m, [i])} --overwrite"
                                      if m.get("command") else
