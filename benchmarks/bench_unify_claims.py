@@ -44,6 +44,11 @@ def parse_seeds(text: str):
     return out
 
 
+def _mean(values) -> float:
+    v = list(values)
+    return sum(v) / len(v)
+
+
 def design_name(cfg: DigitsConfig) -> str:
     """The log/CSV name of a harness design: ``outofdomain`` (the default pool: 40 samples per client domain,
     five distractor domains), ``balanced`` (the first design: 300 per domain, three distractors) or the
@@ -168,6 +173,17 @@ def main(argv=None) -> int:
             continue
         per = [sum(v.values()) / len(v) for v in vals]
         say(f"  {m:<14}" + " ".join(f"{x:.3f}" for x in per) + f"   mean {sum(per) / len(per):.3f}")
+    say("")
+    say("selection diagnostics (the pool's domain labels, which no client sees), mean over clients, per seed:")
+    first = next(iter(runs.values()))
+    say("  relevance AUC " + " ".join(f"{_mean(runs[s]['relevance_auc'].values()):.3f}" for s in seeds)
+        + f"   mean {_mean(_mean(runs[s]['relevance_auc'].values()) for s in seeds):.3f}")
+    for sel in first["proxies_from_own_domain"]:
+        per = [_mean(runs[s]["proxies_from_own_domain"][sel]) for s in seeds]
+        say(f"  own-domain proxies, {sel:<7}" + " ".join(f"{x:.3f}" for x in per) + f"   mean {_mean(per):.3f}")
+    for key in first["local_experts"]:
+        per = [_mean(runs[s]["local_experts"][key].values()) for s in seeds]
+        say(f"  local expert on own domain, {key:<15}" + " ".join(f"{x:.3f}" for x in per) + f"   mean {_mean(per):.3f}")
     if args.no_csv:
         return 0
     env = environment("cpu")

@@ -58,6 +58,11 @@ def test_results_json_schema(run):
         assert set(own) == {"upright", "rotated", "inverted"} and all(0 < v < 1 for v in own.values())
     assert "own_expert_weight" not in on_disk["methods"]["model_soup"]
     assert on_disk["methods"]["btx_oracle"]["breaks_privacy"] is True
+    # selection diagnostics: one ROC AUC per client domain; the share of own-domain proxies per selection
+    assert set(on_disk["relevance_auc"]) == {"upright", "rotated", "inverted"}
+    assert all(0 <= v <= 1 for v in on_disk["relevance_auc"].values())
+    assert all(len(v) == 3 and all(0 <= x <= 1 for x in v) for v in on_disk["proxies_from_own_domain"].values())
+    assert "route_loss_per_epoch" not in on_disk["methods"]["metamoe"]["router"]  # default: the paper's loss
     assert "BREAKS PRIVACY" in on_disk["methods"]["btx_oracle"]["privacy"]
     assert on_disk["seed"] == 3 and on_disk["domains"] == ["upright", "rotated", "inverted"]
     assert on_disk["config"] == TINY.to_dict()
@@ -122,8 +127,19 @@ def test_bad_arguments():
         run_digits_experiment(0, config=TINY, progress=False, num_threads=0)
     with pytest.raises(ValueError, match="router_loss"):
         run_digits_experiment(0, config=TINY, progress=False, router_loss="half")
+    with pytest.raises(ValueError, match="route_loss"):
+        run_digits_experiment(0, config=TINY, progress=False, route_loss=-1.0)
     with pytest.raises(ValueError, match="exceeds the public pool"):
         run_digits_experiment(0, methods=["btm"], config=TINY, progress=False, k=10_000)
+
+
+def test_route_loss_reaches_every_trained_router():
+    r = run_digits_experiment(4, methods=["metamoe", "btx_oracle", "model_soup"], progress=False, config=TINY,
+                              route_loss=0.5)
+    for name in ("metamoe", "btx_oracle"):  # proxies (by their owners) and the oracle's private data
+        losses = r["methods"][name]["router"]["route_loss_per_epoch"]
+        assert len(losses) == TINY.router_epochs and all(0 < v < 10 for v in losses)
+    assert r["methods"]["model_soup"]["router"] is None
 
 
 def test_config_domains_pool_composition():

@@ -167,6 +167,23 @@ def test_bad_configs(work, tmp_path, capsys):
     assert rc == 2 and "hash" in err.lower()
     rc, err = run({**yaml.safe_load((t / "server.yaml").read_text()), "packages": []}, ucli.main_unify)
     assert rc == 2 and "packages" in err
+    srv = yaml.safe_load((t / "server.yaml").read_text())
+    rc, err = run({**srv, "moe": {"routed_head": "false"}}, ucli.main_unify)  # a string, not YAML's false
+    assert rc == 2 and "moe.routed_head must be true or false" in err
+    rc, err = run({**srv, "training": {"route_loss": -1}}, ucli.main_unify)
+    assert rc == 2 and "training.route_loss" in err
+
+
+def test_unify_with_route_loss(work, tmp_path):
+    t, _ = work
+    srv = yaml.safe_load((t / "server.yaml").read_text())
+    srv["training"]["route_loss"] = 0.5
+    (t / "route.yaml").write_text(yaml.safe_dump(srv))
+    assert ucli.main_unify(["--config", str(t / "route.yaml"), "--quiet", "--out", str(tmp_path / "u")]) == 0
+    metrics = json.loads((tmp_path / "u" / "unified.json").read_text())["metrics"]
+    assert len(metrics["route_loss_per_epoch"]) == 2 and all(v > 0 for v in metrics["route_loss_per_epoch"])
+    plain = json.loads((t / "unified" / "unified.json").read_text())["metrics"]
+    assert "route_loss_per_epoch" not in plain
 
 
 def test_unified_folder_moves_with_its_packages(work, tmp_path):

@@ -97,6 +97,8 @@ server.yaml keys (required: seed_model, packages, public, output):
     train_lora: false        also fine-tune the experts' LoRA factors
     loss: block              block: cross-entropy over the public classes only (the proxies' labels); full: over
                              the whole unified label space
+    route_loss: 0            > 0: also train the routers to send each proxy to the expert of the client(s) that
+                             picked it, with this weight (not in the paper; 0: task + load-balancing loss only)
     checkpoint_every: 50     steps between checkpoints (in OUTPUT/checkpoints; a rerun resumes from them)
   output: PATH               the unified model folder to write
 DATA as in client.yaml."""
@@ -343,6 +345,13 @@ def _float(d: Dict[str, Any], key: str, default: Any, where: str) -> float:
     return float(v)
 
 
+def _bool(d: Dict[str, Any], key: str, default: bool, where: str) -> bool:
+    v = d.get(key, default)
+    if not isinstance(v, bool):  # YAML's true/false; a quoted "false" would be truthy under bool()
+        raise ConfigError(f"{where}.{key} must be true or false, got {v!r}")
+    return v
+
+
 # --------------------------------------------------------------------------- train-expert
 
 
@@ -411,9 +420,7 @@ def train_expert_from_config(cfg: Dict[str, Any], out: Optional[str] = None, qui
         picked = select_random(N, k, seed=seed)
     idx = np.asarray(picked.indices, dtype=np.int64)
     say(f"selected {len(idx)} proxies ({method})")
-    align = tr.get("align", True)
-    if not isinstance(align, bool):
-        raise ConfigError(f"training.align must be true or false, got {align!r}")
+    align = _bool(tr, "align", True, "training")
     if causal:
         spaces, priv, prox = None, xp, (xq[idx] if align else None)
     else:
@@ -438,7 +445,7 @@ def train_expert_from_config(cfg: Dict[str, Any], out: Optional[str] = None, qui
         public_pool_size=N,
         method=method,
         k=k,
-        overwrite=bool(cfg.get("overwrite", False)),
+        overwrite=_bool(cfg, "overwrite", False, "client.yaml"),
     )
     say(f"wrote expert package {path}")
     return path
@@ -465,7 +472,7 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     from safetensors.torch import save_file
 
     from ..selection.result import atomic_write_text
-    from .server import proxy_training_set, train_router
+    from .server import proxy_owners, proxy_training_set, train_router
 
     base = cfg.get("_base")
     _check_keys(cfg, ("seed_model", "packages", "public", "moe", "training", "output"), "server.yaml")
@@ -477,24 +484,29 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     output = _resolve(base if out is None else None, output, "output")
     moe = _section(cfg, "moe", ("top_k", "context_routing", "routed_head", "router_init_scale"))
     tr = _section(
-        cfg, "training", ("epochs", "lr", "batch_size", "seed", "train_lora", "loss", "checkpoint_every")
+        cfg,
+        "training",
+        ("epochs", "lr", "batch_size", "seed", "train_lora", "loss", "route_loss", "checkpoint_every"),
     )
     loss = tr.get("loss", "block")
     if loss not in ("block", "full"):
         raise ConfigError(f"training.loss must be block or full, got {loss!r}")
+    route_loss = tr.get("route_loss", 0)
+    if isinstance(route_loss, bool) or not isinstance(route_loss, (int, float)) or not route_loss >= 0:
+        raise ConfigError(f"training.route_loss must be a number >= 0, got {route_loss!r}")
     say = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
     seed_model = _seed_model(cfg, base)
     paths, pkgs, build_unified_model = _build(cfg, base, seed_model, moe)
     xq, yq, _ = load_data(cfg["public"], base, "public")
     opts = {
         "top_k": moe.get("top_k"),
-        "context_routing": bool(moe.get("context_routing", True)),
-        "routed_head": bool(moe.get("routed_head", True)),
+        "context_routing": _bool(moe, "context_routing", True, "moe"),
+        "routed_head": _bool(moe, "routed_head", True, "moe"),
         "router_init_scale": _float(moe, "router_init_scale", 4.0, "moe"),
     }
     model = build_unified_model(seed_model, pkgs, **opts)
     space = model.label_space
-    x, y, _ = proxy_training_set(pkgs, xq, yq, space)
+    x, y, picked = proxy_training_set(pkgs, xq, yq, space)
     say(
         f"unify: {len(pkgs)} experts, {len(x)} proxies in the union, label space {space.num_classes if space.kind == 'classes' else 'vocabulary'}"
     )
@@ -507,10 +519,12 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
         lr=_float(tr, "lr", 1e-2, "training"),
         batch_size=_int(tr, "batch_size", 64, "training"),
         seed=_int(tr, "seed", 0, "training", lo=0),
-        train_lora=bool(tr.get("train_lora", False)),
+        train_lora=_bool(tr, "train_lora", False, "training"),
         checkpoint_dir=output / "checkpoints",
         checkpoint_every=_int(tr, "checkpoint_every", 50, "training"),
         label_block=(space.public_slice if loss == "block" and space.kind == "classes" else None),
+        route_targets=proxy_owners(pkgs, picked) if route_loss > 0 else None,
+        route_loss_coef=float(route_loss) if route_loss > 0 else 1.0,
         progress=not quiet,
     )
     state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
@@ -530,7 +544,7 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
         "moe": opts,
         "label_space": space.to_dict(),
         "weights_sha256": hashlib.sha256((output / UNIFIED_WEIGHTS).read_bytes()).hexdigest(),
-        "train_lora": bool(tr.get("train_lora", False)),
+        "train_lora": _bool(tr, "train_lora", False, "training"),
         "metrics": {k: v for k, v in metrics.items() if k != "trained"},
     }
     atomic_write_text(output / UNIFIED_MANIFEST, json.dumps(manifest, indent=1, default=str) + "\n")

@@ -29,12 +29,15 @@ The result is the dict written to ``results.json``::
                             "router": {...} or None}},
      "seed": 0, "config": {...}, "timing": {"<stage>": {"wall_s": ., "cpu_s": .}}, "total_wall_s": .,
      "total_cpu_s": ., "seed_model": {"per_domain": ..., "average": ., "loss_per_epoch": [...]},
-     "local_experts": {"<set>": {"<domain>": acc}}, "proxies_from_own_domain": {...}, "versions": {...}}
+     "local_experts": {"<set>": {"<domain>": acc}}, "relevance_auc": {"<domain>": auc},
+     "proxies_from_own_domain": {"<selection>": [share per client]}, "versions": {...}}
 
 MoE methods also report ``routing`` (per layer, the fraction of token slots each expert receives) and
 ``own_expert_weight`` (per client domain, the test samples' mean routing probability to that client's expert
 in the last MoE layer: routing quality). ``seed_model`` is the seed alone with its 10-digit head, ``local_experts`` each client's expert on its own
-domain (both references, not methods).
+domain (both references, not methods). ``relevance_auc`` (the ROC AUC of each client's relevance scores for
+"public sample from the client's own domain") and ``proxies_from_own_domain`` are diagnostics of selection
+that no client could compute (they use the pool's domain labels).
 """
 
 from __future__ import annotations
@@ -105,6 +108,10 @@ class DigitsConfig:
     # "block": the router's cross-entropy runs over the label block its data is labelled in (public classes
     # for proxies, private classes for the oracle's private data); "full": over the whole unified label space
     router_loss: str = "block"
+    # > 0: train_router(route_targets=...) with this route_loss_coef: proxies are routed towards the experts of
+    # the clients that picked them (server.proxy_owners), the oracle's private samples towards their own
+    # client's expert. 0: the paper's router loss (task + load balancing) only
+    route_loss: float = 0.0
     # runtime: torch intra-op threads for the run (the previous value is restored afterwards);
     # None leaves torch's setting alone. 1 by default: these models are tiny, and on a shared 2-core machine
     # torch's default (2 threads) made the run take 562 s wall / 425 s CPU instead of 39 s / 38 s (seed 0)
@@ -329,6 +336,8 @@ def run_digits_experiment(
         raise ValueError(f"seed_pool must be 'public' or 'distractors', got {cfg.seed_pool!r}")
     if cfg.router_loss not in ("block", "full"):
         raise ValueError(f"router_loss must be 'block' or 'full', got {cfg.router_loss!r}")
+    if not (isinstance(cfg.route_loss, (int, float)) and math.isfinite(cfg.route_loss) and cfg.route_loss >= 0):
+        raise ValueError(f"route_loss must be a finite number >= 0, got {cfg.route_loss!r}")
     specs = [method_spec(m) for m in methods]
     report = _reporter(progress)
     prev_threads = torch.get_num_threads()
@@ -380,7 +389,7 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
     from .client import embed, train_expert
     from .evaluate import evaluate_domains
     from .package import write_expert_package
-    from .server import proxy_training_set, train_router, validate_packages
+    from .server import proxy_owners, proxy_training_set, train_router, validate_packages
 
     clock = _Clock(report)
     with clock.stage("data"):
@@ -435,7 +444,13 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
                 selections[sel] = [
                     select_random(N, cfg.k, seed=seed * 100 + i) for i in range(len(relevance))
                 ]
-    # proxies drawn from the client's own domain: a diagnostic of selection quality (the clients never see it)
+    # diagnostics of selection quality (the clients never see them): the relevance classifier's ROC AUC for
+    # "public sample from my own domain" and the share of proxies drawn from the client's own domain
+    from sklearn.metrics import roc_auc_score
+
+    relevance_auc = {
+        d: float(roc_auc_score(data.public_domain == i, r)) for i, (d, r) in enumerate(zip(domains, relevance))
+    }
     own_domain = {
         sel: [float(np.mean(data.public_domain[s.indices] == i)) for i, s in enumerate(ss)]
         for sel, ss in selections.items()
@@ -507,12 +522,14 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
             router = None
             if spec.router_data is not None:
                 if spec.router_data == "proxies":
-                    x, y, _ = proxy_training_set(pkgs, data.public_x, data.public_y, space)
+                    x, y, picked = proxy_training_set(pkgs, data.public_x, data.public_y, space)
+                    owners = proxy_owners(pkgs, picked)
                 else:  # the oracle: every client's private data, labelled with its own classes
                     x = np.concatenate([c.x_train for c in data.clients])
                     y = np.concatenate(
                         [c.y_train + space.private_slices[i][0] for i, c in enumerate(data.clients)]
                     )
+                    owners = np.repeat(np.eye(len(data.clients)), [len(c.y_train) for c in data.clients], axis=0)
                 block = None
                 if cfg.router_loss == "block":
                     block = (
@@ -527,6 +544,8 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
                     batch_size=cfg.router_batch_size,
                     seed=seed,
                     label_block=block,
+                    route_targets=owners if cfg.route_loss > 0 else None,
+                    route_loss_coef=cfg.route_loss if cfg.route_loss > 0 else 1.0,
                 )
                 router = {k: v for k, v in router.items() if k != "trained"}
                 router["n_train"] = int(len(y))
@@ -572,6 +591,7 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
             "average": float(np.mean(list(seed_acc.values()))),
         },
         "local_experts": local,
+        "relevance_auc": relevance_auc,
         "proxies_from_own_domain": own_domain,
         "versions": {
             "metamoe": __version__,

@@ -63,6 +63,7 @@ __all__ = [
     "UnifiedModel",
     "build_soup_model",
     "build_unified_model",
+    "proxy_owners",
     "proxy_training_set",
     "train_router",
     "unified_label_space",
@@ -220,6 +221,27 @@ def proxy_training_set(
     return x, yy + label_space.public_slice[0], idx
 
 
+def proxy_owners(packages: Sequence[ExpertPackage], indices: Any) -> np.ndarray:
+    """Routing targets of proxies: (n, E) float64, row i spread evenly over the experts whose clients picked
+    public sample ``indices[i]`` as a proxy (one-hot when one client did).
+
+    A client picks its proxies to stand in for its private data, so the server may ask the router to send
+    each proxy to its client's expert (``train_router(route_targets=...)``); the picks are public, nothing
+    private is used. ``indices`` is the third value of :func:`proxy_training_set`.
+    """
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or idx.dtype.kind not in "iu":
+        raise ValueError(f"indices must be a 1-D integer array of pool indices, got {idx.shape} {idx.dtype}")
+    out = np.zeros((len(idx), len(packages)), dtype=np.float64)
+    for e, p in enumerate(packages):
+        out[:, e] = np.isin(idx, p.proxy_indices)
+    picked = out.sum(1)
+    if len(idx) and picked.min() == 0:
+        row = int(np.argmin(picked))
+        raise ValueError(f"pool index {int(idx[row])} (indices[{row}]) is not a proxy of any package")
+    return out / picked[:, None]
+
+
 # --------------------------------------------------------------------------- the unified model
 
 
@@ -333,13 +355,14 @@ class UnifiedModel(nn.Module):
             logits = self._route_head(batch, logits)
         return logits
 
-    def expert_weights(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, E) float32 (float64 for a float64 model): each sample's mean router probability per expert in the last MoE layer of the
-        latest forward (softmax over all experts, before top-k; padding tokens excluded)."""
-        last = self._wrappers[-1].moe
-        if last.router_logits is None:
+    def expert_weights(self, batch: Dict[str, torch.Tensor], layer: int = -1) -> torch.Tensor:
+        """(B, E) float32 (float64 for a float64 model): each sample's mean router probability per expert in
+        MoE layer ``layer`` (default the last) of the latest forward (softmax over all experts, before top-k;
+        padding tokens excluded). Differentiable when the forward was."""
+        moe = self._wrappers[layer].moe
+        if moe.router_logits is None:
             raise RuntimeError("expert_weights is available after a forward pass")
-        logits = last.router_logits
+        logits = moe.router_logits
         probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         mask = self.seed.token_mask(batch)
         B = next(iter(batch.values())).shape[0]  # every tensor of a prepared batch leads with the batch dim
@@ -637,7 +660,7 @@ def build_soup_model(
 # --------------------------------------------------------------------------- training with checkpoints
 
 
-def _fingerprint(x: Any, y: Optional[np.ndarray]) -> str:
+def _fingerprint(x: Any, y: Optional[np.ndarray], route_targets: Optional[np.ndarray] = None) -> str:
     h = hashlib.sha256()
     items = sorted(x.items()) if isinstance(x, dict) else [("x", x)]
     for k, v in items:
@@ -647,6 +670,8 @@ def _fingerprint(x: Any, y: Optional[np.ndarray]) -> str:
         h.update(np.ascontiguousarray(a).tobytes())
     if y is not None:
         h.update(np.ascontiguousarray(np.asarray(y, dtype=np.int64)).tobytes())
+    if route_targets is not None:
+        h.update(b"route_targets" + np.ascontiguousarray(np.asarray(route_targets, dtype=np.float32)).tobytes())
     return h.hexdigest()
 
 
@@ -745,6 +770,17 @@ def _task_loss(
     return nn.functional.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid])
 
 
+def _route_loss(model: UnifiedModel, batch: Dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the MoE layers of the cross-entropy between ``targets`` (B, E) and each sample's mean routing
+    probability per expert in that layer (of the forward just run)."""
+    terms = []
+    for layer in range(len(model.moe_layers)):
+        g = model.expert_weights(batch, layer)
+        logg = torch.log(g.clamp_min(torch.finfo(g.dtype).tiny))
+        terms.append(-(targets.to(logg.dtype) * logg).sum(1).mean())
+    return torch.stack(terms).mean()
+
+
 def train_router(
     model: UnifiedModel,
     x: Any,
@@ -761,6 +797,8 @@ def train_router(
     checkpoint_every: int = 50,
     resume: bool = True,
     label_block: Optional[Tuple[int, int]] = None,
+    route_targets: Optional[Any] = None,
+    route_loss_coef: float = 1.0,
     callback: Optional[Callable[[int, float], None]] = None,
     progress: bool = False,
 ) -> Dict[str, Any]:
@@ -790,12 +828,20 @@ def train_router(
             whose labels are public classes, so that probability a sample puts on a client's private classes
             is not counted as an error (the private class may name the same thing: ``"rotated:3"`` and
             ``"3"``).
+        route_targets: None, or (n, E) non-negative rows summing to 1: the share of each expert every sample
+            should be routed to (:func:`proxy_owners` for proxies: their clients' experts). Adds
+            ``route_loss_coef`` times the routing cross-entropy, averaged over the MoE layers:
+            ``-sum_e target_e log g_e`` with ``g`` the sample's mean routing probability per expert
+            (:meth:`UnifiedModel.expert_weights`). Not part of the paper's description (task loss plus
+            load balancing only); None (default) trains as the paper does.
+        route_loss_coef: > 0, the weight of that term.
         callback: ``callback(step, loss)`` after every step (step counts from 1); may raise to stop.
         progress: a tqdm bar.
 
     Returns:
         Metrics: ``steps``, ``resumed_from``, ``loss_per_epoch`` (mean task loss of every completed epoch),
-        ``final_lambda`` (per layer, or None), ``seconds``.
+        ``final_lambda`` (per layer, or None), ``seconds``; with ``route_targets`` also
+        ``route_loss_per_epoch``.
     """
     from tqdm.auto import tqdm
 
@@ -843,6 +889,20 @@ def train_router(
                 "label_block applies to classification; a causal LM's loss is over its vocabulary"
             )
         yt = None
+    rt = None
+    if route_targets is not None:
+        rt = torch.as_tensor(np.asarray(route_targets.cpu() if isinstance(route_targets, torch.Tensor) else route_targets,
+                                        dtype=np.float64))
+        E = model.num_experts
+        if rt.shape != (n, E):
+            raise ValueError(f"route_targets must be (n={n}, E={E}), got {tuple(rt.shape)}")
+        if not bool(torch.isfinite(rt).all()) or bool((rt < 0).any()):
+            raise ValueError("route_targets must be finite and non-negative")
+        if not torch.allclose(rt.sum(1), torch.ones(n, dtype=rt.dtype), atol=1e-6):
+            raise ValueError("every row of route_targets must sum to 1 (a distribution over the experts)")
+        if not (isinstance(route_loss_coef, (int, float)) and math.isfinite(route_loss_coef) and route_loss_coef > 0):
+            raise ValueError(f"route_loss_coef must be a positive finite number, got {route_loss_coef!r}")
+        rt = rt.float()
     for w in model._wrappers:
         for name, prm in w.moe.named_parameters():
             if name.startswith("lora_"):
@@ -867,19 +927,22 @@ def train_router(
         seed=int(seed),
         params=sorted(params),
         label_block=None if label_block is None else list(label_block),
+        route_loss_coef=None if rt is None else float(route_loss_coef),
     )
     meta = {
         "config": config,
-        "data": _fingerprint(x, None if yt is None else yt.numpy()),
+        "data": _fingerprint(x, None if yt is None else yt.numpy(), None if rt is None else rt.numpy()),
         "loss_per_epoch": [],
+        "route_loss_per_epoch": [],
     }
-    start, losses = 0, []
+    start, losses, route_losses = 0, [], []
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     resumed_from = None
     if ckpt is not None and resume:
         st = _load_checkpoint(ckpt, params, opt, meta)
         if st is not None:
             start, losses, resumed_from = int(st["step"]), list(st["loss_per_epoch"]), int(st["step"])
+            route_losses = list(st.get("route_loss_per_epoch", []))
     t0 = time.perf_counter()
 
     contexts = None
@@ -890,9 +953,10 @@ def train_router(
         contexts = torch.cat(parts, dim=1)  # (L, n, D)
 
     model.train()
-    ep_sum, ep_cnt = 0.0, 0
+    ep_sum, ep_route, ep_cnt = 0.0, 0.0, 0
     if resumed_from is not None and start % steps_per_epoch:  # resumed inside an epoch
         ep_sum, ep_cnt = float(st["epoch_loss_sum"]), int(st["epoch_loss_count"])
+        ep_route = float(st.get("epoch_route_loss_sum", 0.0))
     perm, perm_epoch = None, -1
     with tqdm(total=total, initial=start, disable=not progress, desc="train router", leave=False) as bar:
         for step in range(start, total):
@@ -906,6 +970,10 @@ def train_router(
             logits = model(batch, ctx)
             task = _task_loss(logits, batch, None if yt is None else yt[idx], label_block)
             loss = task + model.router_loss()
+            if rt is not None:
+                route = _route_loss(model, batch, rt[idx])
+                loss = loss + float(route_loss_coef) * route
+                ep_route += float(route.detach()) * len(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -915,9 +983,12 @@ def train_router(
             done = step + 1
             if done % steps_per_epoch == 0:
                 losses.append(ep_sum / max(ep_cnt, 1))
-                ep_sum, ep_cnt = 0.0, 0
+                if rt is not None:
+                    route_losses.append(ep_route / max(ep_cnt, 1))
+                ep_sum, ep_route, ep_cnt = 0.0, 0.0, 0
             if ckpt is not None and (done % checkpoint_every == 0 or done == total):
-                meta.update(loss_per_epoch=losses, epoch_loss_sum=ep_sum, epoch_loss_count=ep_cnt)
+                meta.update(loss_per_epoch=losses, epoch_loss_sum=ep_sum, epoch_loss_count=ep_cnt,
+                            route_loss_per_epoch=route_losses, epoch_route_loss_sum=ep_route)
                 _save_checkpoint(ckpt, done, params, opt, meta)
             if callback is not None:
                 callback(done, float(loss.detach()))
@@ -925,7 +996,7 @@ def train_router(
     lam = None
     if model.context_routing:
         lam = [float(m.context_lambda.detach()) for m in model.moe_layers]
-    return {
+    out = {
         "steps": total,
         "resumed_from": resumed_from,
         "loss_per_epoch": losses,
@@ -933,3 +1004,6 @@ def train_router(
         "seconds": time.perf_counter() - t0,
         "trained": sorted(params),
     }
+    if rt is not None:
+        out["route_loss_per_epoch"] = route_losses
+    return out
