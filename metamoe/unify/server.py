@@ -770,6 +770,21 @@ def _task_loss(
     return nn.functional.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid])
 
 
+def _check_route_targets(route_targets: Any, n: int, E: int, coef: Any) -> torch.Tensor:
+    """(n, E) float32 tensor of ``train_router``'s ``route_targets``, after checking them and ``route_loss_coef``."""
+    a = route_targets.detach().cpu().numpy() if isinstance(route_targets, torch.Tensor) else route_targets
+    rt = torch.as_tensor(np.asarray(a, dtype=np.float64))
+    if rt.shape != (n, E):
+        raise ValueError(f"route_targets must be (n={n}, E={E}), got {tuple(rt.shape)}")
+    if not bool(torch.isfinite(rt).all()) or bool((rt < 0).any()):
+        raise ValueError("route_targets must be finite and non-negative")
+    if not torch.allclose(rt.sum(1), torch.ones(n, dtype=rt.dtype), atol=1e-6):
+        raise ValueError("every row of route_targets must sum to 1 (a distribution over the experts)")
+    if isinstance(coef, bool) or not (isinstance(coef, (int, float)) and math.isfinite(coef) and coef > 0):
+        raise ValueError(f"route_loss_coef must be a positive finite number, got {coef!r}")
+    return rt.float()
+
+
 def _route_loss(model: UnifiedModel, batch: Dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
     """Mean over the MoE layers of the cross-entropy between ``targets`` (B, E) and each sample's mean routing
     probability per expert in that layer (of the forward just run)."""
@@ -889,20 +904,7 @@ def train_router(
                 "label_block applies to classification; a causal LM's loss is over its vocabulary"
             )
         yt = None
-    rt = None
-    if route_targets is not None:
-        rt = torch.as_tensor(np.asarray(route_targets.cpu() if isinstance(route_targets, torch.Tensor) else route_targets,
-                                        dtype=np.float64))
-        E = model.num_experts
-        if rt.shape != (n, E):
-            raise ValueError(f"route_targets must be (n={n}, E={E}), got {tuple(rt.shape)}")
-        if not bool(torch.isfinite(rt).all()) or bool((rt < 0).any()):
-            raise ValueError("route_targets must be finite and non-negative")
-        if not torch.allclose(rt.sum(1), torch.ones(n, dtype=rt.dtype), atol=1e-6):
-            raise ValueError("every row of route_targets must sum to 1 (a distribution over the experts)")
-        if not (isinstance(route_loss_coef, (int, float)) and math.isfinite(route_loss_coef) and route_loss_coef > 0):
-            raise ValueError(f"route_loss_coef must be a positive finite number, got {route_loss_coef!r}")
-        rt = rt.float()
+    rt = None if route_targets is None else _check_route_targets(route_targets, n, model.num_experts, route_loss_coef)
     for w in model._wrappers:
         for name, prm in w.moe.named_parameters():
             if name.startswith("lora_"):
