@@ -44,6 +44,29 @@ def parse_seeds(text: str):
     return out
 
 
+def _per_run_check(per_seed) -> str:
+    """The issue's check on one run, seed by seed: metamoe >= random_proxy and metamoe > model_soup."""
+    ok = [s for s, r in per_seed.items() if r["metamoe"] >= r["random_proxy"] and r["metamoe"] > r["model_soup"]]
+    bad = sorted(set(per_seed) - set(ok))
+    return (f"per-run check (metamoe >= random_proxy and > model_soup): {len(ok)} of {len(per_seed)} seeds"
+            + (f"; fails on {', '.join(map(str, bad))}" if bad else ""))
+
+
+def _per_seed_from_csv(variant: str, seeds):
+    import csv
+
+    per_seed = {s: {} for s in seeds}
+    with open(RESULTS_DIR / "unify_claims.csv", newline="") as fh:
+        for row in csv.DictReader(fh):  # in time order: a later row of the same seed and method wins
+            if row["kind"] == "accuracy" and row["variant"] == variant and int(row["seed"]) in per_seed:
+                if not row["method"].startswith("("):
+                    per_seed[int(row["seed"])][row["method"]] = float(row["average"])
+    missing = [s for s, r in per_seed.items() if not r]
+    if missing:
+        raise SystemExit(f"no rows of variant {variant!r} for seeds {missing} in unify_claims.csv")
+    return per_seed
+
+
 def _mean(values) -> float:
     v = list(values)
     return sum(v) / len(v)
@@ -115,6 +138,12 @@ def main(argv=None) -> int:
         "--quick", action="store_true", help="tiny harness settings: exercises the script in seconds"
     )
     p.add_argument("--no-csv", action="store_true", help="print only; write no CSV/log")
+    p.add_argument(
+        "--from-csv",
+        action="store_true",
+        help="run nothing: re-test the claims on this variant's rows already in unify_claims.csv for --seeds "
+        "(the latest row per seed and method), e.g. to pool the seeds of several runs",
+    )
     args = p.parse_args(argv)
     seeds = parse_seeds(args.seeds)
     overrides = {"seed_pool": args.seed_pool}
@@ -147,6 +176,13 @@ def main(argv=None) -> int:
         print(line, flush=True)
         log.append(line)
 
+    if args.from_csv:
+        per_seed = _per_seed_from_csv(variant, seeds)
+        claims = evaluate_claims(per_seed, alpha=args.alpha, close_margin=args.close_margin)
+        print(f"variant {variant}, seeds {seeds}: rows from {RESULTS_DIR / 'unify_claims.csv'} (nothing rerun)")
+        print(format_claims(per_seed, claims))
+        print(_per_run_check(per_seed))
+        return 0
     t0 = time.perf_counter()
     runs = run_claims(seeds, progress=say, **overrides)
     per_seed = {s: {m: r["average"] for m, r in res["methods"].items()} for s, res in runs.items()}
@@ -164,6 +200,7 @@ def main(argv=None) -> int:
         + " ".join(f"s{s}={runs[s]['seed_model']['average']:.3f}" for s in seeds)
     )
     say(format_claims(per_seed, claims))
+    say(_per_run_check(per_seed))
     say("")
     say("routing quality: mean routing probability of a test sample to its own client's expert (last MoE layer),")
     say("averaged over the client domains, per seed (MoE methods):")
