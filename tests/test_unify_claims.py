@@ -4,6 +4,7 @@ import itertools
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +114,32 @@ def test_bench_script_quick():
     assert r.returncode == 0, r.stderr[-3000:]
     assert "metamoe vs" in r.stdout and "btx_oracle" in r.stdout and "QUICK" in r.stdout
     assert "variant: outofdomain_seedpool-distractors_quick" in r.stdout and "'seed_pool': 'distractors'" in r.stdout
+    assert "per-run check (metamoe >= random_proxy and > model_soup):" in r.stdout
+    assert "relevance AUC" in r.stdout and "own-domain proxies, dpp" in r.stdout
+
+
+def test_bench_from_csv_reproduces_a_live_run():
+    # --from-csv re-tests the committed CSV rows; on seeds 20-39 it must print the accuracy table and the claims
+    # that the live run printed into its log
+    log = (Path(ROOT) / "benchmarks" / "results" / "unify_claims_outofdomain_seeds20-39.log").read_text().splitlines()
+    start = next(i for i, line in enumerate(log) if line.startswith("method "))
+    stop = next(i for i in range(start, len(log)) if log[i].startswith("btx_oracle ") and "verdict" not in log[i]
+                and "holds" in log[i])
+    r = subprocess.run(
+        [sys.executable, "benchmarks/bench_unify_claims.py", "--from-csv", "--seeds", "20-39"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout.splitlines()
+    assert len(log[start : stop + 1]) > 15
+    for line in log[start : stop + 1]:
+        assert line in out, line
+    assert "per-run check (metamoe >= random_proxy and > model_soup): 13 of 20 seeds" in r.stdout
+    r = subprocess.run(
+        [sys.executable, "benchmarks/bench_unify_claims.py", "--from-csv", "--seeds", "900-901"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert r.returncode != 0 and "no rows of variant 'outofdomain' for seeds [900, 901]" in r.stderr
 
 
 def test_seed_pool_is_checked():
