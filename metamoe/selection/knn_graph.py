@@ -333,20 +333,17 @@ def _exact_faiss_sliced(Xt, Qt, K: int, metric: str, slice_rows: int, block_rows
         for b0 in range(s0, s1, block_rows):
             b1 = min(s1, b0 + block_rows)
             xb[b0 - s0 : b1 - s0] = _block_np(Xt, b0, b1, metric == "cosine")
-        kk = min(K, s1 - s0)
-        sims = np.empty((nq, kk), dtype=np.float32)
-        idx = np.empty((nq, kk), dtype=np.int64)
-        for q0 in range(0, nq, block_rows):
-            q1 = min(nq, q0 + block_rows)
-            D, I = faiss.knn(_block_np(Qt, q0, q1, metric == "cosine"), xb, kk, metric=mt)
-            sims[q0:q1] = -D if metric == "l2" else D
-            idx[q0:q1] = np.where(I >= 0, I + s0, -1)
+        sims, idx = _faiss_search(lambda q, k, xb=xb: faiss.knn(q, xb, k, metric=mt), Qt, min(K, s1 - s0), metric,
+                                  block_rows, False, "")
+        idx = np.where(idx >= 0, idx + s0, -1)
         del xb
         best_s, best_i = _merge_topk(best_s, best_i, sims, idx, K)
     return best_s, best_i
 
 
-def _faiss_search(index, Q, K: int, metric: str, q_block: int, progress: bool, desc: str):
+def _faiss_search(search, Q, K: int, metric: str, q_block: int, progress: bool, desc: str):
+    """(sims float32 (Nq, K), idx int64 (Nq, K)) of ``search(query_block, K) -> (D, I)`` (a faiss index's
+    ``search``, or ``faiss.knn`` on one slice) over the queries in blocks of ``q_block`` rows."""
     from tqdm.auto import tqdm
 
     nq = Q.shape[0]
@@ -354,7 +351,7 @@ def _faiss_search(index, Q, K: int, metric: str, q_block: int, progress: bool, d
     idx = np.empty((nq, K), dtype=np.int64)
     for qs in tqdm(range(0, nq, q_block), desc=desc, disable=None if progress else True, leave=False):
         qe = min(nq, qs + q_block)
-        D, I = index.search(_block_np(Q, qs, qe, metric == "cosine"), K)
+        D, I = search(_block_np(Q, qs, qe, metric == "cosine"), K)
         sims[qs:qe] = -D if metric == "l2" else D  # faiss L2 returns squared distances
         idx[qs:qe] = I
     return sims, idx
@@ -457,6 +454,7 @@ def build_knn_graph(
     if max_index_bytes is None:
         max_index_bytes = EXACT_INDEX_BYTES
     max_index_bytes = check_int(max_index_bytes, "max_index_bytes")
+    slice_rows = max(1, max_index_bytes // (4 * d))  # float32 pool rows one exact faiss index may hold
     own = queries is None
     if own:
         Qt = Xt
@@ -495,10 +493,10 @@ def build_knn_graph(
         s, i = _exact_torch(Qt, Xt, Ks, metric, progress=progress)
         sims, idx = s.cpu().numpy(), i.cpu().numpy()
         info["method"] = "torch-exact"
-    elif method == "exact" and n > max(1, max_index_bytes // (4 * d)):
-        sims, idx = _exact_faiss_sliced(Xt, Qt, Ks, metric, max(1, max_index_bytes // (4 * d)), block_rows, progress)
+    elif method == "exact" and n > slice_rows:
+        sims, idx = _exact_faiss_sliced(Xt, Qt, Ks, metric, slice_rows, block_rows, progress)
         info["method"] = "faiss-flat"
-        info["slices"] = -(-n // max(1, max_index_bytes // (4 * d)))
+        info["slices"] = -(-n // slice_rows)
     elif method in ("exact", "faiss-gpu"):
         index = _faiss_index(d, metric)
         if method == "faiss-gpu":
@@ -507,7 +505,7 @@ def build_knn_graph(
             index = faiss.index_cpu_to_all_gpus(index)
         for s0 in range(0, n, block_rows):
             index.add(_block_np(Xt, s0, min(n, s0 + block_rows), metric == "cosine"))
-        sims, idx = _faiss_search(index, Qt, Ks, metric, block_rows, progress, f"knn ({method})")
+        sims, idx = _faiss_search(index.search, Qt, Ks, metric, block_rows, progress, f"knn ({method})")
         info["method"] = "faiss-flat" if method == "exact" else "faiss-gpu-flat"
     else:  # ivf
         import faiss
@@ -531,7 +529,7 @@ def build_knn_graph(
         for s0 in range(0, n, block_rows):
             index.add(_block_np(Xt, s0, min(n, s0 + block_rows), metric == "cosine"))
         index.nprobe = npb
-        sims, idx = _faiss_search(index, Qt, Ks, metric, block_rows, progress, "knn (ivf)")
+        sims, idx = _faiss_search(index.search, Qt, Ks, metric, block_rows, progress, "knn (ivf)")
         info.update(method="faiss-ivf", nlist=nl, nprobe=npb, n_train=n_train, storage=storage, quantizer=quantizer)
         if recall_sample > 0:
             m = min(int(recall_sample), nq)
