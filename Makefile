@@ -3,6 +3,9 @@
 #   make demo   the end-to-end example on the bundled data
 # Each creates .venv if it is missing and installs metamoe with its test extras (which builds the
 # C++/CUDA extension); both are quick when everything is already in place.
+# The console scripts (.venv/bin/pytest, .venv/bin/metamoe) are used rather than `python -m ...`, which puts the
+# current folder first on sys.path: there the repo's top-level kernels/ folder (installed as metamoe.kernels)
+# would shadow the PyPI package `kernels` that transformers >= 5.25 imports when it builds a model.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -32,16 +35,16 @@ ext: $(PY)
 	$(PY) setup.py -q build_ext --inplace
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_ARGS) tests
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest $(PYTEST_ARGS) tests
 
 demo: $(STAMP)
-	$(PY) -m metamoe demo --out $(DEMO_OUT) --seed $(SEED)
+	$(VENV)/bin/metamoe demo --out $(DEMO_OUT) --seed $(SEED)
 
 info: $(STAMP)
-	$(PY) -m metamoe.info
+	$(VENV)/bin/metamoe info
 
 bench: $(STAMP)
-	$(PY) -m metamoe bench $(BENCH_ARGS)
+	$(VENV)/bin/metamoe bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build $(VENV) metamoe/_C*.so metamoe/_build_info.json *.egg-info

@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
 
 from benchmarks.utils import RESULTS_DIR, append_csv, environment, fmt, print_table  # noqa: E402
 

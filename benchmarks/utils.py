@@ -14,6 +14,11 @@ What every benchmark here does with them:
 
 Always time a peer (at least the plain PyTorch path) in the same run and print the ratio; never write a
 number for a device the script did not run on.
+
+Each script appends the repository root to ``sys.path`` (last, not first) so that ``benchmarks.utils``
+imports: first on the path, the root's ``kernels/`` folder (the Triton kernels, installed as
+``metamoe.kernels``) would shadow the PyPI package ``kernels`` that transformers >= 5.25 imports when it
+builds a model.
 """
 
 from __future__ import annotations
