@@ -9,10 +9,11 @@ console output goes to benchmarks/results/unify_claims_<variant>_seeds<first>-<l
 This is an accuracy benchmark, not a timing one: its "peer" is the set of baselines in the same run. The wall
 time per seed is recorded (CPU only, 1 torch thread).
 
-  python benchmarks/bench_unify_claims.py --seeds 20-39               # the README's table (default design)
-  python benchmarks/bench_unify_claims.py --seeds 20-39 --public-per-client-domain 300 \
-      --distractors mirrored,transposed,blurred                         # the first ("balanced") design
-  python benchmarks/bench_unify_claims.py --seeds 0-4 --seed-pool distractors   # diagnostic variant
+  python benchmarks/bench_unify_claims.py --seeds 100-139             # the README's table (default design)
+  python benchmarks/bench_unify_claims.py --design outofdomain --seeds 20-39   # the design of stops 8-9
+  python benchmarks/bench_unify_claims.py --design balanced --seeds 20-39      # the first design
+  python benchmarks/bench_unify_claims.py --seeds 10-29 --set route_loss=0.0   # one knob changed (ablation)
+  python benchmarks/bench_unify_claims.py --design outofdomain --from-csv --seeds 20-79   # re-test CSV rows
   python benchmarks/bench_unify_claims.py --quick                     # tiny settings, seconds (exercise only)
 """
 
@@ -25,11 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
 
 from benchmarks.utils import RESULTS_DIR, append_csv, environment
 from metamoe.unify.claims import evaluate_claims, format_claims, run_claims
-from metamoe.unify.experiment import DigitsConfig
+from metamoe.unify.experiment import DESIGNS, DigitsConfig, design_config
 
 
 def parse_seeds(text: str):
@@ -73,19 +74,28 @@ def _mean(values) -> float:
 
 
 def design_name(cfg: DigitsConfig) -> str:
-    """The log/CSV name of a harness design: ``outofdomain`` (the default pool: 40 samples per client domain,
-    five distractor domains), ``balanced`` (the first design: 300 per domain, three distractors) or the
-    numbers; then ``_seedpool-distractors`` and ``_plainhead`` when those options are on."""
-    share = cfg.public_per_domain if cfg.public_per_client_domain is None else cfg.public_per_client_domain
-    pool = (share, cfg.public_per_domain, tuple(cfg.distractor_domains))
-    default = DigitsConfig()
-    if pool == (default.public_per_client_domain, default.public_per_domain, tuple(default.distractor_domains)):
-        name = "outofdomain"
-    elif pool == (300, 300, ("mirrored", "transposed", "blurred")):
-        name = "balanced"
+    """The log/CSV name of a harness design: the name in DESIGNS (``heldoutpool``, the default; ``outofdomain``,
+    the design of stops 8-9; ``balanced``, the first) whose fields ``cfg`` has, else ``heldoutpool`` followed by
+    every such field that differs (``_<field><value>``); then ``_seedpool-<pool>`` when the seed's pre-training
+    data is not the design's and ``_plainhead`` without the routed head."""
+    keys = sorted({k for d in DESIGNS.values() for k in d} - {"seed_pool"})
+
+    def same(name: str) -> bool:
+        ref = design_config(name)
+        return all(getattr(cfg, k) == getattr(ref, k) for k in keys)
+
+    name = next((n for n in DESIGNS if same(n)), None)
+    if name is None:
+        ref = DigitsConfig()
+        name = "heldoutpool" + "".join(
+            f"_{k}{','.join(v) if isinstance(v, tuple) else v}"
+            for k in keys
+            if (v := getattr(cfg, k)) != getattr(ref, k)
+        )
+        base = ref
     else:
-        name = f"client{share}_distractor{cfg.public_per_domain}x{len(cfg.distractor_domains)}"
-    if cfg.seed_pool != "public":
+        base = design_config(name)
+    if cfg.seed_pool != base.seed_pool:
         name += f"_seedpool-{cfg.seed_pool}"
     if not cfg.routed_head:
         name += "_plainhead"
@@ -96,23 +106,34 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0-4", help="seeds, e.g. '0-9' or '0,3,7' (default 0-4; at least 2)")
     p.add_argument(
+        "--design",
+        default="heldoutpool",
+        choices=list(DESIGNS),
+        help="the harness design (metamoe.unify.experiment.DESIGNS): heldoutpool (default: the seed pre-trained "
+        "on its own public set, 120 pool samples per client domain, 300 test images per client, 40 expert "
+        "epochs, proxies supervise the routers), outofdomain (stops 8-9: the seed pre-trained on the pool "
+        "itself, 40 per client domain, 150 test images, 10 expert epochs, no routing loss) or balanced (the "
+        "first: outofdomain's training with 300 pool samples of every domain, three distractors)",
+    )
+    p.add_argument(
         "--seed-pool",
-        default="public",
-        choices=["public", "distractors"],
-        help="what pre-trains the seed ViT: the whole public pool (the issue's design, default) or only "
-        "its distractor domains (diagnostic)",
+        default=None,
+        choices=["pretrain", "public", "distractors"],
+        help="what pre-trains the seed ViT (default: the design's): its own public pre-training set, the "
+        "selection pool, or only the pool's distractor domains (diagnostic)",
     )
     p.add_argument(
         "--public-per-client-domain",
         type=int,
         default=None,
-        help="public samples of each client domain (default 40, against 300 per distractor domain; 300 with "
-        "--distractors mirrored,transposed,blurred is the first, 'balanced' design)",
+        help="pool samples of each client domain (default: the design's; 120 in heldoutpool, against 300 per "
+        "distractor domain)",
     )
     p.add_argument(
         "--distractors",
         default=None,
-        help="comma-separated distractor domains (default: mirrored,upside_down,transposed,blurred,shifted)",
+        help="comma-separated distractor domains (default: the design's; "
+        "mirrored,upside_down,transposed,blurred,shifted)",
     )
     p.add_argument(
         "--no-routed-head",
@@ -146,7 +167,9 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     seeds = parse_seeds(args.seeds)
-    overrides = {"seed_pool": args.seed_pool}
+    overrides = dict(DESIGNS[args.design])
+    if args.seed_pool is not None:
+        overrides["seed_pool"] = args.seed_pool
     if args.public_per_client_domain is not None:
         overrides["public_per_client_domain"] = args.public_per_client_domain
     if args.distractors:
@@ -163,7 +186,7 @@ def main(argv=None) -> int:
             extra[field] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             extra[field] = value  # a plain string, e.g. --set router_loss=full
-    variant = design_name(DigitsConfig(**{**overrides, **extra})) + "".join(f"_{k}{v}" for k, v in extra.items())
+    variant = design_name(DigitsConfig(**overrides)) + "".join(f"_{k}{v}" for k, v in extra.items())
     if args.quick:
         from metamoe.demo import QUICK
 

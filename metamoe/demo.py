@@ -2,15 +2,15 @@
 
 1. The environment: which backends run here.
 2. Proxy selection at a glance on the bundled digits (three clients with private domains: upright, rotated,
-   inverted digits; a public pool that mixes those domains, 40 samples each, with five distractor domains,
+   inverted digits; a public pool that mixes those domains, 120 samples each, with five distractor domains,
    300 samples each). Each client scores
    the pool with its domain classifier and picks proxies with the relevance-weighted DPP, facility location
    over its private set, top-relevance (FlexOlmo-style) and random; the table shows how many proxies come
    from the client's own domain, how many digit classes they cover and how well they cover the private set
    (mean best cosine similarity of a private sample to a proxy). This part uses a fixed PCA embedding, so
    that it shows selection alone.
-3. The whole pipeline (:func:`metamoe.unify.run_digits_experiment`): a tiny timm ViT seed pre-trained on the
-   public pool, per client embeddings, relevance, proxy selection, proxy-aligned LoRA experts written as
+3. The whole pipeline (:func:`metamoe.unify.run_digits_experiment`): a tiny timm ViT seed pre-trained on a
+   separate public pre-training set, per client embeddings, relevance, proxy selection, proxy-aligned LoRA experts written as
    expert packages, then per method the server side (package validation, the LoRA-expert MoE, router
    training on the proxies) and evaluation on every client's test set. Methods: metamoe, flexolmo,
    random_proxy, model_soup, btm, btx_oracle (privacy-breaking upper bound), no_alignment, no_context.
@@ -38,6 +38,8 @@ QUICK = dict(
     n_test=12,
     public_per_domain=24,
     public_per_client_domain=8,
+    pretrain_per_domain=24,
+    pretrain_per_client_domain=8,
     embed_dim=16,
     depth=1,
     seed_epochs=2,
@@ -234,6 +236,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"\nData: {len(data.clients)} clients ({', '.join(c.domain for c in data.clients)}), "
         f"{len(data.clients[0].x_train)} private samples each; public pool of {len(data.public_x)} samples from "
         f"{len(data.domain_names)} domains ({', '.join(data.domain_names)})"
+        + ("" if data.pretrain_x is None else f"; the seed pre-trains on {len(data.pretrain_x)} other public samples")
+        + f"; {len(data.clients[0].y_test)} test samples per client domain"
     )
     sel = None
     if not args.no_selection_table:

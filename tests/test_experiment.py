@@ -9,8 +9,10 @@ import torch
 
 from metamoe.unify.experiment import (
     CHART_FILE,
+    DESIGNS,
     RESULTS_FILE,
     DigitsConfig,
+    design_config,
     format_table,
     run_digits_experiment,
 )
@@ -62,7 +64,8 @@ def test_results_json_schema(run):
     assert set(on_disk["relevance_auc"]) == {"upright", "rotated", "inverted"}
     assert all(0 <= v <= 1 for v in on_disk["relevance_auc"].values())
     assert all(len(v) == 3 and all(0 <= x <= 1 for x in v) for v in on_disk["proxies_from_own_domain"].values())
-    assert "route_loss_per_epoch" not in on_disk["methods"]["metamoe"]["router"]  # default: the paper's loss
+    # default: the proxies supervise the routers (the routing loss towards each proxy's client runs every epoch)
+    assert len(on_disk["methods"]["metamoe"]["router"]["route_loss_per_epoch"]) == TINY.router_epochs
     assert "BREAKS PRIVACY" in on_disk["methods"]["btx_oracle"]["privacy"]
     assert on_disk["seed"] == 3 and on_disk["domains"] == ["upright", "rotated", "inverted"]
     assert on_disk["config"] == TINY.to_dict()
@@ -70,7 +73,7 @@ def test_results_json_schema(run):
         assert t["wall_s"] >= 0 and t["cpu_s"] >= 0, stage
     assert {
         "data",
-        "seed: build + pretrain on public pool",
+        "seed: build + pretrain on public data",
         "client: relevance",
         "client: select (dpp)",
         "client: train experts (dpp)",
@@ -140,6 +143,8 @@ def test_route_loss_reaches_every_trained_router():
         losses = r["methods"][name]["router"]["route_loss_per_epoch"]
         assert len(losses) == TINY.router_epochs and all(0 < v < 10 for v in losses)
     assert r["methods"]["model_soup"]["router"] is None
+    off = run_digits_experiment(4, methods=["metamoe"], progress=False, config=TINY, route_loss=0.0)
+    assert "route_loss_per_epoch" not in off["methods"]["metamoe"]["router"]  # task + load balancing only
 
 
 def test_config_domains_pool_composition():
@@ -166,14 +171,78 @@ def test_config_domains_pool_composition():
     for i in np.flatnonzero(d.public_domain == 4)[:5]:
         hits = np.flatnonzero((shifted == d.public_x[i]).all(axis=(1, 2)))
         assert len(hits) and d.public_y[i] in labels[hits]
-    default = config_domains(5)  # the harness's default pool: mostly out-of-domain, 13.5x a private set
-    np.testing.assert_array_equal(np.bincount(default.public_domain), [40] * 3 + [300] * 5)
-    assert len(default.public_x) == 1620 >= 10 * len(default.clients[0].x_train)
-    balanced = config_domains(
-        5, DigitsConfig(public_per_client_domain=None, distractor_domains=("mirrored", "transposed", "blurred"))
-    )
+    default = config_domains(5)  # the harness's default pool: mostly out-of-domain, 15.5x a private set
+    np.testing.assert_array_equal(np.bincount(default.public_domain), [120] * 3 + [300] * 5)
+    assert len(default.public_x) == 1860 >= 10 * len(default.clients[0].x_train)
+    np.testing.assert_array_equal(np.bincount(default.pretrain_domain), [40] * 3 + [300] * 5)
+    assert len(default.pretrain_x) == len(default.pretrain_y) == 1620
+    old = config_domains(5, design_config("outofdomain"))  # the design of stops 8-9: no pre-training set
+    np.testing.assert_array_equal(np.bincount(old.public_domain), [40] * 3 + [300] * 5)
+    assert old.pretrain_x is None and [len(c.y_test) for c in old.clients] == [150] * 3
+    balanced = config_domains(5, design_config("balanced"))
     np.testing.assert_array_equal(np.bincount(balanced.public_domain), [300] * 6)
     with pytest.raises(ValueError, match="public_per_client_domain"):
         config_domains(5, DigitsConfig(public_per_client_domain=-1))
     with pytest.raises(ValueError, match="unknown domain"):
         config_domains(5, DigitsConfig(distractor_domains=("sideways",)))
+
+
+def _source_indices(x, domain):
+    """The digit images (indices into load_digit_images) that ``x`` (n, 8, 8) shows under ``domain``'s transform."""
+    from metamoe.data.digits import TRANSFORMS, load_digit_images
+
+    images, _ = load_digit_images()
+    lookup = {TRANSFORMS[domain](images[i : i + 1])[0].tobytes(): i for i in range(len(images))}
+    return np.array([lookup[np.ascontiguousarray(im).tobytes()] for im in x])
+
+
+def _pool_sources(x, dom, names):
+    return {int(i) for d, name in enumerate(names) for i in _source_indices(x[dom == d], name)}
+
+
+def test_heldoutpool_keeps_every_set_on_its_own_source_images():
+    """The default split: private sets, the shared test images, the selection pool and the seed's pre-training
+    set come from pairwise disjoint source images (the pool never holds what the seed was trained on, no test
+    digit is in any training set); the three clients' test sets are the same digits, each under its transform."""
+    from metamoe.unify.experiment import config_domains
+
+    d = config_domains(7)
+    private = [set(_source_indices(c.x_train, c.domain).tolist()) for c in d.clients]
+    tests = [_source_indices(c.x_test, c.domain) for c in d.clients]
+    assert all(len(t) == 300 for t in tests) and all(np.array_equal(tests[0], t) for t in tests)
+    for c, t in zip(d.clients, tests):  # labels travel with their images
+        from metamoe.data.digits import load_digit_images
+
+        np.testing.assert_array_equal(c.y_test, load_digit_images()[1][t])
+    pool = _pool_sources(d.public_x, d.public_domain, d.domain_names)
+    pre = _pool_sources(d.pretrain_x, d.pretrain_domain, d.domain_names)
+    sets = private + [set(tests[0].tolist()), pool, pre]
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            assert not sets[i] & sets[j], (i, j)
+    assert len(pool) >= 300 and len(pre) >= 300 and all(len(p) == 120 for p in private)
+
+
+def test_per_client_test_sets_without_sharing():
+    from metamoe.unify.experiment import config_domains
+
+    d = config_domains(7, design_config("outofdomain"))
+    tests = [set(_source_indices(c.x_test, c.domain).tolist()) for c in d.clients]
+    assert all(len(t) == 150 for t in tests)
+    assert not (tests[0] & tests[1]) and not (tests[0] & tests[2]) and not (tests[1] & tests[2])
+
+
+def test_split_sizes_that_do_not_fit_are_refused():
+    from metamoe.unify.experiment import config_domains
+
+    with pytest.raises(ValueError, match="pre-training set"):
+        config_domains(0, DigitsConfig(pretrain_per_domain=700))
+    with pytest.raises(ValueError, match="public pool"):
+        config_domains(0, DigitsConfig(n_test=1400))
+    with pytest.raises(ValueError, match="pretrain_per_client_domain"):
+        config_domains(0, DigitsConfig(pretrain_per_client_domain=-3))
+    with pytest.raises(ValueError, match="unknown design"):
+        design_config("huge")
+    assert set(DESIGNS) == {"heldoutpool", "outofdomain", "balanced"} and DESIGNS["heldoutpool"] == {}
+    with pytest.raises(ValueError, match="selection_features"):
+        run_digits_experiment(0, config=TINY, progress=False, selection_features="pixels")

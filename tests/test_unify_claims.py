@@ -113,7 +113,7 @@ def test_bench_script_quick():
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "metamoe vs" in r.stdout and "btx_oracle" in r.stdout and "QUICK" in r.stdout
-    assert "variant: outofdomain_seedpool-distractors_quick" in r.stdout and "'seed_pool': 'distractors'" in r.stdout
+    assert "variant: heldoutpool_seedpool-distractors_quick" in r.stdout and "'seed_pool': 'distractors'" in r.stdout
     assert "per-run check (metamoe >= random_proxy and > model_soup):" in r.stdout
     assert "relevance AUC" in r.stdout and "own-domain proxies, dpp" in r.stdout
 
@@ -126,7 +126,7 @@ def test_bench_from_csv_reproduces_a_live_run():
     stop = next(i for i in range(start, len(log)) if log[i].startswith("btx_oracle ") and "verdict" not in log[i]
                 and "holds" in log[i])
     r = subprocess.run(
-        [sys.executable, "benchmarks/bench_unify_claims.py", "--from-csv", "--seeds", "20-39"],
+        [sys.executable, "benchmarks/bench_unify_claims.py", "--from-csv", "--design", "outofdomain", "--seeds", "20-39"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -136,7 +136,8 @@ def test_bench_from_csv_reproduces_a_live_run():
         assert line in out, line
     assert "per-run check (metamoe >= random_proxy and > model_soup): 13 of 20 seeds" in r.stdout
     r = subprocess.run(
-        [sys.executable, "benchmarks/bench_unify_claims.py", "--from-csv", "--seeds", "900-901"],
+        [sys.executable, "benchmarks/bench_unify_claims.py", "--from-csv", "--design", "outofdomain", "--seeds",
+         "900-901"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert r.returncode != 0 and "no rows of variant 'outofdomain' for seeds [900, 901]" in r.stderr
@@ -147,3 +148,22 @@ def test_seed_pool_is_checked():
 
     with pytest.raises(ValueError, match="seed_pool"):
         run_digits_experiment(0, methods=["metamoe"], progress=False, seed_pool="clients")
+
+
+def test_design_names_of_the_bench():
+    """Each design's config gets its own log/CSV name; a changed knob is spelled out, so rows of different
+    designs never mix (the earlier designs' rows in unify_claims.csv keep their names)."""
+    if ROOT not in sys.path:
+        sys.path.append(ROOT)  # last: first, the root's kernels/ folder would shadow the PyPI `kernels` package
+    from benchmarks.bench_unify_claims import design_name
+    from metamoe.unify.experiment import DigitsConfig, design_config
+
+    assert design_name(DigitsConfig()) == "heldoutpool"
+    assert design_name(design_config("outofdomain")) == "outofdomain"
+    assert design_name(design_config("balanced")) == "balanced"
+    assert design_name(design_config("outofdomain", routed_head=False)) == "outofdomain_plainhead"
+    assert design_name(design_config("balanced", seed_pool="distractors", routed_head=False)) == (
+        "balanced_seedpool-distractors_plainhead"
+    )
+    assert design_name(DigitsConfig(route_loss=0.0)) == "heldoutpool_route_loss0.0"
+    assert design_name(DigitsConfig(seed_pool="public")) == "heldoutpool_seedpool-public"

@@ -153,6 +153,8 @@ def test_bad_configs(work, tmp_path, capsys):
     assert rc == 2 and "exceeds the public pool" in err
     rc, err = run({**base, "selection": {"method": "greedy"}})
     assert rc == 2 and "selection.method" in err
+    rc, err = run({**base, "selection": {"features": "pixels"}})
+    assert rc == 2 and "selection.features" in err
     rc, err = run({**base, "private": "nope.npz"})
     assert rc == 2 and "nope.npz" in err
     rc, err = run({**base, "seed_model": {"name": "timm:vit_tiny_patch16_224", "config": VIT}})
@@ -174,6 +176,29 @@ def test_bad_configs(work, tmp_path, capsys):
     assert rc == 2 and "training.route_loss" in err
 
 
+def test_train_expert_selects_on_the_chosen_features(work, tmp_path):
+    """selection.features: pooled+context picks exactly the DPP proxies of those embeddings (computed here)."""
+    from metamoe.models import create_seed_model
+    from metamoe.selection import relevance_scores, select_dpp
+    from metamoe.unify.client import embed
+
+    t, data = work
+    cfg = yaml.safe_load((t / "a.yaml").read_text())
+    cfg["selection"]["features"] = "pooled+context"
+    (t / "ctx.yaml").write_text(yaml.safe_dump(cfg))
+    assert ucli.main_train_expert(["--config", str(t / "ctx.yaml"), "--quiet", "--out", str(tmp_path / "c")]) == 0
+    got = json.loads((tmp_path / "c" / "manifest.json").read_text())["selection"]["proxy_indices"]
+    seed = create_seed_model("timm:vit_tiny_patch16_224", checkpoint=t / "seed")
+    pub = embed(seed, data.public_x, progress=False, features="pooled+context")
+    priv = embed(seed, data.clients[0].x_train, progress=False, features="pooled+context")
+    assert pub.shape[1] == seed.feature_dim + sum(layer.hidden_size for layer in seed.ffn_layers())
+    want = select_dpp(pub, 15, relevance_scores(priv, pub, epochs=5, seed=1, progress=False), kernel="rbf",
+                      progress=False)
+    assert got == want.indices.tolist()
+    pooled = json.loads((t / "packages" / "a" / "manifest.json").read_text())["selection"]["proxy_indices"]
+    assert got != pooled  # the features change what is picked
+
+
 def test_unify_with_route_loss(work, tmp_path):
     t, _ = work
     srv = yaml.safe_load((t / "server.yaml").read_text())
@@ -182,8 +207,13 @@ def test_unify_with_route_loss(work, tmp_path):
     assert ucli.main_unify(["--config", str(t / "route.yaml"), "--quiet", "--out", str(tmp_path / "u")]) == 0
     metrics = json.loads((tmp_path / "u" / "unified.json").read_text())["metrics"]
     assert len(metrics["route_loss_per_epoch"]) == 2 and all(v > 0 for v in metrics["route_loss_per_epoch"])
-    plain = json.loads((t / "unified" / "unified.json").read_text())["metrics"]
-    assert "route_loss_per_epoch" not in plain
+    default = json.loads((t / "unified" / "unified.json").read_text())["metrics"]  # no route_loss key: 1.0
+    assert len(default["route_loss_per_epoch"]) == 2 and default["route_loss_per_epoch"] != metrics["route_loss_per_epoch"]
+    srv["training"]["route_loss"] = 0
+    (t / "plain.yaml").write_text(yaml.safe_dump(srv))
+    assert ucli.main_unify(["--config", str(t / "plain.yaml"), "--quiet", "--out", str(tmp_path / "p")]) == 0
+    plain = json.loads((tmp_path / "p" / "unified.json").read_text())["metrics"]
+    assert "route_loss_per_epoch" not in plain  # 0: the task + load-balancing loss only
 
 
 def test_unified_folder_moves_with_its_packages(work, tmp_path):

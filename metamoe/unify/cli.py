@@ -67,6 +67,9 @@ client.yaml keys (required: seed_model.name, private, public, output):
     k: 100                   proxies to select (<= pool size)
     kernel: rbf              DPP kernel: rbf (default) | cosine
     relevance_epochs: 5      epochs of the private-vs-public relevance classifier
+    features: pooled         what relevance and selection see: pooled (the head's input, default) | context
+                             (every FFN layer's mean input, concatenated) | pooled+context (both; the digits
+                             harness's choice, where the seed's head input hardly tells domains apart)
   training:
     lora_rank: 8             LoRA rank on every FFN projection
     epochs: 5                expert training epochs (private data + proxies)
@@ -97,8 +100,9 @@ server.yaml keys (required: seed_model, packages, public, output):
     train_lora: false        also fine-tune the experts' LoRA factors
     loss: block              block: cross-entropy over the public classes only (the proxies' labels); full: over
                              the whole unified label space
-    route_loss: 0            > 0: also train the routers to send each proxy to the expert of the client(s) that
-                             picked it, with this weight (not in the paper; 0: task + load-balancing loss only)
+    route_loss: 1.0          the proxies supervise the routers: each proxy is sent towards the expert of the
+                             client(s) that picked it, with this weight (default 1.0, as the digits harness's
+                             metamoe); 0: the task + load-balancing loss only
     checkpoint_every: 50     steps between checkpoints (in OUTPUT/checkpoints; a rerun resumes from them)
   output: PATH               the unified model folder to write
 DATA as in client.yaml."""
@@ -364,7 +368,7 @@ def train_expert_from_config(cfg: Dict[str, Any], out: Optional[str] = None, qui
         select_random,
         select_top_relevance,
     )
-    from .client import embed, train_expert
+    from .client import EMBED_FEATURES, embed, train_expert
     from .package import write_expert_package
 
     base = cfg.get("_base")
@@ -380,7 +384,7 @@ def train_expert_from_config(cfg: Dict[str, Any], out: Optional[str] = None, qui
     if output is None:
         raise ConfigError("client.yaml needs 'output' (the package folder) or --out")
     output = _resolve(base if out is None else None, output, "output")
-    sel = _section(cfg, "selection", ("method", "k", "kernel", "relevance_epochs"))
+    sel = _section(cfg, "selection", ("method", "k", "kernel", "relevance_epochs", "features"))
     tr = _section(cfg, "training", ("lora_rank", "epochs", "lr", "batch_size", "seed", "align"))
     method = sel.get("method", "dpp")
     if method not in ("dpp", "facility_location", "topk", "random"):
@@ -402,8 +406,11 @@ def train_expert_from_config(cfg: Dict[str, Any], out: Optional[str] = None, qui
     seed = _int(tr, "seed", 0, "training", lo=0)
     client = str(cfg.get("client_name") or output.name)
     say(f"client {client}: {len(xp)} private samples, public pool {N}, seed model {seed_model.name}")
-    pub_emb = embed(seed_model, xq, progress=not quiet)
-    priv_emb = embed(seed_model, xp, progress=not quiet)
+    features = sel.get("features", "pooled")
+    if features not in EMBED_FEATURES:
+        raise ConfigError(f"selection.features must be one of {', '.join(EMBED_FEATURES)}, got {features!r}")
+    pub_emb = embed(seed_model, xq, progress=not quiet, features=features)
+    priv_emb = embed(seed_model, xp, progress=not quiet, features=features)
     rel = relevance_scores(
         priv_emb, pub_emb, epochs=_int(sel, "relevance_epochs", 5, "selection"), seed=seed, progress=False
     )
@@ -491,7 +498,7 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     loss = tr.get("loss", "block")
     if loss not in ("block", "full"):
         raise ConfigError(f"training.loss must be block or full, got {loss!r}")
-    route_loss = tr.get("route_loss", 0)
+    route_loss = tr.get("route_loss", 1.0)
     if isinstance(route_loss, bool) or not isinstance(route_loss, (int, float)) or not route_loss >= 0:
         raise ConfigError(f"training.route_loss must be a number >= 0, got {route_loss!r}")
     say = (lambda s: None) if quiet else (lambda s: print(s, flush=True))

@@ -67,32 +67,79 @@ class _TrainFlag:
         self.module.train(self.prev)
 
 
+EMBED_FEATURES = ("pooled", "context", "pooled+context")
+
+
+def _masked_token_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, T, D) -> (B, D): the mean over each sample's valid tokens (every token when ``mask`` is None)."""
+    if mask is None:
+        return x.mean(dim=1)
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def embedding_dim(model: SeedModel, features: str = "pooled") -> int:
+    """Width of :func:`embed`'s output for ``features``: D, L * H or D + L * H (L FFN layers of width H)."""
+    if features not in EMBED_FEATURES:
+        raise ValueError(f"features must be one of {', '.join(EMBED_FEATURES)}, got {features!r}")
+    ctx = sum(layer.hidden_size for layer in model.ffn_layers()) if features != "pooled" else 0
+    return (model.feature_dim if features != "context" else 0) + ctx
+
+
 @torch.no_grad()
-def embed(model: SeedModel, data: Any, batch_size: int = 256, progress: bool = True) -> np.ndarray:
-    """Pooled representations of ``data`` under the model in eval mode: float32 NumPy array (n, D).
+def embed(
+    model: SeedModel, data: Any, batch_size: int = 256, progress: bool = True, features: str = "pooled"
+) -> np.ndarray:
+    """Representations of ``data`` under the model in eval mode: float32 NumPy array (n, D_out).
 
     Args:
-        model: a :class:`~metamoe.models.SeedModel`; D = ``model.feature_dim``. Not modified.
+        model: a :class:`~metamoe.models.SeedModel`. Not modified.
         data: images (n, C, H, W) / (n, H, W) float for timm; token ids (n, L) int or a mapping with
             ``input_ids`` and ``attention_mask`` (n, L) for transformers. NumPy or torch.
         batch_size: rows per forward pass.
         progress: show a tqdm bar.
+        features: ``"pooled"`` (default): what the classifier head sees, D = ``model.feature_dim``:
+            ``forward_head(pre_logits=True)`` for a timm ViT, the pooler output for BERT, the final hidden state
+            averaged over valid tokens for a causal LM. ``"context"``: for every FFN layer, the mean of its
+            inputs over the sample's valid tokens, concatenated in depth order (the context vector the
+            server's context-aware router reads). ``"pooled+context"``: both, pooled first. A head trained
+            on labels learns to ignore how a sample looks apart from its class; the intermediate layers keep
+            that "style" (a domain's transform, its texture), which is what a domain classifier and a
+            diversity kernel need. Width: :func:`embedding_dim`.
 
     Returns:
-        (n, D) float32: ``forward_head(pre_logits=True)`` for a timm ViT, the pooler output for BERT, the final
-        hidden state averaged over valid tokens for a causal LM.
+        (n, D_out) float32.
     """
     model = _check_seed_model(model, "model")
     batch_size = _check_batch_size(batch_size)
+    dim = embedding_dim(model, features)
     n = SeedModel.num_samples(data)
     if n == 0:
         raise ValueError("data is empty (0 samples)")
-    out = np.empty((n, model.feature_dim), dtype=np.float32)
-    with _TrainFlag(model, False), _progress(n, progress, f"embed ({model.name})", "sample") as bar:
+    out = np.empty((n, dim), dtype=np.float32)
+    layers = model.ffn_layers() if features != "pooled" else []
+    means: Dict[int, torch.Tensor] = {}
+    state: Dict[str, Any] = {}
+
+    def record(i: int, x: torch.Tensor) -> None:
+        means[i] = _masked_token_mean(x.float(), state["mask"])
+
+    with (
+        _TrainFlag(model, False),
+        ffn_input_hooks(model.net, layers, record),
+        _progress(n, progress, f"embed ({model.name})", "sample") as bar,
+    ):
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             batch = model.prepare(SeedModel.take(data, slice(start, stop)))
-            out[start:stop] = model.features(batch).float().cpu().numpy()
+            state["mask"] = model.token_mask(batch) if layers else None
+            means.clear()
+            parts = []
+            pooled = model.features(batch).float()  # runs the whole network, so every FFN hook fires
+            if features != "context":
+                parts.append(pooled)
+            parts += [means[layer.index] for layer in layers]
+            out[start:stop] = torch.cat(parts, dim=1).cpu().numpy()
             bar.update(stop - start)
     return out
 

@@ -2,17 +2,25 @@
 
 :func:`run_digits_experiment` runs, with every stage timed (wall and CPU seconds):
 
-1. data: :func:`metamoe.data.digits.make_digits_domains` (three client domains, a public pool mixing them
-   with five distractor domains, mostly distractors: 40 samples per client domain, 300 per distractor;
-   digit labels everywhere);
+1. data: :func:`metamoe.data.digits.make_digits_domains` (three client domains; a public selection pool
+   mixing them with five distractor domains, mostly distractors: 120 samples per client domain, 300 per
+   distractor; a separate public pre-training set from disjoint source images, 40 per client domain and 300
+   per distractor; digit labels everywhere; 300 test images per client domain);
 2. seed: a tiny timm ViT (8x8 images, patch 2, one channel) built from its config and pre-trained on the
-   public pool's digit labels, so that it is a meaningful seed (a random ViT's features barely vary);
-3. client side, per client: embeddings of the private set and the public pool with the frozen seed,
-   relevance scores, proxy selection (DPP with an RBF kernel, top-k relevance, random: only what the
-   requested methods need), proxy-aligned expert training, an expert package written to disk;
+   public pre-training set's digit labels, so that it is a meaningful seed (a random ViT's features barely
+   vary);
+3. client side, per client: embeddings of the private set and the public pool with the frozen seed (the
+   pooled head input and every FFN layer's mean input), relevance scores, proxy selection (DPP with an RBF
+   kernel, top-k relevance, random: only what the requested methods need), proxy-aligned expert training, an
+   expert package written to disk;
 4. server side, per method (:mod:`metamoe.unify.baselines`): package validation, the unified model, router
-   training on the union of the proxies (the oracle: on the private data), evaluation on every client's
-   test set.
+   training on the union of the proxies (the oracle: on the private data) with the task loss, the
+   load-balancing loss and the routing loss that sends each proxy towards its client's expert, evaluation
+   on every client's test set.
+
+:data:`DESIGNS` keeps the earlier designs (``outofdomain``: the seed pre-trained on the selection pool itself,
+40 pool samples per client domain, 150 test images per client, experts trained 10 epochs, no routing loss;
+``balanced``: the first one), so that their rows in the README can be reproduced.
 
 Work is shared where methods agree: one seed, one set of embeddings and relevance scores, and one set of
 experts per (proxies, aligned) pair (the DPP experts serve metamoe, model_soup, btm, btx_oracle and
@@ -30,14 +38,16 @@ The result is the dict written to ``results.json``::
      "seed": 0, "config": {...}, "timing": {"<stage>": {"wall_s": ., "cpu_s": .}}, "total_wall_s": .,
      "total_cpu_s": ., "seed_model": {"per_domain": ..., "average": ., "loss_per_epoch": [...]},
      "local_experts": {"<set>": {"<domain>": acc}}, "relevance_auc": {"<domain>": auc},
-     "proxies_from_own_domain": {"<selection>": [share per client]}, "versions": {...}}
+     "proxies_from_own_domain": {"<selection>": [share per client]},
+     "sizes": {"public_pool": N, "pretrain": N_pre or None, "test_per_domain": {...}}, "versions": {...}}
 
 MoE methods also report ``routing`` (per layer, the fraction of token slots each expert receives) and
 ``own_expert_weight`` (per client domain, the test samples' mean routing probability to that client's expert
-in the last MoE layer: routing quality). ``seed_model`` is the seed alone with its 10-digit head, ``local_experts`` each client's expert on its own
-domain (both references, not methods). ``relevance_auc`` (the ROC AUC of each client's relevance scores for
-"public sample from the client's own domain") and ``proxies_from_own_domain`` are diagnostics of selection
-that no client could compute (they use the pool's domain labels).
+in the last MoE layer: routing quality). ``seed_model`` is the seed alone with its 10-digit head,
+``local_experts`` each client's expert on its own domain (both references, not methods). ``relevance_auc``
+(the ROC AUC of each client's relevance scores for "public sample from the client's own domain") and
+``proxies_from_own_domain`` are diagnostics of selection that no client could compute (they use the pool's
+domain labels).
 """
 
 from __future__ import annotations
@@ -56,7 +66,9 @@ import numpy as np
 import torch
 
 __all__ = [
+    "DESIGNS",
     "DigitsConfig",
+    "design_config",
     "config_domains",
     "RESULTS_FILE",
     "CHART_FILE",
@@ -66,25 +78,37 @@ __all__ = [
 ]
 
 RESULTS_FILE = "results.json"
+SEED_POOLS = ("pretrain", "public", "distractors")
 CHART_FILE = "results.png"
 
 
 @dataclass(frozen=True)
 class DigitsConfig:
-    """Every knob of the harness. The defaults are the real run (under 5 minutes on 2 CPU cores)."""
+    """Every knob of the harness. The defaults are the real run (the ``heldoutpool`` design; under 5 minutes on
+    2 CPU cores). :data:`DESIGNS` names the earlier designs, whose results the README still reports."""
 
     # data (make_digits_domains)
     n_private: int = 120
-    n_test: int = 150
-    # The pool is mostly out-of-domain: 300 samples of each of five distractor domains, 40 of each client
-    # domain (1,620 samples, 13.5x a client's private set). With the client domains as well represented as
-    # the distractors (public_per_client_domain=300, three distractors: the first design) the seed already knew
-    # every client domain from the pool, no expert beat the seed alone and no claim could be measured
-    # (README, "The paper's claims, tested over seeds").
+    # 300 test images per client domain, the same 300 source digits under each client's transform (shared_test),
+    # where the earlier designs had 150 of its own per client: two methods that disagree on a quarter of 450 test
+    # samples differ by about 2.4 points (binomial sd) from test sampling alone, as much as the effects the claims
+    # are about
+    n_test: int = 300
+    shared_test: bool = True
+    # The selection pool is mostly out-of-domain: 300 samples of each of five distractor domains, 120 of each
+    # client domain (1,860 samples, 15.5x a client's private set, 81 % distractors). A client's domain holds as
+    # many pool samples as it picks proxies (k), so that relevant proxies exist to be found: with 40 (the
+    # `outofdomain` design) two thirds of any client's proxies had to come from other domains.
     public_per_domain: int = 300
-    public_per_client_domain: Optional[int] = 40  # None: public_per_domain
+    public_per_client_domain: Optional[int] = 120  # None: public_per_domain
     distractor_domains: tuple = ("mirrored", "upside_down", "transposed", "blurred", "shifted")
-    # seed model: timm ViT from its config, pre-trained on the public pool
+    # The seed's own public pre-training set (seed_pool="pretrain"): the composition of the earlier pool (40 per
+    # client domain, 300 per distractor) drawn from source images disjoint from the selection pool's, so that the
+    # pool is not the data the seed was fitted to (with seed_pool="public" the seed has already learned every
+    # relevant pool sample with its label, and a relevant proxy tells an expert nothing new)
+    pretrain_per_domain: int = 300
+    pretrain_per_client_domain: int = 40
+    # seed model: timm ViT from its config, pre-trained on public data
     embed_dim: int = 32
     depth: int = 2
     num_heads: int = 2
@@ -94,8 +118,12 @@ class DigitsConfig:
     # client side
     k: int = 120
     relevance_epochs: int = 5
+    # what relevance and DPP see (client.embed's ``features``): the pooled head input plus every FFN layer's
+    # mean input ("pooled+context"), or the pooled head input alone ("pooled", the earlier designs). The seed's
+    # head is trained on digit labels, so its input hardly says which transform a digit is under
+    selection_features: str = "pooled+context"
     lora_rank: int = 4
-    expert_epochs: int = 10
+    expert_epochs: int = 40  # 10 (the earlier designs) left the experts a few points above the seed
     expert_lr: float = 3e-3
     expert_batch_size: int = 32
     # server side
@@ -108,23 +136,57 @@ class DigitsConfig:
     # "block": the router's cross-entropy runs over the label block its data is labelled in (public classes
     # for proxies, private classes for the oracle's private data); "full": over the whole unified label space
     router_loss: str = "block"
-    # > 0: train_router(route_targets=...) with this route_loss_coef: proxies are routed towards the experts of
-    # the clients that picked them (server.proxy_owners), the oracle's private samples towards their own
-    # client's expert. 0: the paper's router loss (task + load balancing) only
-    route_loss: float = 0.0
+    # > 0: train_router(route_targets=...) with this route_loss_coef: the proxies supervise the routers, each sent
+    # towards the expert of the client(s) that picked it (server.proxy_owners); the oracle's private samples
+    # towards their own client's expert. 0: task + load-balancing loss only (the earlier designs)
+    route_loss: float = 1.0
     # runtime: torch intra-op threads for the run (the previous value is restored afterwards);
     # None leaves torch's setting alone. 1 by default: these models are tiny, and on a shared 2-core machine
     # torch's default (2 threads) made the run take 562 s wall / 425 s CPU instead of 39 s / 38 s (seed 0)
     num_threads: Optional[int] = 1
-    # DIAGNOSTIC, not the issue's design: which part of the public pool pre-trains the seed. "public" (default,
-    # the issue's design): the whole pool, client domains included; "distractors": only the distractor-domain
-    # samples, so that the seed has never seen a client domain (see README, "MetaMoE on the bundled digits")
-    seed_pool: str = "public"
+    # what pre-trains the seed: "pretrain" (default) its own public pre-training set (above); "public" the
+    # selection pool itself (the earlier designs); "distractors" (DIAGNOSTIC) only the pool's distractor-domain
+    # samples, so that the seed has never seen a client domain
+    seed_pool: str = "pretrain"
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["distractor_domains"] = list(self.distractor_domains)  # as JSON holds it
         return d
+
+
+#: The harness designs the README reports, as DigitsConfig fields that differ from the defaults
+#: (``heldoutpool``). ``outofdomain`` is the design of the earlier sessions (stops 8 and 9), ``balanced``
+#: the first one (stop 7); each reproduces its rows in benchmarks/results/unify_claims.csv.
+DESIGNS: Dict[str, Dict[str, Any]] = {
+    "heldoutpool": {},
+    "outofdomain": dict(
+        n_test=150,
+        shared_test=False,
+        public_per_client_domain=40,
+        seed_pool="public",
+        selection_features="pooled",
+        expert_epochs=10,
+        route_loss=0.0,
+    ),
+    "balanced": dict(
+        n_test=150,
+        shared_test=False,
+        public_per_client_domain=300,
+        distractor_domains=("mirrored", "transposed", "blurred"),
+        seed_pool="public",
+        selection_features="pooled",
+        expert_epochs=10,
+        route_loss=0.0,
+    ),
+}
+
+
+def design_config(name: str, **overrides: Any) -> "DigitsConfig":
+    """The :class:`DigitsConfig` of design ``name`` (:data:`DESIGNS`), with ``overrides`` on top."""
+    if name not in DESIGNS:
+        raise ValueError(f"unknown design {name!r}; known: {', '.join(DESIGNS)}")
+    return DigitsConfig(**{**DESIGNS[name], **overrides})
 
 
 # --------------------------------------------------------------------------- timing
@@ -332,8 +394,14 @@ def run_digits_experiment(
     nt = cfg.num_threads
     if nt is not None and (isinstance(nt, bool) or not isinstance(nt, int) or nt < 1):
         raise ValueError(f"num_threads must be a positive int or None, got {nt!r}")
-    if cfg.seed_pool not in ("public", "distractors"):
-        raise ValueError(f"seed_pool must be 'public' or 'distractors', got {cfg.seed_pool!r}")
+    if cfg.seed_pool not in SEED_POOLS:
+        raise ValueError(f"seed_pool must be one of {', '.join(SEED_POOLS)}, got {cfg.seed_pool!r}")
+    from .client import EMBED_FEATURES
+
+    if cfg.selection_features not in EMBED_FEATURES:
+        raise ValueError(
+            f"selection_features must be one of {', '.join(EMBED_FEATURES)}, got {cfg.selection_features!r}"
+        )
     if cfg.router_loss not in ("block", "full"):
         raise ValueError(f"router_loss must be 'block' or 'full', got {cfg.router_loss!r}")
     if not (isinstance(cfg.route_loss, (int, float)) and math.isfinite(cfg.route_loss) and cfg.route_loss >= 0):
@@ -370,6 +438,7 @@ def config_domains(seed: int, cfg: Optional[DigitsConfig] = None):
     from ..data.digits import make_digits_domains
 
     cfg = DigitsConfig() if cfg is None else cfg
+    own = cfg.seed_pool == "pretrain"  # the seed's own pre-training set; otherwise it trains on the pool
     return make_digits_domains(
         seed,
         distractor_domains=tuple(cfg.distractor_domains),
@@ -377,6 +446,9 @@ def config_domains(seed: int, cfg: Optional[DigitsConfig] = None):
         n_test=cfg.n_test,
         public_per_domain=cfg.public_per_domain,
         public_per_client_domain=cfg.public_per_client_domain,
+        shared_test=cfg.shared_test,
+        pretrain_per_domain=cfg.pretrain_per_domain if own else 0,
+        pretrain_per_client_domain=cfg.pretrain_per_client_domain if own else 0,
     )
 
 
@@ -398,7 +470,7 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
         if cfg.k > N:
             raise ValueError(f"k={cfg.k} exceeds the public pool ({N} samples)")
         domains = [c.domain for c in data.clients]
-    with clock.stage("seed: build + pretrain on public pool"):
+    with clock.stage("seed: build + pretrain on public data"):
         seed_model = create_seed_model(
             "timm:vit_tiny_patch16_224",
             seed=seed,
@@ -410,21 +482,24 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
             num_heads=cfg.num_heads,
             num_classes=10,
         )
-        seed_rows = (
-            np.arange(N) if cfg.seed_pool == "public" else np.flatnonzero(data.public_domain >= len(domains))
-        )
+        if cfg.seed_pool == "pretrain":
+            seed_x, seed_y = data.pretrain_x, data.pretrain_y
+        else:
+            rows = np.arange(N) if cfg.seed_pool == "public" else np.flatnonzero(data.public_domain >= len(domains))
+            seed_x, seed_y = data.public_x[rows], data.public_y[rows]
         seed_losses = pretrain_seed(
             seed_model,
-            data.public_x[seed_rows],
-            data.public_y[seed_rows],
+            seed_x,
+            seed_y,
             epochs=cfg.seed_epochs,
             lr=cfg.seed_lr,
             batch_size=cfg.seed_batch_size,
             seed=seed,
         )
     with clock.stage("client: embed (frozen seed)"):
-        pub_emb = embed(seed_model, data.public_x, progress=False)
-        priv_emb = [embed(seed_model, c.x_train, progress=False) for c in data.clients]
+        feats = cfg.selection_features
+        pub_emb = embed(seed_model, data.public_x, progress=False, features=feats)
+        priv_emb = [embed(seed_model, c.x_train, progress=False, features=feats) for c in data.clients]
     with clock.stage("client: relevance"):
         relevance = [
             relevance_scores(p, pub_emb, epochs=cfg.relevance_epochs, seed=seed + i, progress=False)
@@ -593,6 +668,11 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
         "local_experts": local,
         "relevance_auc": relevance_auc,
         "proxies_from_own_domain": own_domain,
+        "sizes": {
+            "public_pool": N,
+            "pretrain": None if data.pretrain_x is None else len(data.pretrain_x),
+            "test_per_domain": {c.domain: len(c.y_test) for c in data.clients},
+        },
         "versions": {
             "metamoe": __version__,
             "torch": torch.__version__,
