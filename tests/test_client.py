@@ -79,6 +79,53 @@ def test_embed_shapes_batching_and_frozen(seed_vit, digits):
     assert weight_hash(seed_vit) == h
 
 
+def test_embed_context_features_are_mean_ffn_inputs(seed_vit, digits):
+    """features="context": per sample, each FFN layer's input averaged over its tokens (hooked here directly on
+    timm's blocks, float64); "pooled+context" is the pooled embedding followed by those means."""
+    from metamoe.unify.client import embedding_dim
+
+    x = digits.clients[1].x_train[:13]
+    ctx = embed(seed_vit, x, batch_size=5, progress=False, features="context")
+    both = embed(seed_vit, x, batch_size=13, progress=False, features="pooled+context")
+    pooled = embed(seed_vit, x, batch_size=13, progress=False)
+    assert ctx.shape == (13, 2 * 32) and both.shape == (13, 32 + 2 * 32) == (13, embedding_dim(seed_vit, "pooled+context"))
+    seen = {i: [] for i in range(2)}
+    hs = [
+        blk.mlp.register_forward_pre_hook(lambda _m, a, i=i: seen[i].append(a[0].detach().double()))
+        for i, blk in enumerate(seed_vit.net.blocks)
+    ]
+    with torch.no_grad():
+        seed_vit.net(torch.from_numpy(x)[:, None])
+    for h in hs:
+        h.remove()
+    ref = torch.cat([seen[0][0].mean(1), seen[1][0].mean(1)], dim=1).numpy()
+    np.testing.assert_allclose(ctx, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(both[:, 32:], ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(both[:, :32], pooled)
+    with pytest.raises(ValueError, match="features must be one of"):
+        embed(seed_vit, x, progress=False, features="pixels")
+
+
+def test_embed_context_of_a_causal_lm_skips_padding():
+    seed = create_seed_model("hf:llama", seed=0, **LLAMA_CFG)
+    ids = torch.randint(0, 40, (6, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1::2, 4:] = 0  # right padding on half the rows
+    got = embed(seed, {"input_ids": ids, "attention_mask": mask}, batch_size=4, progress=False, features="context")
+    seen = {0: [], 1: []}
+    hs = [
+        seed.net.model.layers[i].mlp.register_forward_pre_hook(lambda _m, a, i=i: seen[i].append(a[0].detach().double()))
+        for i in range(2)
+    ]
+    with torch.no_grad():
+        seed.net(input_ids=ids, attention_mask=mask)
+    for h in hs:
+        h.remove()
+    m = mask.double().unsqueeze(-1)
+    ref = torch.cat([(seen[i][0] * m).sum(1) / m.sum(1) for i in range(2)], dim=1).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_embed_errors(seed_vit):
     with pytest.raises(ValueError, match="data is empty"):
         embed(seed_vit, np.zeros((0, 8, 8), np.float32), progress=False)

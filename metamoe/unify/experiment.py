@@ -128,10 +128,13 @@ class DigitsConfig:
     expert_batch_size: int = 32
     # server side
     top_k: Optional[int] = None
-    router_epochs: int = 10
+    # 40 (10 in the earlier designs and in the first heldoutpool run, seeds 100-139): with the routing loss the
+    # routers need the steps to learn the client domains from the proxies' owners (10 epochs are 60 steps)
+    router_epochs: int = 40
     router_lr: float = 1e-2
     router_batch_size: int = 64
     router_init_scale: float = 4.0
+    context_lambda_init: float = 0.5  # the context routers' initial lambda (build_unified_model)
     routed_head: bool = True  # UnifiedModel.routed_head (build_unified_model); False: the plain concatenated head
     # "block": the router's cross-entropy runs over the label block its data is labelled in (public classes
     # for proxies, private classes for the oracle's private data); "full": over the whole unified label space
@@ -168,6 +171,7 @@ DESIGNS: Dict[str, Dict[str, Any]] = {
         selection_features="pooled",
         expert_epochs=10,
         route_loss=0.0,
+        router_epochs=10,
     ),
     "balanced": dict(
         n_test=150,
@@ -178,6 +182,7 @@ DESIGNS: Dict[str, Dict[str, Any]] = {
         selection_features="pooled",
         expert_epochs=10,
         route_loss=0.0,
+        router_epochs=10,
     ),
 }
 
@@ -589,6 +594,7 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
                     top_k=cfg.top_k,
                     router_init_scale=cfg.router_init_scale,
                     routed_head=cfg.routed_head,
+                    context_lambda_init=cfg.context_lambda_init,
                 )
                 if spec.combine == "moe"
                 else build_method(spec, seed_model, pkgs)
