@@ -9,7 +9,8 @@ console output goes to benchmarks/results/unify_claims_<variant>_seeds<first>-<l
 This is an accuracy benchmark, not a timing one: its "peer" is the set of baselines in the same run. The wall
 time per seed is recorded (CPU only, 1 torch thread).
 
-  python benchmarks/bench_unify_claims.py --seeds 100-139             # the README's table (default design)
+  python benchmarks/bench_unify_claims.py --seeds 140-179             # the README's table (default design)
+  python benchmarks/bench_unify_claims.py --seeds 100-139 --set router_epochs=10   # its first held-out run
   python benchmarks/bench_unify_claims.py --design outofdomain --seeds 20-39   # the design of stops 8-9
   python benchmarks/bench_unify_claims.py --design balanced --seeds 20-39      # the first design
   python benchmarks/bench_unify_claims.py --seeds 10-29 --set route_loss=0.0   # one knob changed (ablation)
