@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
 
 from benchmarks.utils import RESULTS_DIR, append_csv, environment
-from metamoe.unify.claims import evaluate_claims, format_claims, run_claims
+from metamoe.unify.claims import CLAIMS, evaluate_claims, format_claims, paired_comparison, run_claims
 from metamoe.unify.experiment import DESIGNS, DigitsConfig, design_config
 
 
@@ -47,26 +47,70 @@ def parse_seeds(text: str):
 
 
 def _per_run_check(per_seed) -> str:
-    """The issue's check on one run, seed by seed: metamoe >= random_proxy and metamoe > model_soup."""
-    ok = [s for s, r in per_seed.items() if r["metamoe"] >= r["random_proxy"] and r["metamoe"] > r["model_soup"]]
-    bad = sorted(set(per_seed) - set(ok))
-    return (f"per-run check (metamoe >= random_proxy and > model_soup): {len(ok)} of {len(per_seed)} seeds"
-            + (f"; fails on {', '.join(map(str, bad))}" if bad else ""))
+    """The issue's check on one run, seed by seed: metamoe >= random_proxy and metamoe > model_soup; a failing
+    seed is listed with the method(s) it fails against."""
+    bad = {}
+    for s, r in sorted(per_seed.items()):
+        lost = [m for m, ok in (("random_proxy", r["metamoe"] >= r["random_proxy"]),
+                                ("model_soup", r["metamoe"] > r["model_soup"])) if not ok]
+        if lost:
+            bad[s] = lost
+    fails = ", ".join(f"{s} (against {' and '.join(m)})" for s, m in bad.items())
+    return (f"per-run check (metamoe >= random_proxy and > model_soup): {len(per_seed) - len(bad)} of "
+            f"{len(per_seed)} seeds" + (f"; fails on {fails}" if bad else ""))
 
 
 def _per_seed_from_csv(variant: str, seeds):
+    """The rows of ``variant`` for ``seeds`` in unify_claims.csv, as :func:`_results` returns them for a live
+    run."""
     import csv
 
-    per_seed = {s: {} for s in seeds}
+    per_seed, per_domain, seed_alone = {s: {} for s in seeds}, {s: {} for s in seeds}, {}
     with open(RESULTS_DIR / "unify_claims.csv", newline="") as fh:
         for row in csv.DictReader(fh):  # in time order: a later row of the same seed and method wins
             if row["kind"] == "accuracy" and row["variant"] == variant and int(row["seed"]) in per_seed:
-                if not row["method"].startswith("("):
-                    per_seed[int(row["seed"])][row["method"]] = float(row["average"])
+                s, m = int(row["seed"]), row["method"]
+                if m == "(seed alone)":
+                    seed_alone[s] = float(row["average"])
+                else:
+                    per_seed[s][m] = float(row["average"])
+                    per_domain[s][m] = {k[4:]: float(v) for k, v in row.items() if k.startswith("acc_") and v}
     missing = [s for s, r in per_seed.items() if not r]
     if missing:
         raise SystemExit(f"no rows of variant {variant!r} for seeds {missing} in unify_claims.csv")
-    return per_seed
+    return per_seed, per_domain, seed_alone
+
+
+def _results(runs):
+    """Per seed and method: the average accuracy, the accuracy per client domain, and the seed alone's average."""
+    per_seed = {s: {m: r["average"] for m, r in res["methods"].items()} for s, res in runs.items()}
+    per_domain = {s: {m: dict(r["per_domain"]) for m, r in res["methods"].items()} for s, res in runs.items()}
+    seed_alone = {s: res["seed_model"]["average"] for s, res in runs.items()}
+    return per_seed, per_domain, seed_alone
+
+
+def _summary(per_seed, per_domain, seed_alone) -> str:
+    """The mean accuracy per client domain and method, and metamoe's paired differences against the methods no
+    claim is about and against the seed alone (descriptive: no test is applied to them)."""
+    seeds = sorted(per_seed)
+    methods = list(per_seed[seeds[0]])
+    domains = list(per_domain[seeds[0]][methods[0]])
+    head = f"{'method':<14}" + "".join(f"{d:>10}" for d in domains) + f"{'average':>10}"
+    lines = ["mean accuracy over the seeds, per client domain:", head, "-" * len(head)]
+    for m in methods:
+        lines.append(f"{m:<14}" + "".join(f"{_mean(per_domain[s][m][d] for s in seeds):>10.3f}" for d in domains)
+                     + f"{_mean(per_seed[s][m] for s in seeds):>10.3f}")
+    others = {m: [per_seed[s][m] for s in seeds] for m in methods if m != "metamoe" and m not in dict(CLAIMS)}
+    if len(seed_alone) == len(seeds):
+        others["(seed alone)"] = [seed_alone[s] for s in seeds]
+        lines.append(f"{'(seed alone)':<14}" + " " * (10 * len(domains)) + f"{_mean(others['(seed alone)']):>10.3f}")
+    lines += ["", "metamoe - other, paired over the seeds (descriptive):"]
+    mm = [per_seed[s]["metamoe"] for s in seeds]
+    for m, v in others.items():
+        c = paired_comparison(mm, v)
+        lines.append(f"  {m:<14}{c['mean']:>+8.3f}  [{c['ci95'][0]:+.3f},{c['ci95'][1]:+.3f}]  "
+                     f"W/L/T {c['wins']}/{c['losses']}/{c['ties']}")
+    return "\n".join(lines)
 
 
 def _mean(values) -> float:
@@ -201,15 +245,17 @@ def main(argv=None) -> int:
         log.append(line)
 
     if args.from_csv:
-        per_seed = _per_seed_from_csv(variant, seeds)
+        per_seed, per_domain, seed_alone = _per_seed_from_csv(variant, seeds)
         claims = evaluate_claims(per_seed, alpha=args.alpha, close_margin=args.close_margin)
         print(f"variant {variant}, seeds {seeds}: rows from {RESULTS_DIR / 'unify_claims.csv'} (nothing rerun)")
         print(format_claims(per_seed, claims))
         print(_per_run_check(per_seed))
+        print("")
+        print(_summary(per_seed, per_domain, seed_alone))
         return 0
     t0 = time.perf_counter()
     runs = run_claims(seeds, progress=say, **overrides)
-    per_seed = {s: {m: r["average"] for m, r in res["methods"].items()} for s, res in runs.items()}
+    per_seed, per_domain, seed_alone = _results(runs)
     claims = evaluate_claims(per_seed, alpha=args.alpha, close_margin=args.close_margin)
     cmd = "python benchmarks/bench_unify_claims.py " + " ".join(argv if argv is not None else sys.argv[1:])
     say("")
@@ -225,6 +271,8 @@ def main(argv=None) -> int:
     )
     say(format_claims(per_seed, claims))
     say(_per_run_check(per_seed))
+    say("")
+    say(_summary(per_seed, per_domain, seed_alone))
     say("")
     say("routing quality: mean routing probability of a test sample to its own client's expert (last MoE layer),")
     say("averaged over the client domains, per seed (MoE methods):")

@@ -1,5 +1,6 @@
 """metamoe.unify.claims: paired statistics against independent computations, claim verdicts, the bench script."""
 
+import csv
 import itertools
 import math
 import subprocess
@@ -116,6 +117,8 @@ def test_bench_script_quick():
     assert "variant: heldoutpool_seedpool-distractors_quick" in r.stdout and "'seed_pool': 'distractors'" in r.stdout
     assert "per-run check (metamoe >= random_proxy and > model_soup):" in r.stdout
     assert "relevance AUC" in r.stdout and "own-domain proxies, dpp" in r.stdout
+    assert "mean accuracy over the seeds, per client domain:" in r.stdout
+    assert "metamoe - other, paired over the seeds (descriptive):" in r.stdout and "  (seed alone)  " in r.stdout
 
 
 def test_bench_from_csv_reproduces_a_live_run():
@@ -135,6 +138,15 @@ def test_bench_from_csv_reproduces_a_live_run():
     for line in log[start : stop + 1]:
         assert line in out, line
     assert "per-run check (metamoe >= random_proxy and > model_soup): 13 of 20 seeds" in r.stdout
+    assert "fails on 21 (against random_proxy), 23 (against random_proxy)," in r.stdout
+    # the per-domain means of the CSV rows, recomputed here
+    rows = [row for row in csv.DictReader(open(Path(ROOT) / "benchmarks" / "results" / "unify_claims.csv"))
+            if row["kind"] == "accuracy" and row["variant"] == "outofdomain" and 20 <= int(row["seed"]) <= 39
+            and row["method"] == "metamoe"]
+    last = {int(row["seed"]): row for row in rows}
+    means = [np.mean([float(row[f"acc_{d}"]) for row in last.values()]) for d in ("upright", "rotated", "inverted")]
+    line = next(x for x in out if x.startswith("metamoe ") and len(x.split()) == 5)
+    assert [float(v) for v in line.split()[1:4]] == pytest.approx(means, abs=6e-4)
     r = subprocess.run(
         [sys.executable, "benchmarks/bench_unify_claims.py", "--from-csv", "--design", "outofdomain", "--seeds",
          "900-901"],
