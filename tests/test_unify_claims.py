@@ -140,7 +140,8 @@ def test_bench_from_csv_reproduces_a_live_run():
     assert "per-run check (metamoe >= random_proxy and > model_soup): 13 of 20 seeds" in r.stdout
     assert "fails on 21 (against random_proxy), 23 (against random_proxy)," in r.stdout
     # the per-domain means of the CSV rows, recomputed here
-    rows = [row for row in csv.DictReader(open(Path(ROOT) / "benchmarks" / "results" / "unify_claims.csv"))
+    text = (Path(ROOT) / "benchmarks" / "results" / "unify_claims.csv").read_text().splitlines()
+    rows = [row for row in csv.DictReader(text)
             if row["kind"] == "accuracy" and row["variant"] == "outofdomain" and 20 <= int(row["seed"]) <= 39
             and row["method"] == "metamoe"]
     last = {int(row["seed"]): row for row in rows}
