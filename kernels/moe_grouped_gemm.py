@@ -23,14 +23,22 @@ upper bound (ceil(T*k / BLOCK_M) + min(E, T*k) row tiles); programs past the las
 Trade-offs: atomics make the float32 sums order-nondeterministic (ulp-level); the weight-gradient kernel
 does not split an expert's rows across programs (fine for the many output tiles of real layers, slow for
 one huge expert with a tiny weight). Row indices and all offsets are int64 (T*k*d may pass 2^31).
-Constants: BLOCK_* are kernel parameters; on a GPU they come from ``triton.autotune`` (Hopper-shaped tiles
-of 64-128 rows, 64-256 columns, 32-64 deep, 3-4 stages), under the interpreter from fixed defaults
-(32 x 64 x 64: few programs, which is what costs time there) so CPU tests stay fast. float32 inputs use
-IEEE dots unless torch allows TF32 matmuls. Compiled for sm_90 (checked ahead of time on a CPU by
-tests/test_moe_experts.py) every kernel uses wgmma with multi-stage cp.async loads once d and f are multiples
-of 16 (the JIT's divisibility specialisation); with ragged sizes the masked loads are not vectorised and the
-loop is not pipelined. Not measured on a GPU yet: the autotune list is a starting point, not a tuned table.
-Under the interpreter, bfloat16 dot operands are widened first (see ``_mma``).
+Constants: BLOCK_* are kernel parameters; on a GPU they come from ``triton.autotune`` over
+``KERNEL_CONFIGS`` (Hopper-shaped tiles of 16-128 rows, 64-256 columns, 16-64 deep, 3-4 stages), under the
+interpreter from fixed defaults (32 x 64 x 64: few programs, which is what costs time there) so CPU tests
+stay fast; every launcher's ``config=`` pins one config instead. Before anything compiles, the configs
+whose shared memory (``shared_memory_estimate``: num_stages buffers of the operand tiles in the operands'
+element size) cannot fit an H200 block (``SHARED_MEMORY_LIMIT``) are pruned; ``configs_for`` lists what is
+kept for a dtype, and a pinned config that is not raises ValueError. float32 inputs use IEEE dots unless
+torch allows TF32 matmuls. Compiled for sm_90a (ahead of time on a CPU by benchmarks/compile_report.py,
+``make compile-report``: registers, spills and shared memory of every config in
+benchmarks/results/compile_report_sm90.csv), every config loads through multi-stage cp.async and the dots
+use wgmma where their tile has 64 or more rows in bf16/fp16 or TF32 (16- and 32-row tiles use mma.sync,
+IEEE float32 dots FMA), once d and f are multiples of 16 (the JIT's divisibility specialisation); with
+ragged sizes the masked loads are not vectorised and the loop is not pipelined. The 128 x 256 tiles and
+gather_bwd's larger tiles spill registers at 255 per thread (see the report). Not measured on a GPU yet: the
+autotune list is a starting point, not a tuned table. Under the interpreter, bfloat16 dot operands are
+widened first (see ``_mma``).
 """
 
 from __future__ import annotations
@@ -342,14 +350,132 @@ _WGRAD_CONFIGS = [
     ]
 ]
 
-_gather_fwd_tuned = triton.autotune(_GEMM_CONFIGS, key=["F", "D", "TOPK"])(_moe_gather_gemm_fwd_kernel)
-_scatter_tuned = triton.autotune(_GEMM_CONFIGS, key=["N", "KD", "TOPK"], reset_to_zero=["out_ptr"])(
-    _moe_scatter_gemm_kernel
-)
-_gather_bwd_tuned = triton.autotune(_GEMM_CONFIGS, key=["F", "D", "TOPK"], reset_to_zero=["dw_ptr"])(
-    _moe_gather_gemm_bwd_kernel
-)
-_wgrad_tuned = triton.autotune(_WGRAD_CONFIGS, key=["N1", "N2", "TOPK"])(_moe_weight_grad_kernel)
+KERNEL_CONFIGS = {
+    "gather_fwd": _GEMM_CONFIGS,
+    "scatter": _GEMM_CONFIGS,
+    "gather_bwd": _GEMM_CONFIGS,
+    "weight_grad": _WGRAD_CONFIGS,
+}
+"""The autotune config list of each kernel, by the kernel names ``configs_for`` and the compile report use."""
+
+SHARED_MEMORY_LIMIT = 232448
+"""Bytes of shared memory one block may use on an H200 (sm_90: 227 KiB, the opt-in maximum per block)."""
+
+# Per kernel: the meta-parameters giving the main-loop dot's (rows of A, depth, columns of B) and the launch
+# argument whose tensor is A, resp. B (weight_grad's dot is trans(L) @ R over BLOCK_M rows).
+_DOT_TILES = {
+    "gather_fwd": (("BLOCK_M", "BLOCK_K", "BLOCK_N"), "x_ptr", "w_ptr"),
+    "scatter": (("BLOCK_M", "BLOCK_K", "BLOCK_N"), "a_ptr", "w_ptr"),
+    "gather_bwd": (("BLOCK_M", "BLOCK_K", "BLOCK_N"), "dy_ptr", "w_ptr"),
+    "weight_grad": (("BLOCK_N1", "BLOCK_M", "BLOCK_N2"), "l_ptr", "r_ptr"),
+}
+_ELEMENT_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+
+
+def _element_bytes(dtype) -> int:
+    """Bytes per element of an operand dtype: a torch dtype or one of the names fp32/bf16/fp16."""
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).replace("torch.", "")
+    else:
+        name = str(dtype)
+    if name not in _ELEMENT_BYTES:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16 (a torch dtype or fp32/bf16/fp16), "
+                         f"got {dtype!r}")
+    return _ELEMENT_BYTES[name]
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNEL_CONFIGS:
+        raise ValueError(f"kernel must be one of {sorted(KERNEL_CONFIGS)}, got {kernel!r}")
+
+
+def _two_b_tiles(kernel: str, activation) -> bool:
+    """The SwiGLU gather forward loads a gate and an up tile of the weight per step; None means "either"."""
+    if kernel != "gather_fwd":
+        return False
+    if activation is None:
+        return True
+    act = ACTIVATIONS.get(activation, activation) if isinstance(activation, str) else activation
+    if act not in ACTIVATIONS.values():
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)} or None, got {activation!r}")
+    return act == ACT_SWIGLU
+
+
+def shared_memory_estimate(kernel: str, config, a_dtype, b_dtype=None, activation=None) -> int:
+    """Upper bound on the shared memory, in bytes per block, that ``config`` of ``kernel`` compiles to on sm_90.
+
+    The main loop is software-pipelined with ``config.num_stages`` buffers of each operand tile of one step:
+    the A tile (rows x depth) in ``a_dtype`` and the B tile (depth x columns) in ``b_dtype`` (default
+    ``a_dtype``); the SwiGLU gather forward loads two B tiles (``activation=None`` assumes SwiGLU for
+    that kernel). The epilogue may stage the float32 (rows x columns) accumulator tile through shared memory
+    once the loop's buffers are free, so the bound is the larger of the two. The compile report
+    (benchmarks/compile_report.py) checks this bound against the compiler's allocation of every config.
+    """
+    _check_kernel(kernel)
+    (rows, depth, cols), _, _ = _DOT_TILES[kernel]
+    meta = config.kwargs
+    missing = [n for n in (rows, depth, cols) if n not in meta]
+    if missing:
+        raise ValueError(f"config of kernel {kernel!r} lacks {missing}: {config}")
+    a_bytes = _element_bytes(a_dtype)
+    b_bytes = _element_bytes(b_dtype if b_dtype is not None else a_dtype)
+    n_b = 2 if _two_b_tiles(kernel, activation) else 1
+    per_stage = meta[rows] * meta[depth] * a_bytes + n_b * meta[depth] * meta[cols] * b_bytes
+    epilogue = meta[rows] * meta[cols] * 4
+    return max(config.num_stages * per_stage, epilogue)
+
+
+def _config_str(config) -> str:
+    tiles = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{tiles} num_warps={config.num_warps} num_stages={config.num_stages}"
+
+
+def _over_limit_reason(kernel: str, config, need: int) -> str:
+    return (f"kernel {kernel!r} config {_config_str(config)} needs {need} bytes of shared memory per block "
+            f"(estimate), over the {SHARED_MEMORY_LIMIT} an H200 allows")
+
+
+def configs_for(kernel: str, dtype, activation=None):
+    """Every config of ``kernel``'s autotune list as ``(config, kept, reason)``: ``kept`` is whether the
+    shared-memory pruning lets the autotuner pick it for ``dtype`` operands (a torch dtype or fp32/bf16/fp16)
+    and ``activation`` (gather_fwd only; None assumes SwiGLU, the larger); ``reason`` says why not (bytes
+    needed vs ``SHARED_MEMORY_LIMIT``), "" when kept."""
+    _check_kernel(kernel)
+    out = []
+    for cfg in KERNEL_CONFIGS[kernel]:
+        need = shared_memory_estimate(kernel, cfg, dtype, dtype, activation)
+        kept = need <= SHARED_MEMORY_LIMIT
+        out.append((cfg, kept, "" if kept else _over_limit_reason(kernel, cfg, need)))
+    return out
+
+
+def _shared_memory_pruner(kernel: str):
+    """``early_config_prune`` for ``kernel``: drops the configs that cannot fit before any of them compiles."""
+    _, a_arg, b_arg = _DOT_TILES[kernel]
+
+    def prune(configs, named_args, **kwargs):
+        a_dtype, b_dtype = named_args[a_arg].dtype, named_args[b_arg].dtype
+        act = kwargs.get("ACT")
+        kept = [c for c in configs
+                if shared_memory_estimate(kernel, c, a_dtype, b_dtype, act) <= SHARED_MEMORY_LIMIT]
+        if not kept:
+            raise ValueError(f"no config of kernel {kernel!r} fits {SHARED_MEMORY_LIMIT} bytes of shared memory "
+                             f"for {a_dtype} x {b_dtype} operands")
+        return kept
+
+    return prune
+
+
+def _autotuned(kernel: str, fn, key, **kw):
+    return triton.autotune(KERNEL_CONFIGS[kernel], key=key,
+                           prune_configs_by={"early_config_prune": _shared_memory_pruner(kernel)}, **kw)(fn)
+
+
+_gather_fwd_tuned = _autotuned("gather_fwd", _moe_gather_gemm_fwd_kernel, ["F", "D", "TOPK"])
+_scatter_tuned = _autotuned("scatter", _moe_scatter_gemm_kernel, ["N", "KD", "TOPK"], reset_to_zero=["out_ptr"])
+_gather_bwd_tuned = _autotuned("gather_bwd", _moe_gather_gemm_bwd_kernel, ["F", "D", "TOPK"],
+                               reset_to_zero=["dw_ptr"])
+_wgrad_tuned = _autotuned("weight_grad", _moe_weight_grad_kernel, ["N1", "N2", "TOPK"])
 
 # Interpreter (and explicit) defaults: small tiles keep the CPU emulation fast on test shapes.
 INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}
@@ -376,13 +502,29 @@ def _block_e(E: int) -> int:
     return max(2, triton.next_power_of_2(E))
 
 
-def _launch(tuned, plain, grid_fn, args, kwargs, blocks):
-    """Autotuned launch on a GPU; fixed blocks under the interpreter or when ``blocks`` is given."""
-    if blocks is None and not _interpreting():
-        tuned[lambda meta: (grid_fn(meta),)](*args, **kwargs)
+def _pinned(launcher: str, kernel: str, config, a_dtype, b_dtype, activation=None) -> dict:
+    """The launch keywords of a pinned ``config`` (its BLOCK_* meta, num_warps, num_stages, ...), after
+    checking it sets exactly the kernel's tile sizes and passes the shared-memory pruning."""
+    if not isinstance(config, triton.Config):
+        raise TypeError(f"{launcher}: config must be a triton.Config or None, got {type(config).__name__}")
+    want = sorted(_DOT_TILES[kernel][0])
+    if sorted(config.kwargs) != want:
+        raise ValueError(f"{launcher}: config must set exactly {want} for kernel {kernel!r}, got "
+                         f"{sorted(config.kwargs)}")
+    need = shared_memory_estimate(kernel, config, a_dtype, b_dtype, activation)
+    if need > SHARED_MEMORY_LIMIT:
+        raise ValueError(f"{launcher}: config pruned: {_over_limit_reason(kernel, config, need)}")
+    return config.all_kwargs()
+
+
+def _launch(tuned, plain, grid_fn, args, kwargs, pinned, interpret_blocks, grid_extra=()):
+    """Launch with the ``pinned`` keywords (see ``_pinned``) when given, else autotuned on a GPU and with
+    ``interpret_blocks`` under TRITON_INTERPRET."""
+    if pinned is None and not _interpreting():
+        tuned[lambda meta: (grid_fn(meta), *grid_extra)](*args, **kwargs)
         return
-    meta = dict(blocks if blocks is not None else INTERPRET_BLOCKS)
-    plain[(grid_fn(meta),)](*args, **kwargs, **meta)
+    meta = dict(pinned if pinned is not None else interpret_blocks)
+    plain[(grid_fn(meta), *grid_extra)](*args, **kwargs, **meta)
 
 
 def _row_tiles(n_rows: int, E: int, block_m: int) -> int:
@@ -394,9 +536,13 @@ def _row_tiles(n_rows: int, E: int, block_m: int) -> int:
 
 
 def moe_gather_gemm_fwd(x, w_gate_up, sorted_pairs, offsets, top_k: int, F: int, activation: str,
-                        store_pre: bool, blocks=None):
-    """h (T*k, F) [x.dtype] and pre (T*k, 2F or F) [x.dtype; (0, .) if not store_pre], rows expert-sorted."""
+                        store_pre: bool, config=None):
+    """h (T*k, F) [x.dtype] and pre (T*k, 2F or F) [x.dtype; (0, .) if not store_pre], rows expert-sorted.
+    ``config`` (a ``triton.Config`` of ``KERNEL_CONFIGS["gather_fwd"]``'s form) pins the launch to it; one the
+    shared-memory pruning rejects raises ValueError."""
     act = ACTIVATIONS[activation]
+    pinned = None if config is None else _pinned("moe_gather_gemm_fwd", "gather_fwd", config, x.dtype,
+                                                 w_gate_up.dtype, act)
     M = sorted_pairs.shape[0]
     E, NGU, D = w_gate_up.shape
     h = torch.empty((M, F), device=x.device, dtype=x.dtype)
@@ -413,14 +559,16 @@ def moe_gather_gemm_fwd(x, w_gate_up, sorted_pairs, offsets, top_k: int, F: int,
             pre_arg.stride(0), h.stride(0))
     kwargs = dict(TOPK=top_k, ACT=act, STORE_PRE=store_pre, DOT_PREC=_dot_prec(x.dtype), UPCAST=_upcast(x.dtype),
                   BLOCK_E=_block_e(E))
-    _launch(_gather_fwd_tuned, _moe_gather_gemm_fwd_kernel, grid, args, kwargs, blocks)
+    _launch(_gather_fwd_tuned, _moe_gather_gemm_fwd_kernel, grid, args, kwargs, pinned, INTERPRET_BLOCKS)
     return h, pre
 
 
 def moe_scatter_gemm(a, w, w_transposed: bool, sorted_pairs, offsets, top_k: int, T: int, scale=None,
-                     blocks=None):
+                     config=None):
     """out (T, N) float32: out[t] = sum over the rows i of token t of scale[p] * (a[i] @ B_e), B_e = w[e]^T
-    (``w_transposed=False``, w (E, N, KD)) or w[e] (``w_transposed=True``, w (E, KD, N))."""
+    (``w_transposed=False``, w (E, N, KD)) or w[e] (``w_transposed=True``, w (E, KD, N)). ``config`` pins
+    the launch (see ``moe_gather_gemm_fwd``)."""
+    pinned = None if config is None else _pinned("moe_scatter_gemm", "scatter", config, a.dtype, w.dtype)
     M, KD = a.shape
     E = w.shape[0]
     if w_transposed:
@@ -444,13 +592,16 @@ def moe_scatter_gemm(a, w, w_transposed: bool, sorted_pairs, offsets, top_k: int
             w.stride(0), s_wn, s_wk, out.stride(0))
     kwargs = dict(TOPK=top_k, HAS_SCALE=scale is not None, ATOMIC=atomic, DOT_PREC=_dot_prec(a.dtype), UPCAST=_upcast(a.dtype),
                   BLOCK_E=_block_e(E))
-    _launch(_scatter_tuned, _moe_scatter_gemm_kernel, grid, args, kwargs, blocks)
+    _launch(_scatter_tuned, _moe_scatter_gemm_kernel, grid, args, kwargs, pinned, INTERPRET_BLOCKS)
     return out
 
 
-def moe_gather_gemm_bwd(dy, w_down, sorted_pairs, offsets, scale, pre, top_k: int, activation: str, blocks=None):
-    """From dy (T, D): dA (T*k, 2F or F) [pre.dtype], h (T*k, F) [pre.dtype], dw_sorted (T*k,) float32."""
+def moe_gather_gemm_bwd(dy, w_down, sorted_pairs, offsets, scale, pre, top_k: int, activation: str, config=None):
+    """From dy (T, D): dA (T*k, 2F or F) [pre.dtype], h (T*k, F) [pre.dtype], dw_sorted (T*k,) float32.
+    ``config`` pins the launch (see ``moe_gather_gemm_fwd``)."""
     act = ACTIVATIONS[activation]
+    pinned = None if config is None else _pinned("moe_gather_gemm_bwd", "gather_bwd", config, dy.dtype,
+                                                 w_down.dtype)
     M = sorted_pairs.shape[0]
     E, D, F = w_down.shape
     da = torch.empty((M, pre.shape[1]), device=dy.device, dtype=pre.dtype)
@@ -469,14 +620,16 @@ def moe_gather_gemm_bwd(dy, w_down, sorted_pairs, offsets, scale, pre, top_k: in
             pre.stride(0), da.stride(0), h.stride(0))
     kwargs = dict(TOPK=top_k, ACT=act, DOT_PREC=_dot_prec(w_down.dtype), UPCAST=_upcast(w_down.dtype),
                   BLOCK_E=_block_e(E))
-    _launch(_gather_bwd_tuned, _moe_gather_gemm_bwd_kernel, grid, args, kwargs, blocks)
+    _launch(_gather_bwd_tuned, _moe_gather_gemm_bwd_kernel, grid, args, kwargs, pinned, INTERPRET_BLOCKS)
     return da, h, dw
 
 
 def moe_weight_grad(left, l_gather: bool, right, r_gather: bool, sorted_pairs, offsets, top_k: int, out_shape,
-                    out_dtype, scale=None, blocks=None):
+                    out_dtype, scale=None, config=None):
     """out (E, N1, N2) [out_dtype]: out[e] = sum over expert e's sorted rows i of L[i]^T R[i], where L[i] is
-    left[t] (gathered, optionally times scale[p]) or left[i], and likewise R[i]."""
+    left[t] (gathered, optionally times scale[p]) or left[i], and likewise R[i]. ``config`` (of
+    ``KERNEL_CONFIGS["weight_grad"]``'s form) pins the launch (see ``moe_gather_gemm_fwd``)."""
+    pinned = None if config is None else _pinned("moe_weight_grad", "weight_grad", config, left.dtype, right.dtype)
     E, N1, N2 = out_shape
     out = torch.empty(out_shape, device=left.device, dtype=out_dtype)
     M = sorted_pairs.shape[0]
@@ -492,9 +645,6 @@ def moe_weight_grad(left, l_gather: bool, right, r_gather: bool, sorted_pairs, o
             out.stride(0), out.stride(1), out.stride(2))
     kwargs = dict(TOPK=top_k, L_GATHER=l_gather, L_SCALE=scale is not None, R_GATHER=r_gather,
                   DOT_PREC=_dot_prec(right.dtype), UPCAST=_upcast(right.dtype))
-    if blocks is None and not _interpreting():
-        _wgrad_tuned[lambda meta: (grid(meta), E)](*args, **kwargs)
-    else:
-        meta = dict(blocks if blocks is not None else INTERPRET_WGRAD_BLOCKS)
-        _moe_weight_grad_kernel[(grid(meta), E)](*args, **kwargs, **meta)
+    _launch(_wgrad_tuned, _moe_weight_grad_kernel, grid, args, kwargs, pinned, INTERPRET_WGRAD_BLOCKS,
+            grid_extra=(E,))
     return out
