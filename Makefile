@@ -18,7 +18,7 @@ PYTEST_ARGS ?= -q
 DEMO_OUT ?= demo_out
 SEED ?= 0
 
-.PHONY: test demo install ext bench clean info
+.PHONY: test demo install ext bench bench-quick compile-report clean info
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,24 @@ info: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/metamoe bench $(BENCH_ARGS)
+
+# make bench-quick BENCH_JSON=path: the CPU half of the pytest-benchmark suite (benchmarks/suite: every op at
+# the quick shapes of benchmarks/cases.py against its peers, each result checked; a few minutes at most on 2
+# cores), pytest-benchmark's JSON written to BENCH_JSON and the run autosaved under .benchmarks/. Compare
+# with the previous saved run (e.g. from another commit):
+#   .venv/bin/pytest benchmarks/suite -m "not gpu" --benchmark-only --benchmark-compare [--benchmark-compare-fail=median:20%]
+# or two saved runs: .venv/bin/pytest-benchmark compare 0001 0002. The GPU half: pytest benchmarks/suite -m gpu --benchmark-only.
+BENCH_JSON ?= .benchmarks/bench-quick.json
+bench-quick: $(STAMP)
+	@mkdir -p $(dir $(BENCH_JSON))
+	$(VENV)/bin/pytest benchmarks/suite -m "not gpu" --benchmark-only --benchmark-autosave \
+		--benchmark-json=$(BENCH_JSON) -p no:cacheprovider $(PYTEST_ARGS)
+
+# Compile every Triton kernel x autotune config x dtype (and the CUDA sources) ahead of time for sm_90a on
+# the CPU, no GPU needed; writes benchmarks/results/compile_report_sm90.csv (registers, spills, shared memory,
+# pruned configs). Never under TRITON_INTERPRET. COMPILE_REPORT_ARGS: e.g. --subset ci, --kernels scatter.
+compile-report: $(STAMP)
+	$(VENV)/bin/python benchmarks/compile_report.py $(COMPILE_REPORT_ARGS)
 
 clean:
 	rm -rf build $(VENV) metamoe/_C*.so metamoe/_build_info.json *.egg-info

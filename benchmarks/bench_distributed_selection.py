@@ -14,7 +14,7 @@ the columns compare like with like. This machine has 2 cores: 4 processes oversu
 4-process rows measure communication overhead under contention, not scaling.
 
 Times are medians over --rep runs (after --warmup) of the whole sharded call, between two barriers,
-measured on rank 0. Appends rows to benchmarks/results/distributed_selection.csv.
+measured on rank 0. Appends rows to <results-dir>/distributed_selection.csv.
 
   python benchmarks/bench_distributed_selection.py            # N = 200,000, D = 128, k = 200, M = 500
   python benchmarks/bench_distributed_selection.py --quick    # N = 20,000, D = 64, k = 50, M = 200
@@ -180,7 +180,7 @@ def main():
     if not args.no_csv:
         env = environment("cpu")
         env["threads_per_process"] = 1
-        print("appended to", append_csv("distributed_selection", rows, env))
+        print("appended to", append_csv("distributed_selection", rows, env, args.results_dir))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -10,10 +10,20 @@ Peers: torch (metamoe's PyTorch implementation: float64 on the CPU) for every ca
 is visible (cosine only; the RBF GPU path is the torch one).
 
 Prints a table (median and 20/80 % quantiles in seconds, effective GB/s of the X stream for the cosine
-kernel, speed-up over torch) and appends rows to benchmarks/results/dpp.csv.
+kernel, speed-up over torch) and appends rows to <results-dir>/dpp.csv. Shapes: benchmarks/cases.py (DPP).
 
   python benchmarks/bench_dpp.py            # N = 200,000, D = 128, k = 500 (cosine); rbf at N = 20,000
   python benchmarks/bench_dpp.py --quick    # small shapes, seconds on a 2-core CPU
+  python benchmarks/bench_dpp.py --target --results-dir OUT   # the issue-17 GPU target, CUDA only
+
+--target (issue 17, H200: N = 1M, D = 768, k = 10,000 in <= 10 s; rows with target_case dpp-n1m-d768-k10000):
+cosine kernel, relevance-weighted, ridge 1e-3, float32 pool made on the GPU (cases.clustered_torch). The
+cuda backend makes all k picks; the peers make fewer (cases DPP.target peer_k: torch 500 on the GPU, cpp 50
+on the host's cores), each row saying so in ``note``, with ``k_target`` and ``scaled_s`` = median_s x
+k_target / k (a linear extrapolation: the cosine greedy's per-pick cost is constant) beside the measured
+``median_s``. Every peer's picks must equal the first picks of the reference (torch): ``picks_identical``
+(a mismatch is recorded, not raised, so the other rows survive). One timed call each (--rep), after one
+untimed 10-pick call (--warmup calls of 10 picks).
 """
 
 from __future__ import annotations
@@ -26,7 +36,10 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchm
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.utils import append_csv, common_parser, environment, pick_device, print_table, time_fn  # noqa: E402
+from benchmarks.cases import DPP, clustered_torch  # noqa: E402
+from benchmarks.utils import (  # noqa: E402
+    append_csv, common_parser, environment, pick_device, print_table, require_cuda, time_fn,
+)
 from metamoe.backends import availability  # noqa: E402
 from metamoe.selection import select_dpp  # noqa: E402
 
@@ -92,20 +105,98 @@ def run_case(name, X, r, k, kw, storage, device, warmup, rep):
     return rows
 
 
-def main():
+def run_target(args, device):
+    """The issue-17 GPU target with its peers (see the module docstring); returns the rows."""
+    c = DPP.target[0]
+    n, d, k, ridge = c["N"], c["D"], c["k"], c["ridge"]
+    X = clustered_torch(n, d, device=device)
+    r = np.random.default_rng(0).uniform(0.05, 1.0, n)
+    warmup = args.warmup if args.warmup is not None else 1
+    rep = args.rep or 1
+    plan = [("cuda", k, device), ("torch", c["peer_k"]["torch"], device), ("cpp", c["peer_k"]["cpp"], "cpu")]
+    rows, picks = [], {}
+    X_host = None
+    for backend, k_run, dev in plan:
+        row = {"case": "cosine ridge=1e-3", "storage": "float32", "N": n, "D": d, "k": k_run, "k_target": k,
+               "backend": backend, "threads": threads(), "target_case": c["case"], "note": ""}
+        why = availability.backend_unavailable_reason(backend)
+        if why:
+            row["note"] = f"skipped: {why}"
+            rows.append(row)
+            continue
+        if dev == "cpu" and X_host is None:
+            X_host = X.cpu().numpy()
+        inp = X if dev.startswith("cuda") else X_host
+        out = {}
+
+        def fn(inp=inp, backend=backend, kk=k_run):
+            out["sel"] = select_dpp(inp, kk, r, ridge=ridge, backend=backend, progress=False)
+
+        for _ in range(warmup):
+            select_dpp(inp, min(10, k_run), r, ridge=ridge, backend=backend, progress=False)
+        t = time_fn(fn, device=dev, warmup=0, rep=rep)
+        picks[backend] = out["sel"].indices
+        row.update(t.as_row("s"))
+        row["scaled_s"] = round(t.median * k / k_run, 4)
+        row["GB/s"] = round(len(out["sel"]) * n * d * 4 / t.median / 1e9, 2)
+        if k_run < k:
+            row["note"] = (f"{k_run} of the target's {k} picks (a capped peer); scaled_s = median_s x {k}/{k_run} "
+                           "is a linear extrapolation, not a measurement")
+        rows.append(row)
+    ref = picks.get("torch")
+    for row in rows:
+        got = picks.get(row["backend"])
+        if got is None or ref is None:
+            row["picks_identical"] = None
+            continue
+        m = min(len(got), len(ref))
+        same = bool(np.array_equal(got[:m], ref[:m]))
+        row["picks_identical"] = same
+        row["picks_compared"] = m
+        if not same:
+            first = int(np.flatnonzero(got[:m] != ref[:m])[0])
+            row["note"] = "; ".join(filter(None, [row["note"], f"picks differ from torch's at pick {first}"]))
+    base = next((rw for rw in rows if rw["backend"] == "torch" and "median_s" in rw), None)
+    for rw in rows:
+        if base and "median_s" in rw:
+            rw["speedup_vs_torch_scaled"] = round(base["scaled_s"] / rw["scaled_s"], 2)
+    return rows
+
+
+def build_parser():
     p = common_parser(__doc__)
+    p.add_argument("--target", action="store_true",
+                   help="run exactly the issue-17 GPU target (cases.DPP.target: N=1M, D=768, k=10000) with its peers "
+                        "on a CUDA device; ignores the shape flags")
     p.add_argument("--N", type=int, default=None, help="pool size of the cosine and paper cases")
     p.add_argument("--D", type=int, default=None)
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--rbf-N", type=int, default=None, help="pool size of the rbf case")
     p.add_argument("--cases", default="cosine,paper,rbf", help="comma-separated subset of cosine,paper,rbf")
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
     device = pick_device(args.device)
+    if args.target:
+        require_cuda(device)
+        rows = run_target(args, device)
+        env = environment(device)
+        print_table(rows, ["backend", "N", "D", "k", "k_target", "median_s", "scaled_s", "GB/s", "picks_identical",
+                           "speedup_vs_torch_scaled"], title=f"select_dpp target on {env['device']}")
+        for rw in rows:
+            if rw.get("note"):
+                print(f"{rw['backend']}: {rw['note']}")
+        if not args.no_csv:
+            print(f"appended to {append_csv('dpp', rows, env, args.results_dir)}")
+        return
+    shape = DPP.quick[0] if args.quick else DPP.gpu[0]
+    n, d, k, n_rbf, k_rbf = shape["N"], shape["D"], shape["k"], shape["rbf_N"], shape["rbf_k"]
     if args.quick:
-        n, d, k, n_rbf, k_rbf = 20000, 64, 100, 3000, 100
         warmup, rep = args.warmup if args.warmup is not None else 0, args.rep or 3
     else:
-        n, d, k, n_rbf, k_rbf = 200000, 128, 500, 20000, 500
         warmup, rep = args.warmup if args.warmup is not None else 1, args.rep or 3
     n, d, k = args.N or n, args.D or d, args.k or k
     n_rbf = args.rbf_N or n_rbf
@@ -143,7 +234,7 @@ def main():
         title=f"select_dpp on {env['device']} (torch {env['torch']}, {torch.get_num_threads()} threads)",
     )
     if not args.no_csv:
-        print(f"appended to {append_csv('dpp', rows, env)}")
+        print(f"appended to {append_csv('dpp', rows, env, args.results_dir)}")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,22 @@ the speed-up column is torch's median over the backend's.
 Data: Gaussian blobs (``--clusters``) in D dimensions, float32, cosine similarity, ground = pool.
 
 Prints a table (median and 20/80 % quantiles in seconds, objective, speed-up) and appends rows to
-benchmarks/results/facility_location.csv.
+<results-dir>/facility_location.csv. Shapes: benchmarks/cases.py (FACILITY_LOCATION).
 
   python benchmarks/bench_facility_location.py --quick          # small: what CI runs on a CPU
   python benchmarks/bench_facility_location.py                  # N = 100k, K = 20, k = 1000
   python benchmarks/bench_facility_location.py --n 1000000 --neighbors 50 --k 10000 --graph-method ivf
+  python benchmarks/bench_facility_location.py --target --results-dir OUT [--graph-cache G.npz]   # CUDA only
 
-Target (issue 3, 2-core CPU): K = 50 graph, N = 1M, k = 10,000 in <= 10 s, C++ >= 10x the fallback.
+--target (issue 17, H200: facility location on a 1M-point K = 50 kNN graph, k = 10,000, <= 1 s; rows with
+target_case fl-n1m-k50-k10000): the pool is cases.clustered_torch(1M, 768) made on the GPU, the graph its
+exact kNN graph (build_knn_graph method="torch" on the GPU, timed once, separately: ``graph_s``), or the
+graph in ``--graph-cache`` when that file holds the graph of the same data (bench_knn_graph.py --target
+--graph-cache G.npz writes it). Lazy greedy on cuda (all k picks; one untimed call, then --rep 3 timed),
+cpp (all k picks on the host's cores, one timed call) and the torch fallback on the GPU (cases peer_k:
+1,000 picks, one timed call; ``scaled_s`` = median_s x k_target / k is a linear extrapolation, so said in
+``note``). Picks are compared with the torch fallback's (its first picks: exact greedy picks the same
+prefix whatever k): ``same_picks_as_torch``, recorded, not raised.
 
 ``--dense``: graph="dense" with the similarities computed on the fly (torch backend, exact lazy greedy;
 defaults N = 100k, D = 64, k = 200, one timed run). Peers in the same run: the kNN path (graph build +
@@ -43,7 +52,11 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchm
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.utils import append_csv, common_parser, environment, pick_device, print_table, time_fn  # noqa: E402
+from benchmarks.cases import FACILITY_LOCATION, FACILITY_LOCATION_DENSE_GPU, FACILITY_LOCATION_DENSE_QUICK  # noqa: E402
+from benchmarks.cases import clustered_torch  # noqa: E402
+from benchmarks.utils import (  # noqa: E402
+    append_csv, common_parser, environment, pick_device, print_table, require_cuda, time_fn,
+)
 from metamoe.backends import availability  # noqa: E402
 from metamoe.selection import KnnGraph, build_knn_graph, select_facility_location  # noqa: E402
 import metamoe.selection.facility_location as fl_mod  # noqa: E402
@@ -70,10 +83,11 @@ def dense_objective(X: np.ndarray, picks: np.ndarray, device: str, block: int = 
 
 def run_dense(args, device: str) -> None:
     quick = args.quick
-    n = args.n or (5_000 if quick else 100_000)
-    d = args.d or (32 if quick else 64)
-    k = args.k or (50 if quick else 200)
-    K = args.neighbors
+    dense = FACILITY_LOCATION_DENSE_QUICK if quick else FACILITY_LOCATION_DENSE_GPU
+    n = args.n or dense["n"]
+    d = args.d or dense["d"]
+    k = args.k or dense["k"]
+    K = args.neighbors if args.neighbors is not None else 20
     warmup = args.warmup if args.warmup is not None else 0
     rep = args.rep if args.rep is not None else 1
     X = blobs(n, d, args.clusters, args.seed)
@@ -138,7 +152,7 @@ def run_dense(args, device: str) -> None:
                 title=f"facility location, graph='dense' on {env['device']} ({threads} torch threads; "
                       f"median of {rep} run(s); knn includes its graph build)")
     if not args.no_csv:
-        path = append_csv("facility_location_dense", rows, env)
+        path = append_csv("facility_location_dense", rows, env, args.results_dir)
         print(f"appended {len(rows)} rows to {path}")
 
 
@@ -167,11 +181,97 @@ def run_apricot(X: np.ndarray, k: int, warmup: int, rep: int):
     return t, np.asarray(out["sel"].ranking[:k], dtype=np.int64), apricot.__version__
 
 
-def main() -> None:
+def load_or_build_graph(X, K: int, cache, method: str = "auto"):
+    """(graph, seconds it took to build, where it came from): from ``cache`` (a .npz) when that holds the graph
+    of X with this K, else built (and saved to ``cache`` when given)."""
+    cache = Path(cache) if cache else None
+    if cache is not None and cache.exists():
+        graph = KnnGraph.load(cache)
+        graph.check_matches(X)
+        if graph.n_neighbors != K:
+            sys.exit(f"{cache} holds a K={graph.n_neighbors} graph, asked for K={K}")
+        return graph, float(graph.info["seconds"]), f"loaded from {cache}"
+    t0 = time.perf_counter()
+    graph = build_knn_graph(X, K, method=method, progress=False)
+    seconds = time.perf_counter() - t0
+    if cache is not None:
+        graph.save(cache)
+    return graph, seconds, "built"
+
+
+def run_target(args, device: str):
+    """The issue-17 GPU target with its peers (see the module docstring); returns the rows."""
+    c = FACILITY_LOCATION.target[0]
+    n, d, K, k = c["n"], c["d"], c["neighbors"], c["k"]
+    X = clustered_torch(n, d, device=device)
+    graph, graph_s, origin = load_or_build_graph(X, K, args.graph_cache, method="torch")
+    print(f"graph: N={n} D={d} K={K} ({graph.info.get('method')}): {graph_s:.2f} s, {origin}")
+    rep = args.rep or 3
+    warmup = args.warmup if args.warmup is not None else 1
+    plan = [("cuda", k, device, warmup, rep), ("cpp", k, "cpu", 0, 1),
+            ("torch", c["peer_k"]["torch"], device, 0, 1)]
+    rows, picks = [], {}
+    X_host = None
+    for backend, k_run, dev, w, r in plan:
+        row = {"op": "facility_location", "backend": backend, "optimizer": "lazy", "n": n, "d": d, "neighbors": K,
+               "k": k_run, "k_target": k, "graph_method": graph.info.get("method"), "graph_s": round(graph_s, 3),
+               "threads": torch.get_num_threads(), "target_case": c["case"], "note": ""}
+        why = availability.backend_unavailable_reason(backend)
+        if why:
+            row["note"] = f"skipped: {why}"
+            rows.append(row)
+            continue
+        if dev == "cpu" and X_host is None:
+            X_host = X.cpu().numpy()
+        Xb = X_host if dev == "cpu" else X
+        out = {}
+
+        def call(Xb=Xb, backend=backend, kk=k_run, out=out):
+            out["sel"] = select_facility_location(Xb, kk, graph=graph, optimizer="lazy", backend=backend,
+                                                  progress=False)
+
+        t = time_fn(call, device=dev, warmup=w, rep=r)
+        sel = out["sel"]
+        picks[backend] = sel.indices
+        row.update(t.as_row("s"))
+        row["scaled_s"] = round(t.median * k / k_run, 4)
+        row["objective"] = round(sel.objective, 6)
+        if k_run < k:
+            row["note"] = (f"{k_run} of the target's {k} picks (a capped peer); scaled_s = median_s x {k}/{k_run} "
+                           "is a linear extrapolation, not a measurement")
+        rows.append(row)
+    ref = picks.get("torch")
+    for row in rows:
+        got = picks.get(row["backend"])
+        if got is None or ref is None:
+            row["same_picks_as_torch"] = None
+            continue
+        m = min(len(got), len(ref))
+        row["same_picks_as_torch"] = bool(np.array_equal(got[:m], ref[:m]))
+        row["picks_compared"] = m
+        if not row["same_picks_as_torch"]:
+            first = int(np.flatnonzero(got[:m] != ref[:m])[0])
+            row["note"] = "; ".join(filter(None, [row["note"], f"picks differ from torch's at pick {first}"]))
+    if "cuda" in picks and "cpp" in picks:
+        same = bool(np.array_equal(picks["cuda"], picks["cpp"]))
+        for row in rows:
+            if row["backend"] in ("cuda", "cpp"):
+                row["same_picks_cuda_cpp"] = same
+    base = next((rw for rw in rows if rw["backend"] == "torch" and "median_s" in rw), None)
+    for rw in rows:
+        if base and "median_s" in rw:
+            rw["speedup_vs_torch_scaled"] = round(base["scaled_s"] / rw["scaled_s"], 2)
+    return rows
+
+
+def build_parser():
     p = common_parser(__doc__)
+    p.add_argument("--target", action="store_true",
+                   help="run exactly the issue-17 GPU target (cases.FACILITY_LOCATION.target: N=1M, K=50, k=10000) "
+                        "with its peers on a CUDA device; ignores the shape flags")
     p.add_argument("--n", type=int, default=None, help="pool size N (default 100000; --quick 20000)")
     p.add_argument("--d", type=int, default=None, help="embedding dimension (default 64; --quick 32)")
-    p.add_argument("--neighbors", type=int, default=20, help="K of the kNN graph")
+    p.add_argument("--neighbors", type=int, default=None, help="K of the kNN graph (default 20; --dense: 20)")
     p.add_argument("--k", type=int, default=None, help="picks (default 1000; --quick 200)")
     p.add_argument("--clusters", type=int, default=100)
     p.add_argument("--optimizers", default="lazy,stochastic", help="comma-separated: lazy, naive, stochastic")
@@ -186,7 +286,12 @@ def main() -> None:
                    help="--dense: also run the materialised dense path up to this N (N^2 pairs in memory)")
     p.add_argument("--graph-cache", default=None,
                    help="a .npz path: load the kNN graph from it if it exists (checked against the data), else save it")
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
     # The same thread count for torch and the C++ module: on a shared, busy CPU torch's intra-op threads
     # can be many times slower than one thread, so compare the backends at equal counts.
     if args.threads:
@@ -197,13 +302,28 @@ def main() -> None:
         if ext is not None:
             ext.set_num_threads(args.threads)
 
+    if args.target:
+        device = pick_device(args.device)
+        require_cuda(device)
+        rows = run_target(args, device)
+        env = environment(device)
+        print_table(rows, ["backend", "n", "neighbors", "k", "k_target", "median_s", "scaled_s", "objective",
+                           "same_picks_as_torch", "speedup_vs_torch_scaled"],
+                    title=f"facility location target on {env['device']} (graph build not included)")
+        for rw in rows:
+            if rw.get("note"):
+                print(f"{rw['backend']}: {rw['note']}")
+        if not args.no_csv:
+            print(f"appended {len(rows)} rows to {append_csv('facility_location', rows, env, args.results_dir)}")
+        return
     if args.dense:
         return run_dense(args, pick_device(args.device))
     quick = args.quick
-    n = args.n or (20_000 if quick else 100_000)
-    d = args.d or (32 if quick else 64)
-    k = args.k or (200 if quick else 1000)
-    K = args.neighbors
+    shape = FACILITY_LOCATION.quick[0] if quick else FACILITY_LOCATION.gpu[0]
+    n = args.n or shape["n"]
+    d = args.d or shape["d"]
+    k = args.k or shape["k"]
+    K = args.neighbors if args.neighbors is not None else shape["neighbors"]
     warmup = args.warmup if args.warmup is not None else 1
     rep = args.rep if args.rep is not None else 3
     device = pick_device(args.device)
@@ -218,20 +338,9 @@ def main() -> None:
     optimizers = args.optimizers.split(",")
 
     X = blobs(n, d, args.clusters, args.seed)
-    cache = Path(args.graph_cache) if args.graph_cache else None
-    if cache is not None and cache.exists():
-        graph = KnnGraph.load(cache)
-        graph.check_matches(X)
-        if graph.n_neighbors != K:
-            sys.exit(f"{cache} holds a K={graph.n_neighbors} graph, asked for K={K}")
-        graph_s = float(graph.info["seconds"])
-        print(f"graph: loaded from {cache} (built in {graph_s:.2f} s)")
-    else:
-        t0 = time.perf_counter()
-        graph = build_knn_graph(X, K, method=args.graph_method, progress=False)
-        graph_s = time.perf_counter() - t0
-        if cache is not None:
-            graph.save(cache)
+    graph, graph_s, origin = load_or_build_graph(X, K, args.graph_cache, method=args.graph_method)
+    if origin != "built":
+        print(f"graph: {origin} (built in {graph_s:.2f} s)")
     print(f"graph: N={n} D={d} K={K}: {graph_s:.2f} s ({graph.info.get('method')}"
           + (f", recall@K {graph.info['recall']:.3f}" if "recall" in graph.info else "") + ")")
     Xdev = torch.from_numpy(X).to(device) if device != "cpu" else X
@@ -273,7 +382,7 @@ def main() -> None:
                        "speedup_vs_torch", "same_picks_as_torch"],
                 title=f"facility location on {env['device']} (graph build {graph_s:.2f} s, not included)")
     if not args.no_csv:
-        path = append_csv("facility_location", rows, env)
+        path = append_csv("facility_location", rows, env, args.results_dir)
         print(f"appended {len(rows)} rows to {path}")
 
 

@@ -32,8 +32,8 @@ Methods (``--methods``, default all):
                   2 cores, and even its float16 IVF lists are 14 GiB), and the build rate is extrapolated to N
                   (marked as such in the note)
 
-Prints a table and appends rows to benchmarks/results/large_pool.csv; the full log (with the machine
-load and the command line) goes to benchmarks/results/cpu_large_pool_<date>.log.
+Prints a table and appends rows to <results-dir>/large_pool.csv; the full log (with the machine
+load and the command line) goes to <results-dir>/cpu_large_pool_<date>.log.
 
   python benchmarks/bench_large_pool.py --quick            # 200k x 768 pool in /tmp, minutes
   python benchmarks/bench_large_pool.py                    # 10M x 768 (15 GB file; slow on 2 cores)
@@ -56,7 +56,7 @@ import numpy as np
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
 
-from benchmarks.utils import RESULTS_DIR, append_csv, environment, fmt, print_table  # noqa: E402
+from benchmarks.utils import add_results_dir, append_csv, environment, fmt, print_table  # noqa: E402
 
 GEN_VERSION = 1
 DEFAULT_PATH = "/tmp/metamoe_pool_10M_768_fp16.npy"
@@ -302,6 +302,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-csv", action="store_true")
     p.add_argument("--note", default="", help="free text for the log (e.g. 'machine shared with 2 other jobs')")
     p.add_argument("--run-method", default=None, help=argparse.SUPPRESS)
+    add_results_dir(p)
     args = p.parse_args(argv)
     n = args.n or (200_000 if args.quick else 10_000_000)
     args.n = n
@@ -317,8 +318,8 @@ def main(argv=None) -> int:
         return 0
 
     stamp = _dt.datetime.now(_dt.timezone.utc)
-    log_path = RESULTS_DIR / f"cpu_large_pool_{stamp:%Y-%m-%d}.log"
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = args.results_dir / f"cpu_large_pool_{stamp:%Y-%m-%d}.log"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     logf = open(log_path, "a")
 
     def log(msg: str = "") -> None:
@@ -379,7 +380,7 @@ def main(argv=None) -> int:
             env_cols["faiss"] = faiss.__version__
         except ImportError:
             env_cols["faiss"] = "not installed"
-        out = append_csv("large_pool", [{c: r.get(c, "") for c in cols} for r in rows], env_cols)
+        out = append_csv("large_pool", [{c: r.get(c, "") for c in cols} for r in rows], env_cols, args.results_dir)
         log(f"appended {len(rows)} rows to {out}")
     logf.close()
     return 0

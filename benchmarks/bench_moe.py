@@ -1,6 +1,7 @@
 """Benchmark metamoe.ops.moe_experts (grouped dispatch: gather-fused and scatter-fused grouped GEMMs).
 
-Peers, timed in the same run on the same inputs (same weights, transformers' MixtralExperts layout):
+Peers, timed in the same run on the same inputs (same weights, transformers' MixtralExperts layout;
+shapes and peers from benchmarks/cases.py: MOE):
   hf-eager        transformers' MixtralExperts.forward: the per-expert Python loop (the paper's pattern)
   hf-grouped_mm   transformers' "grouped_mm" experts implementation (sort + torch._grouped_mm, its own
                   fallback where _grouped_mm cannot run)
@@ -14,15 +15,21 @@ and the routing weights).
 
 FLOPs counted: forward 2*T*k*d*(rows of w_gate_up + f) (SwiGLU: 6*T*k*d*f), fwd+bwd 3x forward. TFLOP/s,
 fraction of --peak-tflops (default: the measured ceiling of this GPU if known, else the H200 bf16 dense 790),
-and the speed-up over hf-eager are printed; each impl's max |y - y(metamoe-torch)| is checked in the same run.
-Rows are appended to benchmarks/results/moe.csv.
+and the speed-ups are printed: vs_hf_eager, vs_grouped_mm (over torch-grouped_mm, else hf-grouped_mm:
+``grouped_mm_peer`` says which), vs_torch_grouped_mm (over torch-grouped_mm only) and vs_loop (over the
+faster of the per-expert loops hf-eager and metamoe-torch: ``loop_peer`` says which). Each impl's forward
+is checked against metamoe-torch's in the same run, before timing: ``max_err_vs_torch``, ``max_rel_err``
+(over max |y|) and ``check_ok`` (max_rel_err <= 3e-2 in 16-bit dtypes, 1e-3 in float32).
+Rows are appended to <results-dir>/moe.csv.
 
-  python benchmarks/bench_moe.py                         # GPU sweep (bf16): Mixtral and Qwen3-30B-A3B shapes
+  python benchmarks/bench_moe.py                         # GPU sweep (bf16): Mixtral, Qwen3-30B-A3B, OLMoE
   python benchmarks/bench_moe.py --quick                 # tiny CPU shapes (what runs without a GPU)
   python benchmarks/bench_moe.py --shapes mixtral --T 16384
+  python benchmarks/bench_moe.py --target --results-dir OUT   # the issue-15 target shapes, CUDA only
 
-Targets (issue 4, H200, bf16, T = 16k): forward >= 450 TFLOP/s (Mixtral) and >= 300 (Qwen3-30B-A3B);
-fwd+bwd >= 1.3x the torch._grouped_mm path and >= 10x the per-expert loop.
+Targets (issue 15, H200, bf16, T = 16k; rows with target_case moe-mixtral-t16k / moe-qwen3-t16k): forward
+>= 550 TFLOP/s (Mixtral) and >= 350 (Qwen3-30B-A3B); fwd+bwd >= 1.3x the torch._grouped_mm path and >= 10x
+the per-expert loop. --target runs both shapes, fwd and fwd+bwd, every peer, --warmup 3 --rep 10 by default.
 """
 
 from __future__ import annotations
@@ -34,8 +41,9 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchm
 
 import torch  # noqa: E402
 
+from benchmarks.cases import MOE, MOE_GPU_T, MOE_LOOP_PEERS, MOE_MODES, MOE_QUICK_T, MOE_SHAPES  # noqa: E402
 from benchmarks.utils import (  # noqa: E402
-    append_csv, common_parser, environment, measured_peak, pick_device, print_table, time_fn,
+    append_csv, common_parser, environment, measured_peak, pick_device, print_table, require_cuda, time_fn,
 )
 from metamoe.backends import CallSpec  # noqa: E402
 from metamoe.ops import moe_experts, moe_routing  # noqa: E402
@@ -45,15 +53,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 H200_BF16_TFLOPS = 790.0
 
 # name: (E, k, d, f)
-SHAPES = {
-    "mixtral": (8, 2, 4096, 14336),  # Mixtral-8x7B
-    "qwen3": (128, 8, 2048, 768),  # Qwen3-30B-A3B
-    "olmoe": (64, 8, 2048, 1024),  # OLMoE-1B-7B
-    "tiny": (8, 2, 64, 96),
-    "tiny-many": (16, 4, 32, 48),
-}
-GPU_SHAPES = ("mixtral", "qwen3", "olmoe")
-QUICK_SHAPES = ("tiny", "tiny-many")
+SHAPES = MOE_SHAPES
+GPU_SHAPES = tuple(dict.fromkeys(c["shape"] for c in MOE.gpu))
+QUICK_SHAPES = tuple(dict.fromkeys(c["shape"] for c in MOE.quick))
 
 
 def hf_experts(wgu, wd, implementation):
@@ -118,7 +120,12 @@ def make_impls(names, x_dev, d, f, dtype):
     return impls, skipped
 
 
-def run_case(shape_name, T, E, k, d, f, dtype, mode, device, impls, warmup, rep, peak):
+def rel_tolerance(dtype) -> float:
+    """max |y - y_ref| / max |y_ref| accepted for ``check_ok``."""
+    return 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
+
+
+def run_case(shape_name, T, E, k, d, f, dtype, mode, device, impls, warmup, rep, peak, case=""):
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(T, d, device=device, dtype=dtype, generator=g)
     logits = torch.randn(T, E, device=device, dtype=torch.float32, generator=g)
@@ -155,6 +162,7 @@ def run_case(shape_name, T, E, k, d, f, dtype, mode, device, impls, warmup, rep,
         with torch.no_grad():
             y = fn(x, tw, ids).float()
         err = (y - y_ref).abs().max().item() if y_ref is not None and T else None
+        rel = err / max(y_ref.abs().max().item(), 1e-30) if err is not None else None
         interp = name == "metamoe-triton" and torch.device(device).type == "cpu"
         # the interpreter takes seconds per call: fewer repeats (its time is not a kernel time anyway)
         t = time_fn(step, device=device, warmup=min(warmup, 1) if interp else warmup,
@@ -164,20 +172,32 @@ def run_case(shape_name, T, E, k, d, f, dtype, mode, device, impls, warmup, rep,
             "op": "moe_experts", "mode": mode, "impl": name, "shape": shape_name, "T": T, "E": E, "k": k, "d": d,
             "f": f, "dtype": str(dtype).replace("torch.", ""), **t.as_row("ms"), "TFLOP/s": tflops,
             "%peak": 100.0 * tflops / peak, "peak_tflops": peak, "max_err_vs_torch": err,
+            "max_rel_err": rel, "check_ok": rel is None or rel <= rel_tolerance(dtype),
             "max_tokens_per_expert": int(counts.max()) if T else 0,
         })
+        if case:
+            rows[-1]["target_case"] = case
     base = next((r for r in rows if r["impl"] == "hf-eager"), None)
     gmm = next((r for r in rows if r["impl"] == "torch-grouped_mm"), None) or next(
         (r for r in rows if r["impl"] == "hf-grouped_mm"), None)
+    tgmm = next((r for r in rows if r["impl"] == "torch-grouped_mm"), None)
+    loops = [r for r in rows if r["impl"] in MOE_LOOP_PEERS]
+    loop = min(loops, key=lambda r: r["median_ms"]) if loops else None
     for r in rows:
         r["vs_hf_eager"] = base["median_ms"] / r["median_ms"] if base else None
         r["vs_grouped_mm"] = gmm["median_ms"] / r["median_ms"] if gmm else None
         r["grouped_mm_peer"] = gmm["impl"] if gmm else None
+        r["vs_torch_grouped_mm"] = tgmm["median_ms"] / r["median_ms"] if tgmm else None
+        r["vs_loop"] = loop["median_ms"] / r["median_ms"] if loop else None
+        r["loop_peer"] = loop["impl"] if loop else None
     return rows
 
 
 def main(argv=None):
     p = common_parser(__doc__)
+    p.add_argument("--target", action="store_true",
+                   help="run exactly the issue-15 target shapes (cases.MOE.target: Mixtral and Qwen3-30B-A3B at "
+                        "T=16384, bf16), fwd and fwd+bwd, with every peer, on a CUDA device")
     p.add_argument("--T", type=int, nargs="*", default=None, help="tokens")
     p.add_argument("--shapes", nargs="*", default=None, choices=sorted(SHAPES), help="named (E, k, d, f) presets")
     p.add_argument("--E", type=int, default=None, help="custom shape: experts (with --k, --d, --f)")
@@ -185,32 +205,38 @@ def main(argv=None):
     p.add_argument("--d", type=int, default=None)
     p.add_argument("--f", type=int, default=None)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    p.add_argument("--modes", nargs="*", default=None, choices=["fwd", "fwd+bwd"])
-    p.add_argument("--impls", nargs="*", default=None,
-                   choices=["hf-eager", "hf-grouped_mm", "metamoe-torch", "torch-grouped_mm", "liger",
-                            "metamoe-triton"])
+    p.add_argument("--modes", nargs="*", default=None, choices=list(MOE_MODES))
+    p.add_argument("--impls", nargs="*", default=None, choices=list(MOE.peers))
     args = p.parse_args(argv)
     device = pick_device(args.device)
     on_gpu = device.startswith("cuda")
     quick = args.quick or not on_gpu
-    if quick:
-        T_list = args.T or [128]
-        shape_names = args.shapes or list(QUICK_SHAPES)
+    cases = {}  # shape name -> [(T, target_case)]
+    if args.target:
+        require_cuda(device)
+        for c in MOE.target:
+            cases.setdefault(c["shape"], []).append((c["T"], c["case"]))
+        warmup, rep = (args.warmup if args.warmup is not None else 3), args.rep or 10
+    elif quick:
+        T_list = args.T or list(MOE_QUICK_T)
+        cases = {n: [(T, "") for T in T_list] for n in (args.shapes or list(QUICK_SHAPES))}
         warmup, rep = (args.warmup if args.warmup is not None else 2), args.rep or 5
     else:
-        T_list = args.T or [4096, 16384]
-        shape_names = args.shapes or list(GPU_SHAPES)
+        T_list = args.T or list(MOE_GPU_T)
+        cases = {n: [(T, "") for T in T_list] for n in (args.shapes or list(GPU_SHAPES))}
         warmup, rep = (args.warmup if args.warmup is not None else 5), args.rep or 20
-    shapes = {n: SHAPES[n] for n in shape_names}
-    if args.E is not None:
+    shapes = {n: SHAPES[n] for n in cases}
+    if args.E is not None and not args.target:
         if None in (args.k, args.d, args.f):
             p.error("--E needs --k, --d and --f")
-        shapes = {f"E{args.E}k{args.k}d{args.d}f{args.f}": (args.E, args.k, args.d, args.f)}
-    dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
-    modes = args.modes or ["fwd", "fwd+bwd"]
+        name = f"E{args.E}k{args.k}d{args.d}f{args.f}"
+        shapes = {name: (args.E, args.k, args.d, args.f)}
+        cases = {name: [(T, "") for T in T_list]}
+    default_dtype = MOE.target[0]["dtype"] if args.target else ("bf16" if on_gpu else "fp32")
+    dtype = DTYPES[args.dtype or default_dtype]
+    modes = args.modes or list(MOE_MODES)
     peak = args.peak_tflops or measured_peak(device, "tflops_bf16") or H200_BF16_TFLOPS
-    names = args.impls or ["hf-eager", "hf-grouped_mm", "metamoe-torch", "torch-grouped_mm", "liger",
-                           "metamoe-triton"]
+    names = args.impls or list(MOE.peers)
 
     env = environment(device)
     dev = torch.device(device)
@@ -221,8 +247,8 @@ def main(argv=None):
         for sname, (E, k, d, f) in shapes.items():
             impls, skipped = make_impls(names, dev, d, f, dtype)
             skipped_all.update(skipped)
-            for T in T_list:
-                rows += run_case(sname, T, E, k, d, f, dtype, mode, device, impls, warmup, rep, peak)
+            for T, case in cases[sname]:
+                rows += run_case(sname, T, E, k, d, f, dtype, mode, device, impls, warmup, rep, peak, case)
     interp = not on_gpu
     for r in rows:
         if interp and r["impl"] == "metamoe-triton":
@@ -232,9 +258,10 @@ def main(argv=None):
     if interp and any(r["impl"] == "metamoe-triton(interp)" for r in rows):
         print("note: metamoe-triton runs in the Triton interpreter here; its times are not kernel times")
     print_table(rows, ["mode", "impl", "shape", "T", "E", "k", "d", "f", "dtype", "median_ms", "p20_ms", "p80_ms",
-                       "TFLOP/s", "%peak", "vs_hf_eager", "vs_grouped_mm", "grouped_mm_peer", "max_err_vs_torch"])
+                       "TFLOP/s", "%peak", "vs_hf_eager", "vs_grouped_mm", "grouped_mm_peer", "vs_loop", "loop_peer",
+                       "max_rel_err", "check_ok"])
     if not args.no_csv:
-        path = append_csv("moe", rows, env)
+        path = append_csv("moe", rows, env, args.results_dir)
         print(f"appended {len(rows)} rows to {path}")
 
 

@@ -13,7 +13,7 @@ Cases:
 Every process runs 1 thread (OMP_NUM_THREADS=1, torch.set_num_threads(1)), the peers too, so the columns
 compare like with like. This machine has 2 cores: 4 processes oversubscribe it (contention, not scaling).
 Times: medians over --rep runs (after --warmup), between two barriers on rank 0. Appends rows to
-benchmarks/results/pool_embedding.csv.
+<results-dir>/pool_embedding.csv.
 
   python benchmarks/bench_pool_embedding.py            # embed N = 8192 (3x32x32, ViT d=192, depth 6); relevance N = 2M, D = 128
   python benchmarks/bench_pool_embedding.py --quick    # embed N = 1024 (d=96, depth 2); relevance N = 200k, D = 64
@@ -179,7 +179,7 @@ def main():
         env = environment("cpu")
         env["threads_per_process"] = 1
         env["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)  # the machine is shared: say how busy it was
-        print("appended to", append_csv("pool_embedding", rows, env))
+        print("appended to", append_csv("pool_embedding", rows, env, args.results_dir))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -1,21 +1,31 @@
 """Benchmark metamoe.ops.router_topk (fused Triton router) against plain PyTorch eager.
 
-Peers, timed in the same run on the same inputs:
+Peers, timed in the same run on the same inputs (benchmarks/cases.py: ROUTER):
   torch-eager    softmax(float32) + torch.topk + renormalise: transformers' Mixtral router
   metamoe-torch  router_topk(backend="torch"): the reference / fallback (stable sort, ties to lowest index)
   metamoe-triton router_topk(backend="triton"): the fused kernel (GPU; CPU only through TRITON_INTERPRET=1,
                  where the time is the interpreter's and says nothing about the kernel)
 Modes: fwd (weights + indices), fwd+stats (also tokens per expert, probability sums, logsumexp; the eager
 peer computes the same statistics with torch ops), fwd+bwd (forward then backward of sum(weights * g)).
+Timings (column ``timing``): ``call`` brackets each Python call with CUDA events (what a caller that
+launches the op from Python pays, host overhead included); ``graph`` (CUDA only, ``--graph``, always with
+``--target``) times replays of the call captured into a CUDA graph (the device time alone; see
+benchmarks/utils.py time_fn). fwd+bwd is timed per call only (its gradients are cleared between calls).
+An impl whose call cannot be captured gets a graph row with no time and the reason in ``note``.
+
+Before timing, every impl's output is checked against torch-eager's (the same top-k set, weights within
+tolerance): ``check_ok`` in each row.
 
 Prints a table (median and 20/80 % quantiles in microseconds, effective GB/s, fraction of the measured
-bandwidth where known, speed-up over torch-eager) and appends rows to benchmarks/results/router_topk.csv.
+bandwidth where known, speed-up over torch-eager in the same mode and timing) and appends rows to
+<results-dir>/router_topk.csv.
 
   python benchmarks/bench_router_topk.py                 # GPU sweep (bf16)
   python benchmarks/bench_router_topk.py --quick         # small shapes: what runs on a CPU
-  python benchmarks/bench_router_topk.py --T 16384 --E 128 --k 8   # the issue's target shape
+  python benchmarks/bench_router_topk.py --target --results-dir OUT   # the issue-15 target shape, CUDA only
 
-Target (issue 4, H200, bf16): T=16384, E=128, k=8 forward <= 15 us and >= 3x torch-eager.
+Target (issue 15, H200, bf16): T=16384, E=128, k=8 forward <= 15 us under a CUDA graph and >= 3x torch-eager
+(benchmarks/targets.py reads the rows with target_case=router-t16k-e128-k8).
 """
 
 from __future__ import annotations
@@ -27,8 +37,9 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchm
 
 import torch  # noqa: E402
 
+from benchmarks.cases import ROUTER, ROUTER_GPU_GRID, ROUTER_MODES, ROUTER_QUICK_GRID, ROUTER_TARGET_MODES  # noqa: E402
 from benchmarks.utils import (  # noqa: E402
-    append_csv, common_parser, environment, measured_peak, pick_device, print_table, time_fn,
+    append_csv, common_parser, environment, measured_peak, pick_device, print_table, require_cuda, time_fn,
 )
 from metamoe.backends import CallSpec  # noqa: E402
 from metamoe.ops import router_topk  # noqa: E402
@@ -49,19 +60,37 @@ def eager_router(x, k, stats=False):
     return w, idx, counts, p.sum(0), torch.logsumexp(x.float(), dim=-1)
 
 
-def run_case(T, E, k, dtype, mode, device, impls, warmup, rep):
+def check_against_eager(out, x, k):
+    """'' if ``out`` = (weights, indices, ...) picks a top-k set of softmax(x) with weights matching
+    torch-eager's (ties may pick other indices of equal probability), else what differs."""
+    p = torch.softmax(x.float(), dim=-1)
+    w_ref, _ = eager_router(x, k)
+    w, idx = out[0].float(), out[1].long()
+    top = torch.topk(p, k, dim=-1).values
+    picked = torch.gather(p, 1, idx).sort(dim=-1, descending=True).values
+    if not torch.allclose(picked, top, rtol=1e-5, atol=1e-6):
+        return f"indices are not a top-{k} set (max prob gap {float((picked - top).abs().max()):.3g})"
+    err = float((w.sort(dim=-1, descending=True).values - w_ref.float()).abs().max())
+    if err > 1e-4:
+        return f"weights differ from torch-eager by {err:.3g}"
+    return ""
+
+
+def run_case(T, E, k, dtype, mode, device, impls, warmup, rep, timings=("call",), case=""):
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(T, E, device=device, dtype=torch.float32, generator=g).to(dtype)
     gw = torch.randn(T, k, device=device, generator=g)
     stats = mode == "fwd+stats"
     rows = []
 
-    def fns(name):
+    def forward(name):
         if name == "torch-eager":
-            fwd = lambda xx: eager_router(xx, k, stats)  # noqa: E731
-        else:
-            backend = name.split("-", 1)[1]
-            fwd = lambda xx: router_topk(xx, k, return_stats=stats, backend=backend)  # noqa: E731
+            return lambda xx: eager_router(xx, k, stats)
+        backend = name.split("-", 1)[1]
+        return lambda xx: router_topk(xx, k, return_stats=stats, backend=backend)
+
+    def fns(name):
+        fwd = forward(name)
         if mode != "fwd+bwd":
             return (lambda: fwd(x)), None
         xg = x.detach().clone().requires_grad_()
@@ -81,50 +110,89 @@ def run_case(T, E, k, dtype, mode, device, impls, warmup, rep):
     if mode == "fwd+bwd":
         bytes_moved += 2 * T * E * x.element_size() + T * k * 12 + T * k * 4  # + read logits, write dx, ...
     for name in impls:
+        with torch.no_grad():
+            problem = check_against_eager(forward(name)(x), x, k)
         fn, setup = fns(name)
-        t = time_fn(fn, device=device, warmup=warmup, rep=rep, setup=setup)
-        rows.append({
-            "op": "router_topk", "mode": mode, "impl": name, "T": T, "E": E, "k": k,
-            "dtype": str(dtype).replace("torch.", ""), **t.as_row("us"),
-            "GB/s": bytes_moved / t.median / 1e9,
-        })
-    base = next((r for r in rows if r["impl"] == "torch-eager"), None)
+        for timing in timings:
+            row = {"op": "router_topk", "mode": mode, "impl": name, "timing": timing, "T": T, "E": E, "k": k,
+                   "dtype": str(dtype).replace("torch.", ""), "check_ok": not problem, "note": problem}
+            if case:
+                row["target_case"] = case
+            if timing == "graph" and setup is not None:
+                row["note"] = "; ".join(filter(None, [problem, "fwd+bwd is timed per call only"]))
+                rows.append(row)
+                continue
+            try:
+                t = time_fn(fn, device=device, warmup=warmup, rep=rep, setup=setup, cuda_graph=timing == "graph")
+            except Exception as exc:  # not capturable: say why, keep the other rows
+                if timing != "graph":
+                    raise
+                try:  # let the failed capture's stream drain before the next impl
+                    torch.cuda.synchronize()
+                except Exception:
+                    pass
+                row["note"] = "; ".join(filter(None, [problem, f"not capturable in a CUDA graph: "
+                                                      f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"]))
+                rows.append(row)
+                continue
+            row.update(t.as_row("us"))
+            row["GB/s"] = bytes_moved / t.median / 1e9
+            rows.append(row)
     for r in rows:
-        r["vs_eager"] = base["median_us"] / r["median_us"] if base else None
+        base = next((b for b in rows if b["impl"] == "torch-eager" and b["timing"] == r["timing"]
+                     and "median_us" in b), None)
+        r["vs_eager"] = base["median_us"] / r["median_us"] if base and "median_us" in r else None
     return rows
 
 
 def main(argv=None):
     p = common_parser(__doc__)
+    p.add_argument("--target", action="store_true",
+                   help="run exactly the issue-15 target shape (cases.ROUTER.target) with every peer, per call "
+                        "and under a CUDA graph, on a CUDA device; ignores the shape flags")
+    p.add_argument("--graph", action="store_true", help="also time CUDA-graph replays (CUDA only)")
     p.add_argument("--T", type=int, nargs="*", default=None, help="tokens")
     p.add_argument("--E", type=int, nargs="*", default=None, help="experts")
     p.add_argument("--k", type=int, nargs="*", default=None, help="experts per token")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    p.add_argument("--modes", nargs="*", default=None, choices=["fwd", "fwd+stats", "fwd+bwd"])
+    p.add_argument("--modes", nargs="*", default=None, choices=list(ROUTER_MODES))
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); 1 gives steadier numbers on a shared machine")
     args = p.parse_args(argv)
     device = pick_device(args.device, args.threads)
     on_gpu = device.startswith("cuda")
-    if args.quick or not on_gpu:
-        T_list, E_list, k_list = args.T or [256, 1024], args.E or [8, 64], args.k or [2]
-        warmup, rep = args.warmup if args.warmup is not None else 3, args.rep or 20
+    if args.target:
+        require_cuda(device)
+    if args.graph and not on_gpu:
+        p.error(f"--graph needs a CUDA device, got --device {device}")
+    cases = []  # (T, E, k, target_case)
+    if args.target:
+        cases = [(c["T"], c["E"], c["k"], c["case"]) for c in ROUTER.target]
+        warmup, rep = args.warmup if args.warmup is not None else 20, args.rep or 200
+        dtype = DTYPES[args.dtype or ROUTER.target[0]["dtype"]]
+        modes = args.modes or list(ROUTER_TARGET_MODES)
+        timings = ("call", "graph")
     else:
-        T_list = args.T or [1024, 4096, 16384, 65536]
-        E_list = args.E or [8, 64, 128, 256]
-        k_list = args.k or [2, 8]
-        warmup, rep = args.warmup if args.warmup is not None else 20, args.rep or 100
-    dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
-    modes = args.modes or (["fwd", "fwd+stats", "fwd+bwd"])
+        if args.quick or not on_gpu:
+            grid = dict(ROUTER_QUICK_GRID)
+            warmup, rep = args.warmup if args.warmup is not None else 3, args.rep or 20
+        else:
+            grid = dict(ROUTER_GPU_GRID)
+            warmup, rep = args.warmup if args.warmup is not None else 20, args.rep or 100
+        T_list, E_list, k_list = args.T or grid["T"], args.E or grid["E"], args.k or grid["k"]
+        cases = [(T, E, k, "") for T in T_list for E in E_list for k in k_list if k <= E]
+        dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
+        modes = args.modes or list(ROUTER_MODES)
+        timings = ("call", "graph") if args.graph else ("call",)
 
     dname = str(dtype).replace("torch.", "")
-    triton_ok = not router_topk_op.impls["triton"].not_supported_reasons(
-        CallSpec(torch.device(device).type, dname, {"E": max(E_list), "k": max(k_list)}))
-    impls = ["torch-eager", "metamoe-torch"] + (["metamoe-triton"] if triton_ok else [])
-    interp = triton_ok and not on_gpu
-    if not triton_ok:
-        print("metamoe-triton skipped:", "; ".join(router_topk_op.impls["triton"].not_supported_reasons(
-            CallSpec(torch.device(device).type, dname, {"E": max(E_list), "k": max(k_list)}))))
+    E_max, k_max = max(c[1] for c in cases), max(c[2] for c in cases)
+    reasons = router_topk_op.impls["triton"].not_supported_reasons(
+        CallSpec(torch.device(device).type, dname, {"E": E_max, "k": k_max}))
+    impls = [n for n in ROUTER.peers if n != "metamoe-triton" or not reasons]
+    interp = not reasons and not on_gpu
+    if reasons:
+        print("metamoe-triton skipped:", "; ".join(reasons))
     if interp:
         print("note: metamoe-triton runs in the Triton interpreter here; its times are not kernel times")
 
@@ -132,30 +200,31 @@ def main(argv=None):
     peak = args.peak_gbps or measured_peak(device, "gbps")
     rows = []
     for mode in modes:
-        for T in T_list:
-            for E in E_list:
-                for k in k_list:
-                    if k > E:
-                        continue
-                    rows += run_case(T, E, k, dtype, mode, device, impls, warmup, rep)
+        for T, E, k, case in cases:
+            rows += run_case(T, E, k, dtype, mode, device, impls, warmup, rep, timings, case)
     for r in rows:
-        r["%peak_bw"] = 100 * r["GB/s"] / peak if peak else None
+        r["%peak_bw"] = 100 * r["GB/s"] / peak if peak and r.get("GB/s") else None
         if interp and r["impl"] == "metamoe-triton":
             r["impl"] = "metamoe-triton(interp)"
     threads = f"  threads {torch.get_num_threads()}" if not on_gpu else ""
     print(f"device: {env['device']}{threads}  torch {env['torch']}  triton {env['triton']}  "
           f"commit {env['commit']}")
-    print_table(rows, ["mode", "impl", "T", "E", "k", "dtype", "median_us", "p20_us", "p80_us", "GB/s",
-                       "%peak_bw", "vs_eager"])
-    target = {r["impl"]: r for r in rows if (r["mode"], r["T"], r["E"], r["k"], r["dtype"])
-              == ("fwd", 16384, 128, 8, "bfloat16")}
-    if on_gpu and "metamoe-triton" in target and "torch-eager" in target:
-        t, ratio = target["metamoe-triton"]["median_us"], target["metamoe-triton"]["vs_eager"]
-        print(f"target (T=16384, E=128, k=8, bf16 fwd): {t:.1f} us "
-              f"(goal <= 15: {'met' if t <= 15 else 'NOT met'}), {ratio:.2f}x torch-eager "
-              f"(goal >= 3: {'met' if ratio >= 3 else 'NOT met'}) on {env['device']}")
+    print_table(rows, ["mode", "impl", "timing", "T", "E", "k", "dtype", "median_us", "p20_us", "p80_us", "GB/s",
+                       "%peak_bw", "vs_eager", "check_ok"])
+    for r in rows:
+        if r.get("note"):
+            print(f"{r['mode']} {r['impl']} {r['timing']} T={r['T']} E={r['E']} k={r['k']}: {r['note']}")
+    for timing in timings:
+        target = {r["impl"]: r for r in rows if (r["mode"], r["T"], r["E"], r["k"], r["dtype"], r["timing"])
+                  == ("fwd", 16384, 128, 8, "bfloat16", timing)}
+        tri, eager = target.get("metamoe-triton"), target.get("torch-eager")
+        if on_gpu and tri and eager and tri.get("median_us") and eager.get("median_us"):
+            t, ratio = tri["median_us"], tri["vs_eager"]
+            print(f"target (T=16384, E=128, k=8, bf16 fwd, {timing}): {t:.1f} us "
+                  f"(goal <= 15 under a CUDA graph: {'met' if t <= 15 else 'NOT met'}), {ratio:.2f}x torch-eager "
+                  f"(goal >= 3: {'met' if ratio >= 3 else 'NOT met'}) on {env['device']}")
     if not args.no_csv:
-        path = append_csv("router_topk", rows, env)
+        path = append_csv("router_topk", rows, env, args.results_dir)
         print(f"appended {len(rows)} rows to {path}")
 
 

@@ -3,8 +3,8 @@
 Runs the digits harness (every method, same data/seed model/clients per seed) for each seed, prints the
 per-seed average accuracies and the paired comparisons of metamoe against flexolmo, random_proxy, model_soup
 and btx_oracle (mean difference, std, 95 % CI, wins/losses/ties, one-sided paired t, Wilcoxon and sign tests),
-and appends one row per (seed, method) and one per claim to benchmarks/results/unify_claims.csv; the whole
-console output goes to benchmarks/results/unify_claims_<variant>_seeds<first>-<last>.log as well.
+and appends one row per (seed, method) and one per claim to <results-dir>/unify_claims.csv; the whole
+console output goes to <results-dir>/unify_claims_<variant>_seeds<first>-<last>.log as well.
 
 This is an accuracy benchmark, not a timing one: its "peer" is the set of baselines in the same run. The wall
 time per seed is recorded (CPU only, 1 torch thread).
@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
 
-from benchmarks.utils import RESULTS_DIR, append_csv, environment
+from benchmarks.utils import RESULTS_DIR, add_results_dir, append_csv, environment
 from metamoe.unify.claims import CLAIMS, evaluate_claims, format_claims, paired_comparison, run_claims
 from metamoe.unify.experiment import DESIGNS, DigitsConfig, design_config
 
@@ -60,13 +60,13 @@ def _per_run_check(per_seed) -> str:
             f"{len(per_seed)} seeds" + (f"; fails on {fails}" if bad else ""))
 
 
-def _per_seed_from_csv(variant: str, seeds):
+def _per_seed_from_csv(variant: str, seeds, results_dir=RESULTS_DIR):
     """The rows of ``variant`` for ``seeds`` in unify_claims.csv, as :func:`_results` returns them for a live
     run."""
     import csv
 
     per_seed, per_domain, seed_alone = {s: {} for s in seeds}, {s: {} for s in seeds}, {}
-    with open(RESULTS_DIR / "unify_claims.csv", newline="") as fh:
+    with open(Path(results_dir) / "unify_claims.csv", newline="") as fh:
         for row in csv.DictReader(fh):  # in time order: a later row of the same seed and method wins
             if row["kind"] == "accuracy" and row["variant"] == variant and int(row["seed"]) in per_seed:
                 s, m = int(row["seed"]), row["method"]
@@ -210,6 +210,7 @@ def main(argv=None) -> int:
         help="run nothing: re-test the claims on this variant's rows already in unify_claims.csv for --seeds "
         "(the latest row per seed and method), e.g. to pool the seeds of several runs",
     )
+    add_results_dir(p)
     args = p.parse_args(argv)
     seeds = parse_seeds(args.seeds)
     overrides = dict(DESIGNS[args.design])
@@ -245,9 +246,9 @@ def main(argv=None) -> int:
         log.append(line)
 
     if args.from_csv:
-        per_seed, per_domain, seed_alone = _per_seed_from_csv(variant, seeds)
+        per_seed, per_domain, seed_alone = _per_seed_from_csv(variant, seeds, args.results_dir)
         claims = evaluate_claims(per_seed, alpha=args.alpha, close_margin=args.close_margin)
-        print(f"variant {variant}, seeds {seeds}: rows from {RESULTS_DIR / 'unify_claims.csv'} (nothing rerun)")
+        print(f"variant {variant}, seeds {seeds}: rows from {args.results_dir / 'unify_claims.csv'} (nothing rerun)")
         print(format_claims(per_seed, claims))
         print(_per_run_check(per_seed))
         print("")
@@ -340,8 +341,8 @@ def main(argv=None) -> int:
                 "verdict": c["verdict"],
             }
         )
-    path = append_csv("unify_claims", rows, env)
-    logp = RESULTS_DIR / f"unify_claims_{variant}_seeds{seeds[0]}-{seeds[-1]}.log"
+    path = append_csv("unify_claims", rows, env, args.results_dir)
+    logp = args.results_dir / f"unify_claims_{variant}_seeds{seeds[0]}-{seeds[-1]}.log"
     logp.write_text("\n".join(log) + "\n")
     print(f"appended {len(rows)} rows to {path}; log {logp}")
     return 0

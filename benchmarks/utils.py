@@ -8,9 +8,12 @@ What every benchmark here does with them:
    calls after ``warmup`` untimed ones. On a GPU each call is timed with its own pair of CUDA events, the L2
    cache is flushed before each call (``flush_l2=True``, as ``triton.testing.do_bench`` does) and the host
    synchronises once at the end; on the CPU each call is timed with ``time.perf_counter``.
-3. ``print_table(rows, columns)`` for the terminal, ``append_csv(name, rows)`` for
-   ``benchmarks/results/<name>.csv``: every row gets the environment columns of :func:`environment`
-   (time, device name, torch/triton/metamoe versions, git commit) in front.
+   ``time_fn(fn, device="cuda", cuda_graph=True)`` captures ``fn`` into a CUDA graph and times its
+   replays instead: the figure without the host's launch overhead (see :func:`time_fn`).
+3. ``print_table(rows, columns)`` for the terminal, ``append_csv(name, rows, env, results_dir)`` for
+   ``<results_dir>/<name>.csv`` (``--results-dir``, default ``benchmarks/results``): every row gets the
+   environment columns of :func:`environment` (time, device name, torch/triton/metamoe versions, git
+   commit) in front.
 
 Always time a peer (at least the plain PyTorch path) in the same run and print the ratio; never write a
 number for a device the script did not run on.
@@ -31,6 +34,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +108,8 @@ def time_fn(
     rep: int = 50,
     flush_l2: bool = True,
     setup: Optional[Callable[[], Any]] = None,
+    cuda_graph: bool = False,
+    graph_calls: int = 1,
 ) -> Timing:
     """Time ``fn()`` (no arguments; close over the inputs).
 
@@ -112,18 +118,39 @@ def time_fn(
         device: where ``fn`` runs (``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``). CUDA: CUDA
             events around each call on the current stream; CPU: ``time.perf_counter``.
         warmup: untimed calls first (compilation, autotuning, caches).
-        rep: timed calls; the result summarises these.
-        flush_l2: GPU only: overwrite a 256 MiB buffer before each timed call so that inputs come from HBM.
-        setup: called (untimed) before each timed call, e.g. to clear gradients.
+        rep: timed calls (with ``cuda_graph``: timed replays); the result summarises these.
+        flush_l2: GPU only: overwrite a 256 MiB buffer (more than any GPU's L2) before each timed call, or
+            before each replay with ``cuda_graph``, so that inputs come from HBM. With ``graph_calls > 1``
+            only the first call of a replay starts from a flushed L2; the later ones find what the earlier
+            ones left there.
+        setup: called (untimed) before each timed call, e.g. to clear gradients. Not with ``cuda_graph``
+            (nothing can run between captured calls).
+        cuda_graph: time CUDA-graph replays instead of Python calls (CUDA devices only). After ``warmup``
+            calls (at least one) on a side stream, ``graph_calls`` consecutive calls of ``fn`` are captured
+            into one ``torch.cuda.CUDAGraph`` on that stream; each timed replay is bracketed by CUDA events,
+            and the time per call is the replay's time divided by ``graph_calls``. This removes the host's
+            launch overhead, which can exceed a microsecond-scale kernel's time when one Python call is
+            bracketed by events. ``fn`` must be capturable: no host synchronisation (``.item()``,
+            ``.cpu()``, data-dependent shapes), no CPU tensors, everything compiled or autotuned during
+            the warm-up; otherwise the capture raises (a RuntimeError from torch) and the caller reports
+            the implementation as not capturable.
+        graph_calls: calls of ``fn`` per captured graph (``cuda_graph`` only), >= 1.
 
     Returns:
         :class:`Timing` in seconds per call.
+
+    Raises:
+        ValueError: ``warmup < 0``, ``rep < 1``, ``graph_calls < 1``, or ``cuda_graph`` with a non-CUDA
+            ``device`` or with ``setup``.
     """
     import torch
 
     dev = torch.device(device)
     if warmup < 0 or rep < 1:
         raise ValueError(f"need warmup >= 0 and rep >= 1, got warmup={warmup}, rep={rep}")
+    if cuda_graph:
+        return _time_cuda_graph(fn, dev, warmup=warmup, rep=rep, flush_l2=flush_l2, setup=setup,
+                                graph_calls=graph_calls)
     for _ in range(warmup):
         if setup is not None:
             setup()
@@ -151,6 +178,51 @@ def time_fn(
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
+    return summarize(samples)
+
+
+def _time_cuda_graph(fn, dev, *, warmup: int, rep: int, flush_l2: bool, setup, graph_calls: int) -> Timing:
+    """:func:`time_fn` with ``cuda_graph=True`` (arguments already checked there, except these)."""
+    import torch
+
+    if dev.type != "cuda":
+        raise ValueError(f"time_fn(cuda_graph=True) needs a CUDA device, got device={str(dev)!r}: "
+                         "CUDA graphs capture GPU work only; time CPU calls with cuda_graph=False")
+    if setup is not None:
+        raise ValueError("time_fn(cuda_graph=True) takes no setup: nothing runs between the captured calls")
+    if isinstance(graph_calls, bool) or not isinstance(graph_calls, int) or graph_calls < 1:
+        raise ValueError(f"graph_calls must be an int >= 1, got {graph_calls!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"time_fn(cuda_graph=True) needs a CUDA device; torch sees none (device={str(dev)!r})")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(index):
+        # Warm-up and capture on the same side stream (the documented pattern: lazily created handles,
+        # e.g. cuBLAS workspaces, then exist on the capture stream before the capture begins).
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(max(1, warmup)):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(graph_calls):
+                fn()
+        graph.replay()  # one untimed replay: first-launch costs of the instantiated graph
+        cache = _l2_flush_buffer(index) if flush_l2 else None
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+        torch.cuda.synchronize()
+        for i in range(rep):
+            if cache is not None:
+                cache.zero_()
+            starts[i].record()
+            graph.replay()
+            ends[i].record()
+        torch.cuda.synchronize()
+        samples = [s.elapsed_time(e) * 1e-3 / graph_calls for s, e in zip(starts, ends)]
+        del graph
     return summarize(samples)
 
 
@@ -229,7 +301,7 @@ def measured_peak(device: Any, key: str) -> Optional[float]:
 
 
 def append_csv(name: str, rows: Sequence[Mapping[str, Any]], env: Mapping[str, Any],
-               results_dir: Path = RESULTS_DIR) -> Path:
+               results_dir: Any = RESULTS_DIR) -> Path:
     """Append ``rows`` to ``<results_dir>/<name>.csv``, each prefixed with the ``env`` columns.
 
     A new column (one that the file's header lacks) rewrites the file once with the union of the columns,
@@ -237,6 +309,7 @@ def append_csv(name: str, rows: Sequence[Mapping[str, Any]], env: Mapping[str, A
     """
     if not rows:
         raise ValueError("append_csv needs at least one row")
+    results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name}.csv"
     full = [{**env, **r} for r in rows]
@@ -294,12 +367,30 @@ def common_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing")
     p.add_argument("--rep", type=int, default=None, help="timed calls (the median is over these)")
-    p.add_argument("--no-csv", action="store_true", help="print only, do not append to benchmarks/results/")
+    p.add_argument("--no-csv", action="store_true", help="print only, do not append to the results folder")
+    add_results_dir(p)
     p.add_argument("--peak-gbps", type=float, default=None,
                    help="measured memory bandwidth, GB/s, for the %%peak column")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="measured dense TFLOP/s, for the %%peak column")
     return p
+
+
+def add_results_dir(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--results-dir DIR`` (default ``benchmarks/results``): the folder the CSV rows (and logs) go to."""
+    p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, metavar="DIR",
+                   help="folder for the CSV rows and logs (default: benchmarks/results; created if missing)")
+    return p
+
+
+def require_cuda(device: str, flag: str = "--target") -> None:
+    """Exit (SystemExit, code 2) with one line unless ``device`` is a CUDA device torch can use."""
+    import torch
+
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        print(f"{flag} runs the issue targets' GPU shapes and needs a CUDA device; device={device!r}"
+              f"{'' if torch.cuda.is_available() else ' and torch sees no CUDA device'}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def pick_device(arg: Optional[str], threads: Optional[int] = None) -> str:
