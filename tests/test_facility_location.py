@@ -311,7 +311,7 @@ def test_cuda_matches_cpp(optimizer, ground, rng):
     X = rng.standard_normal((5000, 32)).astype(np.float32)
     P = rng.standard_normal((700, 32)).astype(np.float32) if ground else None
     w = rng.uniform(0, 1, 700 if ground else 5000)
-    g = build_knn_graph(X, 20, queries=P, progress=False)
+    g = build_knn_graph(X, 20, queries=P, method="torch", progress=False)  # no faiss on a GPU box
     ref = select_facility_location(X, 200, ground=P, weights=w, graph=g, backend="cpp", progress=False)
     Xg = torch.from_numpy(X).cuda()
     Pg = torch.from_numpy(P).cuda() if ground else None
@@ -326,7 +326,7 @@ def test_cuda_matches_cpp(optimizer, ground, rng):
 def test_torch_on_gpu_matches_cpp(rng):
     skip_unavailable("cpp")
     X = rng.standard_normal((3000, 16)).astype(np.float32)
-    g = build_knn_graph(X, 12, progress=False)
+    g = build_knn_graph(X, 12, method="torch", progress=False)
     ref = select_facility_location(X, 80, graph=g, backend="cpp", progress=False)
     sel = select_facility_location(torch.from_numpy(X).cuda(), 80, graph=g, backend="torch", progress=False)
     np.testing.assert_array_equal(sel.indices, ref.indices)

@@ -268,6 +268,21 @@ def test_faiss_gpu_without_gpu_says_why(rng):
 def test_gpu_torch_graph_matches_cpu(rng):
     X = rng.standard_normal((3000, 32)).astype(np.float32)
     a = build_knn_graph(torch.from_numpy(X).cuda(), 10, method="torch", progress=False)
-    b = build_knn_graph(X, 10, method="exact", progress=False)
-    np.testing.assert_allclose(a.similarities, b.similarities, rtol=1e-4, atol=1e-5)
-    assert (a.indices == b.indices).mean() > 0.99
+    want_s, want_i = knn_brute_force(X, X, 10)
+    np.testing.assert_allclose(a.similarities.reshape(-1, 10), want_s, rtol=1e-4, atol=1e-5)
+    assert (a.indices.reshape(-1, 10) == want_i).mean() > 0.99
+
+
+def test_without_faiss_cpu_auto_uses_torch_and_faiss_methods_say_why(rng, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss -> ImportError
+    X = rng.standard_normal((300, 8)).astype(np.float32)
+    g = build_knn_graph(X, 5, progress=False)
+    assert g.info["method"] == "torch-exact"
+    want_s, want_i = knn_brute_force(X, X, 5)
+    np.testing.assert_allclose(g.similarities.reshape(-1, 5), want_s, rtol=1e-5, atol=1e-6)
+    assert (g.indices.reshape(-1, 5) == want_i).mean() > 0.99
+    for method in ("exact", "ivf"):
+        with pytest.raises(ValueError, match=f"method='{method}' on CPU data needs faiss.*pip install faiss-cpu"):
+            build_knn_graph(X, 5, method=method, progress=False)

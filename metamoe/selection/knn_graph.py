@@ -391,8 +391,8 @@ def build_knn_graph(
             pool's own graph (queries = X).
         metric: ``"cosine"`` (default; rows L2-normalised, similarity in [-1, 1]), ``"ip"`` (inner
             product) or ``"l2"`` (similarity = minus the squared Euclidean distance).
-        method: ``"auto"`` (CPU: exact faiss Flat when Nq * N <= 1e10, else IVF; GPU: faiss-gpu when
-            importable, else ``"torch"``), ``"exact"`` (faiss Flat on CPU data, torch on GPU data),
+        method: ``"auto"`` (CPU: exact faiss Flat when Nq * N <= 1e10 — the exact torch search where
+            faiss is not installed — else IVF; GPU: faiss-gpu when importable, else ``"torch"``), ``"exact"`` (faiss Flat on CPU data, torch on GPU data),
             ``"ivf"`` (faiss IndexIVFFlat, approximate; CPU), ``"torch"`` (exact blocked matmul + topk on
             the data's device) or ``"faiss-gpu"``.
         include_self: for the pool's own graph (queries=None): True (default) lists every point among
@@ -478,10 +478,20 @@ def build_knn_graph(
     if method == "auto":
         if on_gpu:
             method = "faiss-gpu" if _faiss_gpu_reason() is None else "torch"
+        elif nq * n > AUTO_IVF_MIN_PAIRS:
+            method = "ivf"
         else:
-            method = "ivf" if nq * n > AUTO_IVF_MIN_PAIRS else "exact"
+            method = "exact" if _faiss_reason() is None else "torch"
     if method == "exact" and on_gpu:
         method = "torch"
+    if method in ("exact", "ivf"):
+        reason = _faiss_reason()
+        if reason:
+            raise ValueError(
+                f"method={method!r} on CPU data needs faiss: {reason}. Install faiss-cpu "
+                "(pip install faiss-cpu), or use the exact torch search: method='torch' (any device; "
+                "hours on a CPU past about 1e10 query x pool pairs) or a CUDA tensor for X"
+            )
     if method == "ivf" and on_gpu:
         raise ValueError("method='ivf' runs on the CPU (faiss); X is on a GPU: use method='torch' or 'faiss-gpu'")
     if method == "faiss-gpu":
@@ -614,6 +624,15 @@ def _fix_self(sims: np.ndarray, idx: np.ndarray, metric: str, Xt, block_rows: in
         order = np.lexsort((np.where(valid, i_row, np.iinfo(np.int64).max), -np.where(valid, s_row, -np.inf)))
         sims[q], idx[q] = s_row[order], i_row[order]
     return sims, idx
+
+
+def _faiss_reason() -> Optional[str]:
+    """Why faiss cannot be imported here, or None."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError as exc:
+        return f"faiss is not installed ({exc})"
+    return None
 
 
 def _faiss_gpu_reason() -> Optional[str]:
