@@ -18,7 +18,7 @@ PYTEST_ARGS ?= -q
 DEMO_OUT ?= demo_out
 SEED ?= 0
 
-.PHONY: test demo install ext bench bench-quick compile-report clean info
+.PHONY: test demo install ext bench bench-quick compile-report gpu-check clean info
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,15 @@ bench-quick: $(STAMP)
 # pruned configs). Never under TRITON_INTERPRET. COMPILE_REPORT_ARGS: e.g. --subset ci, --kernels scatter.
 compile-report: $(STAMP)
 	$(VENV)/bin/python benchmarks/compile_report.py $(COMPILE_REPORT_ARGS)
+
+# make gpu-check OUT=DIR, on a machine with a CUDA device and no network: installs offline
+# (pip install --no-build-isolation --no-deps -e .), runs the gpu tests and every autotune config of every
+# kernel with compiled kernels, then the benchmarks at the issue target shapes against their peers; writes
+# summary.md, gpu_check.log and the benchmark CSVs (at most 8 files) into DIR. Uses $(PYTHON), the
+# interpreter that has torch there (PYTHON=.venv/bin/python for a venv). Without a CUDA device: exit 2.
+OUT ?= gpu_check_out
+gpu-check:
+	@$(PYTHON) benchmarks/gpu_check.py --out $(OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build $(VENV) metamoe/_C*.so metamoe/_build_info.json *.egg-info
