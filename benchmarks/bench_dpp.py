@@ -15,6 +15,8 @@ kernel, speed-up over torch) and appends rows to <results-dir>/dpp.csv. Shapes: 
   python benchmarks/bench_dpp.py            # N = 200,000, D = 128, k = 500 (cosine); rbf at N = 20,000
   python benchmarks/bench_dpp.py --quick    # small shapes, seconds on a 2-core CPU
   python benchmarks/bench_dpp.py --target --results-dir OUT   # the issue-17 GPU target, CUDA only
+  python benchmarks/bench_dpp.py --target --target-scale tiny --results-dir TMP
+      # the same --target path at the tiny shapes of cases.py target_tiny (a dry run; see benchmarks/utils.py)
 
 --target (issue 17, H200: N = 1M, D = 768, k = 10,000 in <= 10 s; rows with target_case dpp-n1m-d768-k10000):
 cosine kernel, relevance-weighted, ridge 1e-3, float32 pool made on the GPU (cases.clustered_torch). The
@@ -38,7 +40,8 @@ import torch  # noqa: E402
 
 from benchmarks.cases import DPP, clustered_torch  # noqa: E402
 from benchmarks.utils import (  # noqa: E402
-    append_csv, common_parser, environment, pick_device, print_table, require_cuda, time_fn,
+    add_target_scale, append_csv, check_target_args, common_parser, environment, failure_note, pick_device,
+    print_table, recover_cuda, time_fn,
 )
 from metamoe.backends import availability  # noqa: E402
 from metamoe.selection import select_dpp  # noqa: E402
@@ -107,7 +110,7 @@ def run_case(name, X, r, k, kw, storage, device, warmup, rep):
 
 def run_target(args, device):
     """The issue-17 GPU target with its peers (see the module docstring); returns the rows."""
-    c = DPP.target[0]
+    c = DPP.target_shapes(args.target_scale)[0]
     n, d, k, ridge = c["N"], c["D"], c["k"], c["ridge"]
     X = clustered_torch(n, d, device=device)
     r = np.random.default_rng(0).uniform(0.05, 1.0, n)
@@ -132,9 +135,15 @@ def run_target(args, device):
         def fn(inp=inp, backend=backend, kk=k_run):
             out["sel"] = select_dpp(inp, kk, r, ridge=ridge, backend=backend, progress=False)
 
-        for _ in range(warmup):
-            select_dpp(inp, min(10, k_run), r, ridge=ridge, backend=backend, progress=False)
-        t = time_fn(fn, device=dev, warmup=0, rep=rep)
+        try:  # a failing backend gets its row with the error in note; the others still run
+            for _ in range(warmup):
+                select_dpp(inp, min(10, k_run), r, ridge=ridge, backend=backend, progress=False)
+            t = time_fn(fn, device=dev, warmup=0, rep=rep)
+        except Exception as exc:
+            recover_cuda()
+            row["note"] = failure_note(exc)
+            rows.append(row)
+            continue
         picks[backend] = out["sel"].indices
         row.update(t.as_row("s"))
         row["scaled_s"] = round(t.median * k / k_run, 4)
@@ -168,6 +177,7 @@ def build_parser():
     p.add_argument("--target", action="store_true",
                    help="run exactly the issue-17 GPU target (cases.DPP.target: N=1M, D=768, k=10000) with its peers "
                         "on a CUDA device; ignores the shape flags")
+    add_target_scale(p)
     p.add_argument("--N", type=int, default=None, help="pool size of the cosine and paper cases")
     p.add_argument("--D", type=int, default=None)
     p.add_argument("--k", type=int, default=None)
@@ -180,8 +190,8 @@ def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     device = pick_device(args.device)
+    check_target_args(p, args, device)
     if args.target:
-        require_cuda(device)
         rows = run_target(args, device)
         env = environment(device)
         print_table(rows, ["backend", "N", "D", "k", "k_target", "median_s", "scaled_s", "GB/s", "picks_identical",

@@ -16,6 +16,8 @@ Prints a table (median and 20/80 % quantiles in seconds, objective, speed-up) an
   python benchmarks/bench_facility_location.py                  # N = 100k, K = 20, k = 1000
   python benchmarks/bench_facility_location.py --n 1000000 --neighbors 50 --k 10000 --graph-method ivf
   python benchmarks/bench_facility_location.py --target --results-dir OUT [--graph-cache G.npz]   # CUDA only
+  python benchmarks/bench_facility_location.py --target --target-scale tiny --results-dir TMP --graph-cache G
+      # the same --target path at the tiny shapes of cases.py target_tiny (a dry run; see benchmarks/utils.py)
 
 --target (issue 17, H200: facility location on a 1M-point K = 50 kNN graph, k = 10,000, <= 1 s; rows with
 target_case fl-n1m-k50-k10000): the pool is cases.clustered_torch(1M, 768) made on the GPU, the graph its
@@ -55,7 +57,8 @@ import torch  # noqa: E402
 from benchmarks.cases import FACILITY_LOCATION, FACILITY_LOCATION_DENSE_GPU, FACILITY_LOCATION_DENSE_QUICK  # noqa: E402
 from benchmarks.cases import clustered_torch  # noqa: E402
 from benchmarks.utils import (  # noqa: E402
-    append_csv, common_parser, environment, pick_device, print_table, require_cuda, time_fn,
+    add_target_scale, append_csv, check_target_args, common_parser, environment, failure_note, pick_device,
+    print_table, recover_cuda, time_fn,
 )
 from metamoe.backends import availability  # noqa: E402
 from metamoe.selection import KnnGraph, build_knn_graph, select_facility_location  # noqa: E402
@@ -201,7 +204,7 @@ def load_or_build_graph(X, K: int, cache, method: str = "auto"):
 
 def run_target(args, device: str):
     """The issue-17 GPU target with its peers (see the module docstring); returns the rows."""
-    c = FACILITY_LOCATION.target[0]
+    c = FACILITY_LOCATION.target_shapes(args.target_scale)[0]
     n, d, K, k = c["n"], c["d"], c["neighbors"], c["k"]
     X = clustered_torch(n, d, device=device)
     graph, graph_s, origin = load_or_build_graph(X, K, args.graph_cache, method="torch")
@@ -230,7 +233,13 @@ def run_target(args, device: str):
             out["sel"] = select_facility_location(Xb, kk, graph=graph, optimizer="lazy", backend=backend,
                                                   progress=False)
 
-        t = time_fn(call, device=dev, warmup=w, rep=r)
+        try:  # a failing backend gets its row with the error in note; the others still run
+            t = time_fn(call, device=dev, warmup=w, rep=r)
+        except Exception as exc:
+            recover_cuda()
+            row["note"] = failure_note(exc)
+            rows.append(row)
+            continue
         sel = out["sel"]
         picks[backend] = sel.indices
         row.update(t.as_row("s"))
@@ -269,6 +278,7 @@ def build_parser():
     p.add_argument("--target", action="store_true",
                    help="run exactly the issue-17 GPU target (cases.FACILITY_LOCATION.target: N=1M, K=50, k=10000) "
                         "with its peers on a CUDA device; ignores the shape flags")
+    add_target_scale(p)
     p.add_argument("--n", type=int, default=None, help="pool size N (default 100000; --quick 20000)")
     p.add_argument("--d", type=int, default=None, help="embedding dimension (default 64; --quick 32)")
     p.add_argument("--neighbors", type=int, default=None, help="K of the kNN graph (default 20; --dense: 20)")
@@ -302,9 +312,9 @@ def main(argv=None) -> None:
         if ext is not None:
             ext.set_num_threads(args.threads)
 
+    check_target_args(p, args, pick_device(args.device))
     if args.target:
         device = pick_device(args.device)
-        require_cuda(device)
         rows = run_target(args, device)
         env = environment(device)
         print_table(rows, ["backend", "n", "neighbors", "k", "k_target", "median_s", "scaled_s", "objective",

@@ -18,6 +18,8 @@ Prints a table (median and 20/80 % quantiles in seconds, queries per second) and
   python benchmarks/bench_knn_graph.py --quick        # N = 20,000, D = 64, K = 20 on the CPU
   python benchmarks/bench_knn_graph.py                # N = 200,000, D = 768, K = 50 (a GPU where there is one)
   python benchmarks/bench_knn_graph.py --target --results-dir OUT [--graph-cache G.npz]   # CUDA only
+  python benchmarks/bench_knn_graph.py --target --target-scale tiny --results-dir TMP --graph-cache G
+      # the same --target path at the tiny shapes of cases.py target_tiny (a dry run; see benchmarks/utils.py)
 
 --target (issue 17, H200: exact K-NN graph of 1M x 768, K = 50, <= 60 s; rows with target_case
 knn-n1m-d768-k50): the peers available on the GPU, one timed build each (--rep) after an untimed build of
@@ -38,7 +40,8 @@ import torch  # noqa: E402
 
 from benchmarks.cases import KNN_GRAPH, clustered_torch  # noqa: E402
 from benchmarks.utils import (  # noqa: E402
-    append_csv, common_parser, environment, pick_device, print_table, require_cuda, time_fn,
+    add_target_scale, append_csv, check_target_args, common_parser, environment, failure_note, pick_device,
+    print_table, recover_cuda, time_fn,
 )
 from metamoe.selection import build_knn_graph  # noqa: E402
 from metamoe.selection.knn_graph import _faiss_gpu_reason  # noqa: E402
@@ -87,14 +90,20 @@ def run(N: int, D: int, K: int, device: str, warmup: int, rep: int, case: str = 
             rows.append(row)
             continue
         method = METHOD_OF[peer]
-        for _ in range(warmup):  # initialise on a slice (a full build would double the run)
-            build_knn_graph(X[: min(N, 10_000)], K, method=method, progress=False)
         out = {}
 
         def call(method=method):
             out["g"] = build_knn_graph(X, K, method=method, progress=False)
 
-        t = time_fn(call, device=device, warmup=0, rep=rep)
+        try:  # a failing peer gets its row with the error in note; the others still run
+            for _ in range(warmup):  # initialise on a slice (a full build would double the run)
+                build_knn_graph(X[: min(N, 10_000)], K, method=method, progress=False)
+            t = time_fn(call, device=device, warmup=0, rep=rep)
+        except Exception as exc:
+            recover_cuda()
+            row["note"] = failure_note(exc)
+            rows.append(row)
+            continue
         graphs[peer] = out["g"]
         row.update(t.as_row("s"))
         row["queries/s"] = round(N / t.median, 1)
@@ -124,6 +133,7 @@ def build_parser():
     p.add_argument("--target", action="store_true",
                    help="run exactly the issue-17 GPU target (cases.KNN_GRAPH.target: N=1M, D=768, K=50) with the "
                         "peers available on a CUDA device; ignores the shape flags")
+    add_target_scale(p)
     p.add_argument("--N", type=int, default=None, help="pool rows")
     p.add_argument("--D", type=int, default=None, help="dimension")
     p.add_argument("--K", type=int, default=None, help="neighbours per row")
@@ -140,9 +150,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = pick_device(args.device, args.threads)
     case = ""
+    check_target_args(p, args, device)
     if args.target:
-        require_cuda(device)
-        shape = KNN_GRAPH.target[0]
+        shape = KNN_GRAPH.target_shapes(args.target_scale)[0]
         case = shape["case"]
         warmup, rep = (args.warmup if args.warmup is not None else 1), args.rep or 1
     else:

@@ -23,6 +23,8 @@ bandwidth where known, speed-up over torch-eager in the same mode and timing) an
   python benchmarks/bench_router_topk.py                 # GPU sweep (bf16)
   python benchmarks/bench_router_topk.py --quick         # small shapes: what runs on a CPU
   python benchmarks/bench_router_topk.py --target --results-dir OUT   # the issue-15 target shape, CUDA only
+  TRITON_INTERPRET=1 python benchmarks/bench_router_topk.py --target --target-scale tiny --results-dir TMP
+      # the same --target path at the tiny shapes of cases.py target_tiny (a dry run; see benchmarks/utils.py)
 
 Target (issue 15, H200, bf16): T=16384, E=128, k=8 forward <= 15 us under a CUDA graph and >= 3x torch-eager
 (benchmarks/targets.py reads the rows with target_case=router-t16k-e128-k8).
@@ -39,13 +41,15 @@ import torch  # noqa: E402
 
 from benchmarks.cases import ROUTER, ROUTER_GPU_GRID, ROUTER_MODES, ROUTER_QUICK_GRID, ROUTER_TARGET_MODES  # noqa: E402
 from benchmarks.utils import (  # noqa: E402
-    append_csv, common_parser, environment, measured_peak, pick_device, print_table, require_cuda, time_fn,
+    add_target_scale, append_csv, check_target_args, common_parser, environment, failure_note, measured_peak,
+    pick_device, print_table, recover_cuda, time_fn,
 )
 from metamoe.backends import CallSpec  # noqa: E402
 from metamoe.ops import router_topk  # noqa: E402
 from metamoe.ops.router_topk import router_topk_op  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+INTERP_NOTE = "Triton interpreter: not a kernel time"
 
 
 def eager_router(x, k, stats=False):
@@ -76,7 +80,10 @@ def check_against_eager(out, x, k):
     return ""
 
 
-def run_case(T, E, k, dtype, mode, device, impls, warmup, rep, timings=("call",), case=""):
+def run_case(T, E, k, dtype, mode, device, impls, warmup, rep, timings=("call",), case="", keep_going=False):
+    """One row per impl and timing. A capture that fails gives a graph row with no time and the reason in
+    ``note``; with ``keep_going`` (--target) so does any other failure of an impl (its rows say why), so that
+    one failing impl does not cost the others' rows."""
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(T, E, device=device, dtype=torch.float32, generator=g).to(dtype)
     gw = torch.randn(T, k, device=device, generator=g)
@@ -109,30 +116,38 @@ def run_case(T, E, k, dtype, mode, device, impls, warmup, rep, timings=("call",)
         bytes_moved += T * 4 + E * 12
     if mode == "fwd+bwd":
         bytes_moved += 2 * T * E * x.element_size() + T * k * 12 + T * k * 4  # + read logits, write dx, ...
+    def new_row(name, timing, check_ok, note):
+        row = {"op": "router_topk", "mode": mode, "impl": name, "timing": timing, "T": T, "E": E, "k": k,
+               "dtype": str(dtype).replace("torch.", ""), "check_ok": check_ok, "note": note}
+        if case:
+            row["target_case"] = case
+        return row
+
     for name in impls:
-        with torch.no_grad():
-            problem = check_against_eager(forward(name)(x), x, k)
-        fn, setup = fns(name)
+        try:
+            with torch.no_grad():
+                problem = check_against_eager(forward(name)(x), x, k)
+            fn, setup = fns(name)
+        except Exception as exc:
+            if not keep_going:
+                raise
+            recover_cuda()
+            rows += [new_row(name, timing, None, failure_note(exc)) for timing in timings]
+            continue
         for timing in timings:
-            row = {"op": "router_topk", "mode": mode, "impl": name, "timing": timing, "T": T, "E": E, "k": k,
-                   "dtype": str(dtype).replace("torch.", ""), "check_ok": not problem, "note": problem}
-            if case:
-                row["target_case"] = case
+            row = new_row(name, timing, not problem, problem)
             if timing == "graph" and setup is not None:
                 row["note"] = "; ".join(filter(None, [problem, "fwd+bwd is timed per call only"]))
                 rows.append(row)
                 continue
             try:
                 t = time_fn(fn, device=device, warmup=warmup, rep=rep, setup=setup, cuda_graph=timing == "graph")
-            except Exception as exc:  # not capturable: say why, keep the other rows
-                if timing != "graph":
+            except Exception as exc:  # not capturable (with keep_going: any failure): say why, keep the rest
+                if timing != "graph" and not keep_going:
                     raise
-                try:  # let the failed capture's stream drain before the next impl
-                    torch.cuda.synchronize()
-                except Exception:
-                    pass
-                row["note"] = "; ".join(filter(None, [problem, f"not capturable in a CUDA graph: "
-                                                      f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"]))
+                recover_cuda()  # let a failed capture's stream drain before the next impl
+                what = "not capturable in a CUDA graph" if timing == "graph" else "failed"
+                row["note"] = "; ".join(filter(None, [problem, failure_note(exc, what)]))
                 rows.append(row)
                 continue
             row.update(t.as_row("us"))
@@ -150,6 +165,7 @@ def main(argv=None):
     p.add_argument("--target", action="store_true",
                    help="run exactly the issue-15 target shape (cases.ROUTER.target) with every peer, per call "
                         "and under a CUDA graph, on a CUDA device; ignores the shape flags")
+    add_target_scale(p)
     p.add_argument("--graph", action="store_true", help="also time CUDA-graph replays (CUDA only)")
     p.add_argument("--T", type=int, nargs="*", default=None, help="tokens")
     p.add_argument("--E", type=int, nargs="*", default=None, help="experts")
@@ -161,15 +177,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = pick_device(args.device, args.threads)
     on_gpu = device.startswith("cuda")
-    if args.target:
-        require_cuda(device)
+    check_target_args(p, args, device)
     if args.graph and not on_gpu:
         p.error(f"--graph needs a CUDA device, got --device {device}")
     cases = []  # (T, E, k, target_case)
     if args.target:
-        cases = [(c["T"], c["E"], c["k"], c["case"]) for c in ROUTER.target]
+        shapes = ROUTER.target_shapes(args.target_scale)
+        cases = [(c["T"], c["E"], c["k"], c["case"]) for c in shapes]
         warmup, rep = args.warmup if args.warmup is not None else 20, args.rep or 200
-        dtype = DTYPES[args.dtype or ROUTER.target[0]["dtype"]]
+        dtype = DTYPES[args.dtype or shapes[0]["dtype"]]
         modes = args.modes or list(ROUTER_TARGET_MODES)
         timings = ("call", "graph")
     else:
@@ -198,14 +214,21 @@ def main(argv=None):
 
     env = environment(device)
     peak = args.peak_gbps or measured_peak(device, "gbps")
-    rows = []
+    rows, path = [], None
     for mode in modes:
         for T, E, k, case in cases:
-            rows += run_case(T, E, k, dtype, mode, device, impls, warmup, rep, timings, case)
-    for r in rows:
-        r["%peak_bw"] = 100 * r["GB/s"] / peak if peak and r.get("GB/s") else None
-        if interp and r["impl"] == "metamoe-triton":
-            r["impl"] = "metamoe-triton(interp)"
+            batch = run_case(T, E, k, dtype, mode, device, impls, warmup, rep, timings, case,
+                             keep_going=args.target)
+            for r in batch:
+                r["%peak_bw"] = 100 * r["GB/s"] / peak if peak and r.get("GB/s") else None
+                if interp and r["impl"] == "metamoe-triton":
+                    if args.target:  # the target rows keep the impl name the targets select by
+                        r["note"] = "; ".join(filter(None, [r.get("note"), INTERP_NOTE]))
+                    else:
+                        r["impl"] = "metamoe-triton(interp)"
+            if not args.no_csv:  # each case as soon as it is done: a later crash or timeout keeps these rows
+                path = append_csv("router_topk", batch, env, args.results_dir)
+            rows += batch
     threads = f"  threads {torch.get_num_threads()}" if not on_gpu else ""
     print(f"device: {env['device']}{threads}  torch {env['torch']}  triton {env['triton']}  "
           f"commit {env['commit']}")
@@ -223,8 +246,7 @@ def main(argv=None):
             print(f"target (T=16384, E=128, k=8, bf16 fwd, {timing}): {t:.1f} us "
                   f"(goal <= 15 under a CUDA graph: {'met' if t <= 15 else 'NOT met'}), {ratio:.2f}x torch-eager "
                   f"(goal >= 3: {'met' if ratio >= 3 else 'NOT met'}) on {env['device']}")
-    if not args.no_csv:
-        path = append_csv("router_topk", rows, env, args.results_dir)
+    if path is not None:
         print(f"appended {len(rows)} rows to {path}")
 
 

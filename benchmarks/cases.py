@@ -8,6 +8,11 @@ Per op, :data:`CASES` holds an :class:`OpCases`:
 * ``target``: the issue targets' shapes (issues 15 and 17), what ``bench_X.py --target`` runs on a CUDA
   device; every target shape has a ``case`` name that the CSV rows carry in their ``target_case`` column
   and that :mod:`benchmarks.targets` selects rows by;
+* ``target_tiny``: the same target cases (the same ``case`` names and keys) at scaled-down shapes, what
+  ``bench_X.py --target --target-scale tiny`` runs on any device, the CPU included: everything of the
+  ``--target`` path (peers, checks, CSV columns, ``target_case`` values) executes, at shapes that take
+  seconds (tests/test_bench_target_dryrun.py runs it in CI, so that a lease on a GPU is not spent on a
+  broken ``--target`` path). Its figures say nothing about the targets;
 * ``peers``: the implementations timed in the same run, ``reference`` the one every other is checked
   against.
 
@@ -43,6 +48,7 @@ class OpCases:
     peers: Tuple[str, ...]
     reference: str
     notes: Mapping[str, str] = field(default_factory=dict)
+    target_tiny: Tuple[Mapping[str, Any], ...] = ()
 
     def target_case(self, case: str) -> Mapping[str, Any]:
         """The target shape named ``case``; KeyError naming the known cases otherwise."""
@@ -50,6 +56,18 @@ class OpCases:
             if shape["case"] == case:
                 return shape
         raise KeyError(f"{self.op}: no target case {case!r}; known: {', '.join(s['case'] for s in self.target)}")
+
+    def target_shapes(self, scale: str = "full") -> Tuple[Mapping[str, Any], ...]:
+        """``target`` (``scale="full"``) or ``target_tiny`` (``"tiny"``); ValueError for another scale."""
+        if scale == "full":
+            return self.target
+        if scale == "tiny":
+            return self.target_tiny
+        raise ValueError(f"{self.op}: target scale must be one of {', '.join(TARGET_SCALES)}, got {scale!r}")
+
+
+# --target-scale of the bench scripts: "full" (the issue shapes, CUDA only), "tiny" (target_tiny, any device)
+TARGET_SCALES = ("full", "tiny")
 
 
 # --------------------------------------------------------------------------- router_topk
@@ -70,6 +88,7 @@ ROUTER = OpCases(
     peers=("torch-eager", "metamoe-torch", "metamoe-triton"),
     reference="torch-eager",
     notes={"timing": "per call (events around one Python call) and CUDA graph (replays of a captured call)"},
+    target_tiny=({"case": "router-t16k-e128-k8", "T": 64, "E": 16, "k": 4, "dtype": "bf16"},),
 )
 
 # --------------------------------------------------------------------------- moe experts
@@ -108,6 +127,10 @@ MOE = OpCases(
     peers=("hf-eager", "hf-grouped_mm", "metamoe-torch", "torch-grouped_mm", "liger", "metamoe-triton"),
     reference="metamoe-torch",
     notes={"loop_peers": "hf-eager, metamoe-torch"},
+    target_tiny=(
+        _moe_shape("tiny", 64, case="moe-mixtral-t16k", dtype="bf16"),
+        _moe_shape("tiny-many", 64, case="moe-qwen3-t16k", dtype="bf16"),
+    ),
 )
 MOE_LOOP_PEERS = ("hf-eager", "metamoe-torch")
 
@@ -126,6 +149,8 @@ DPP = OpCases(
     peers=("cuda", "cpp", "torch"),
     reference="torch",
     notes={"kernel": "cosine, relevance-weighted, ridge 1e-3, float32"},
+    target_tiny=({"case": "dpp-n1m-d768-k10000", "N": 2000, "D": 32, "k": 40, "ridge": 1e-3,
+                  "peer_k": {"torch": 20, "cpp": 10}},),
 )
 
 # --------------------------------------------------------------------------- facility location
@@ -142,6 +167,9 @@ FACILITY_LOCATION = OpCases(
     peers=("cuda", "cpp", "torch"),
     reference="torch",
     notes={"optimizer": "lazy (exact); the torch fallback is the reference"},
+    # the same data and graph as the knn_graph tiny target (bench_knn_graph.py --graph-cache hands it over)
+    target_tiny=({"case": "fl-n1m-k50-k10000", "n": 2000, "d": 32, "neighbors": 10, "k": 40,
+                  "peer_k": {"torch": 20}},),
 )
 # graph="dense" mode of bench_facility_location.py (no target)
 FACILITY_LOCATION_DENSE_QUICK = {"n": 5000, "d": 32, "k": 50}
@@ -160,6 +188,7 @@ KNN_GRAPH = OpCases(
     # faiss is importable (the GPU image has no faiss: there only torch-exact runs).
     peers=("torch-exact", "faiss-flat", "faiss-gpu-flat"),
     reference="torch-exact",
+    target_tiny=({"case": "knn-n1m-d768-k50", "N": 2000, "D": 32, "K": 10},),
 )
 
 CASES: Dict[str, OpCases] = {c.op: c for c in (ROUTER, MOE, DPP, FACILITY_LOCATION, KNN_GRAPH)}

@@ -15,6 +15,12 @@ What every benchmark here does with them:
    environment columns of :func:`environment` (time, device name, torch/triton/metamoe versions, git
    commit) in front.
 
+The scripts with ``--target`` (the issue target shapes, CUDA only) also take ``--target-scale tiny``
+(:func:`add_target_scale`, :func:`check_target_args`): the same target path at the small shapes of
+``benchmarks/cases.py`` (``target_tiny``) on any device, a dry run that tests/test_bench_target_dryrun.py
+runs on the CPU. In the target path an impl or peer that raises gets its row with the error in ``note``
+(:func:`failure_note`) and the others still run.
+
 Always time a peer (at least the plain PyTorch path) in the same run and print the ratio; never write a
 number for a device the script did not run on.
 
@@ -206,9 +212,16 @@ def _time_cuda_graph(fn, dev, *, warmup: int, rep: int, flush_l2: bool, setup, g
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(graph_calls):
-                fn()
+        caller_stream = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(graph_calls):
+                    fn()
+        except BaseException:
+            # torch.cuda.graph's __exit__ leaves the capture stream current when capture_end raises (a
+            # capture that an uncapturable call invalidated): give the caller its stream back
+            torch.cuda.set_stream(caller_stream)
+            raise
         graph.replay()  # one untimed replay: first-launch costs of the instantiated graph
         cache = _l2_flush_buffer(index) if flush_l2 else None
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
@@ -391,6 +404,57 @@ def require_cuda(device: str, flag: str = "--target") -> None:
         print(f"{flag} runs the issue targets' GPU shapes and needs a CUDA device; device={device!r}"
               f"{'' if torch.cuda.is_available() else ' and torch sees no CUDA device'}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def failure_note(exc: BaseException, what: str = "failed") -> str:
+    """One line for a row's ``note``: ``"<what>: <ExceptionType>: <first line of its message>"``."""
+    lines = str(exc).strip().splitlines()
+    return f"{what}: {type(exc).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def recover_cuda() -> None:
+    """After a failed call on a GPU: wait for the device and free the cached blocks (no-op on a CPU)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001  (a sticky CUDA error: the next call reports it)
+        pass
+
+
+def add_target_scale(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--target-scale {full,tiny}`` (with ``--target``; see :func:`check_target_args`)."""
+    from benchmarks.cases import TARGET_SCALES
+
+    p.add_argument("--target-scale", choices=TARGET_SCALES, default="full",
+                   help="with --target: full (default; the issue target shapes, CUDA only) or tiny (the "
+                        "same target path: peers, checks, CSV columns and target_case values, at the small "
+                        "shapes of benchmarks/cases.py target_tiny, on any device: a dry run of --target; "
+                        "Triton impls run on a CPU only under TRITON_INTERPRET=1; needs --results-dir or "
+                        "--no-csv)")
+    return p
+
+
+def check_target_args(p: argparse.ArgumentParser, args: argparse.Namespace, device: str) -> None:
+    """Validate ``--target`` / ``--target-scale`` for ``device``.
+
+    ``--target`` at the full scale needs a CUDA device (:func:`require_cuda`: one line, exit code 2).
+    ``--target-scale tiny`` runs on any device; its rows carry the real ``target_case`` values, so they
+    must not land in the default ``benchmarks/results``: it needs ``--results-dir`` elsewhere or ``--no-csv``.
+    """
+    scale = getattr(args, "target_scale", "full")
+    if scale != "full" and not args.target:
+        p.error(f"--target-scale {scale} goes with --target")
+    if not args.target:
+        return
+    if scale == "full":
+        require_cuda(device)
+        return
+    if not args.no_csv and Path(args.results_dir).resolve() == RESULTS_DIR.resolve():
+        p.error(f"--target-scale {scale} writes rows with the targets' target_case values: give "
+                f"--results-dir a scratch folder (not {RESULTS_DIR}) or --no-csv")
 
 
 def pick_device(arg: Optional[str], threads: Optional[int] = None) -> str:
