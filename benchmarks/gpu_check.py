@@ -8,12 +8,16 @@ cannot eat the rest) and all of them inside one overall budget (``--budget``, de
    ``python -m metamoe.info``.
 2. ``gpu-tests``: the ``gpu`` tests with compiled kernels (``TRITON_INTERPRET`` removed from the
    environment), except the config sweep.
-3. ``kernel-configs``: tests/test_kernel_configs.py: every autotune config of every grouped-GEMM kernel
+3. ``bench-router``, ``bench-moe``: the MoE benchmarks at the issue target shapes, each with its peers in
+   the same run (``bench_*.py --target``; the router per call and under a CUDA graph).
+4. ``kernel-configs``: tests/test_kernel_configs.py: every autotune config of every grouped-GEMM kernel
    pinned one at a time against float64 references, forward and backward, fp32/bf16/fp16 (a config the
-   shared-memory pruning drops is reported as skipped, "pruned").
-4. ``bench-router``, ``bench-moe``, ``bench-dpp``, ``bench-knn``, ``bench-facility-location``: the
-   benchmarks at the issue target shapes, each with its peers in the same run (``bench_*.py --target``;
-   the router per call and under a CUDA graph).
+   pruning drops is reported as skipped, with its reason).
+5. ``bench-dpp``, ``bench-knn``, ``bench-facility-location``: the selection benchmarks at N = 1M.
+
+The pytest steps run in parallel processes (pytest-xdist) where it is installed: most of their time is
+Triton compiling kernels on the CPU. A step that would start with under 10 s of the budget left is reported
+as "not run"; ``--budget`` raises it, ``--steps`` picks steps.
 
 What it writes into ``OUT`` (at most 8 plain files, no sub-folders, so the folder comes back from a remote
 GPU box in one piece): ``summary.md`` (the device and versions, each step's status and time, each
@@ -82,24 +86,24 @@ def steps(out: Path, graph_cache: Path) -> List[Step]:
     py = _python()
     pytest = py + ["-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs", "--color=no",
                    "--continue-on-collection-errors"]
-    # the config sweep compiles a few hundred kernels: in parallel processes where pytest-xdist is installed
+    # the tests compile a few hundred kernels: in parallel processes where pytest-xdist is installed
     workers = ["-n", str(min(8, os.cpu_count() or 1))] if importlib.util.find_spec("xdist") else []
     bench = ["--target", "--results-dir", str(out)]
     return [
         Step("install", [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."],
-             300, "offline editable install, builds the C++/CUDA extension"),
+             240, "offline editable install, builds the C++/CUDA extension"),
         Step("info", py + ["-m", "metamoe.info"], 60, "what metamoe finds here"),
-        Step("gpu-tests", pytest + ["-m", "gpu", "tests", "--ignore", "tests/test_kernel_configs.py"], 240,
-             "the gpu tests, compiled kernels"),
-        Step("kernel-configs", pytest + workers + ["-m", "gpu", "tests/test_kernel_configs.py"], 240,
+        Step("gpu-tests", pytest + workers + ["-m", "gpu", "tests", "--ignore", "tests/test_kernel_configs.py"],
+             150, "the gpu tests, compiled kernels"),
+        Step("bench-router", py + ["benchmarks/bench_router_topk.py"] + bench, 90, "router top-k"),
+        Step("bench-moe", py + ["benchmarks/bench_moe.py"] + bench, 180, "MoE experts, Mixtral and Qwen3 shapes"),
+        Step("kernel-configs", pytest + workers + ["-m", "gpu", "tests/test_kernel_configs.py"], 150,
              "every autotune config pinned, against float64"),
-        Step("bench-router", py + ["benchmarks/bench_router_topk.py"] + bench, 120, "router top-k"),
-        Step("bench-moe", py + ["benchmarks/bench_moe.py"] + bench, 240, "MoE experts, Mixtral and Qwen3 shapes"),
-        Step("bench-dpp", py + ["benchmarks/bench_dpp.py"] + bench, 150, "DPP greedy, 1M x 768"),
+        Step("bench-dpp", py + ["benchmarks/bench_dpp.py"] + bench, 120, "DPP greedy, 1M x 768"),
         Step("bench-knn", py + ["benchmarks/bench_knn_graph.py"] + bench + ["--graph-cache", str(graph_cache)],
-             150, "exact kNN graph, 1M x 768, K = 50"),
+             120, "exact kNN graph, 1M x 768, K = 50"),
         Step("bench-facility-location",
-             py + ["benchmarks/bench_facility_location.py"] + bench + ["--graph-cache", str(graph_cache)], 150,
+             py + ["benchmarks/bench_facility_location.py"] + bench + ["--graph-cache", str(graph_cache)], 120,
              "facility location on the 1M / K = 50 graph"),
     ]
 
