@@ -179,8 +179,7 @@ _MOE_VARIANTS = {
         "dx": (dict(TOPK=8, HAS_SCALE=False, ATOMIC=True), ["stride_ak", "stride_wn"]),
     }),
     "gather_bwd": ("_moe_gather_gemm_bwd_kernel", {
-        "swiglu": (dict(TOPK=8, ACT=0), ["stride_dyd", "stride_wf"]),
-        "gelu": (dict(TOPK=8, ACT=1), ["stride_dyd", "stride_wf"]),
+        "G": (dict(TOPK=8), ["stride_dyd", "stride_wf"]),
     }),
     "weight_grad": ("_moe_weight_grad_kernel", {
         "dw_gate_up": (dict(TOPK=8, L_GATHER=False, L_SCALE=False, R_GATHER=True),
@@ -199,7 +198,7 @@ def _moe_ptr_types(kernel: str, variant: str, dt: str) -> dict:
     if kernel == "scatter":
         return dict(idx, a_ptr=t, w_ptr=t, scale_ptr=t if variant != "dx" else "*fp32", out_ptr="*fp32")
     if kernel == "gather_bwd":
-        return dict(idx, dy_ptr=t, w_ptr=t, scale_ptr=t, pre_ptr=t, da_ptr=t, h_ptr=t, dw_ptr="*fp32")
+        return dict(idx, dy_ptr=t, w_ptr=t, g_ptr=t)
     return dict(idx, l_ptr=t, r_ptr=t, scale_ptr=t, out_ptr=t)
 
 
@@ -234,7 +233,7 @@ def moe_jobs(dtypes=DTYPES) -> list[dict]:
         for variant, (consts, unit) in variants.items():
             for dt, prec in dtypes:
                 act = variant if kernel == "gather_fwd" else None
-                for cfg, kept, reason in K.configs_for(kernel, dt, act):
+                for cfg, kept, reason in K.configs_for(kernel, dt, act, prec):
                     row = _base_row(kernel=kernel, variant=variant, dtype=dt, dot_prec=prec,
                                     config=_config_str(cfg.kwargs, cfg.num_warps, cfg.num_stages),
                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -244,9 +243,29 @@ def moe_jobs(dtypes=DTYPES) -> list[dict]:
                     c = dict(consts, DOT_PREC=prec, UPCAST=False, **cfg.kwargs)
                     if kernel != "weight_grad":
                         c["BLOCK_E"] = BLOCK_E
+                        c["GROUP_M"] = K.GROUP_M
                     jobs.append({"kind": "triton", "row": row, "module": MOE_MODULE, "fn": fn_name, "consts": c,
                                  "unit": unit, "ptr_types": _moe_ptr_types(kernel, variant, dt),
                                  "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "compile": kept})
+    return jobs + act_bwd_jobs(dtypes)
+
+
+def act_bwd_jobs(dtypes=DTYPES) -> list[dict]:
+    """The elementwise activation backward at its fixed blocks, per activation and dtype."""
+    from metamoe.kernels import moe_grouped_gemm as K
+
+    jobs = []
+    for variant, act in (("swiglu", 0), ("gelu", 1)):
+        for dt in dict(dtypes):
+            t = "*" + dt
+            row = _base_row(kernel="act_bwd", variant=variant, dtype=dt, dot_prec="",
+                            config=_config_str(K.ACT_BWD_BLOCKS, K.ACT_BWD_WARPS, 1), num_warps=K.ACT_BWD_WARPS,
+                            num_stages=1, kept=1)
+            jobs.append({"kind": "triton", "row": row, "module": MOE_MODULE, "fn": "_moe_act_bwd_kernel",
+                         "consts": dict(ACT=act, **K.ACT_BWD_BLOCKS), "unit": [],
+                         "ptr_types": dict(da_ptr=t, pre_ptr=t, h_ptr=t, pairs_ptr="*i64", scale_ptr=t,
+                                           dw_ptr="*fp32"),
+                         "num_warps": K.ACT_BWD_WARPS, "num_stages": 1, "compile": True})
     return jobs
 
 

@@ -7,41 +7,54 @@ What it fuses (forward, expert-sorted rows i, pair p = sorted_pairs[i], token t 
      program so the pair is never stored apart) or gelu(A). Writes h (T*k, f) and, for training, the
      pre-activation A (T*k, 2f or f).
   2. ``_moe_scatter_gemm_kernel``: y[t] += w[p] * (h[i] @ W_down[e]^T): the routing weight is applied in
-     the epilogue and rows are atomically added into a float32 (T, d) buffer (plain stores when k == 1),
-     so no (T*k, d) expert-output copy is written either. Reused for dx (dA @ W_gate_up[e], no weight).
+     the epilogue and rows are added into a float32 (T, d) buffer with relaxed atomics (plain stores when
+     k == 1), so no (T*k, d) expert-output copy is written either. Deterministic mode (an argument, or
+     ``torch.use_deterministic_algorithms(True)``): one row per (token, slot) is stored instead and the k
+     slots are summed in slot order afterwards. Reused for dx (dA @ W_gate_up[e], no weight).
 Backward:
-  3. ``_moe_gather_gemm_bwd_kernel``: G[i] = dy[t] @ W_down[e] (gathered rows of dy), with the epilogue
-     d topk_weights[p] = <G[i], h[i]> (= <expert output, dy[t]>, so the (T*k, d) expert output never has
-     to be stored or recomputed), dh = w[p] G, dA = dh * act'(A), and h recomputed for the weight grad.
-  4. ``_moe_weight_grad_kernel``: dW[e] = sum over the expert's rows of L[i]^T R[i], with either side
+  3. ``_moe_gather_gemm_bwd_kernel``: G[i] = dy[t] @ W_down[e] (gathered rows of dy), stored into dA's first
+     f columns in the operand dtype. Its epilogue is a plain store: fusing the activation backward into it
+     keeps G, A_gate, A_up and their products live at once, which spills registers on sm_90 at every tile
+     of 64 x 128 and up.
+  4. ``_moe_act_bwd_kernel`` (elementwise, memory-bound): dA = w[p] G * act'(A), h recomputed from A for the
+     weight gradient, and d topk_weights[p] = <G[i], h[i]> (= <expert output, dy[t]>, so the (T*k, d)
+     expert output is never stored or recomputed), one program per row block summing its columns in
+     order: deterministic. Costs one extra read and write of G (T*k*f elements) over a fused epilogue.
+  5. ``_moe_weight_grad_kernel``: dW[e] = sum over the expert's rows of L[i]^T R[i], with either side
      gathered (dW_down: L = w[p] dy[t], R = h; dW_gate_up: L = dA, R = x[t]). One program owns one output
      tile of one expert and loops over that expert's rows: no atomics, empty experts get zeros.
 
 Tile -> expert schedule: built on the device inside each kernel from the (E+1,) offsets (a cumsum of
 ceil(count_e / BLOCK_M) over E lanes), so nothing is read back to the host and the launch grid is a static
 upper bound (ceil(T*k / BLOCK_M) + min(E, T*k) row tiles); programs past the last tile return at once.
-Trade-offs: atomics make the float32 sums order-nondeterministic (ulp-level); the weight-gradient kernel
-does not split an expert's rows across programs (fine for the many output tiles of real layers, slow for
-one huge expert with a tiny weight). Row indices and all offsets are int64 (T*k*d may pass 2^31).
+Programs take tiles in groups of GROUP_M row tiles (``_grouped_tile``): the programs of a group read the
+same weight tile, which comes from L2 after the first, instead of every row tile streaming its expert's
+whole weight from HBM. Row indices and all offsets are int64 (T*k*d may pass 2^31). Every launch enters
+the device of its tensors. The weight-gradient kernel does not split an expert's rows across programs
+(fine for the many output tiles of real layers, slow for one huge expert with a tiny weight).
 Constants: BLOCK_* are kernel parameters; on a GPU they come from ``triton.autotune`` over
-``KERNEL_CONFIGS`` (Hopper-shaped tiles of 16-128 rows, 64-256 columns, 16-64 deep, 3-4 stages), under the
+``KERNEL_CONFIGS`` (Hopper-shaped tiles of 16-128 rows, 64-256 columns, 32-64 deep, 3-4 stages; the key
+holds the sizes, the expert count, the activation and other code variants, the dot precision and the
+token count rounded up to a power of two, so varying batch sizes do not retune every step), under the
 interpreter from fixed defaults (32 x 64 x 64: few programs, which is what costs time there) so CPU tests
-stay fast; every launcher's ``config=`` pins one config instead. Before anything compiles, the configs
-whose shared memory (``shared_memory_estimate``: num_stages buffers of the operand tiles in the operands'
-element size) cannot fit an H200 block (``SHARED_MEMORY_LIMIT``) are pruned; ``configs_for`` lists what is
-kept for a dtype, and a pinned config that is not raises ValueError. float32 inputs use IEEE dots unless
-torch allows TF32 matmuls. Compiled for sm_90a (ahead of time on a CPU by benchmarks/compile_report.py,
-``make compile-report``: registers, spills and shared memory of every config in
-benchmarks/results/compile_report_sm90.csv), every config loads through multi-stage cp.async and the dots
-use wgmma where their tile has 64 or more rows in bf16/fp16 or TF32 (16- and 32-row tiles use mma.sync,
-IEEE float32 dots FMA), once d and f are multiples of 16 (the JIT's divisibility specialisation); with
-ragged sizes the masked loads are not vectorised and the loop is not pipelined. The 128 x 256 tiles and
-gather_bwd's larger tiles spill registers at 255 per thread (see the report). Not measured on a GPU yet: the
-autotune list is a starting point, not a tuned table. Under the interpreter, bfloat16 dot operands are
-widened first (see ``_mma``).
+stay fast; every launcher's ``config=`` pins one config instead. Before anything compiles, the autotuner
+prunes the configs whose shared memory (``shared_memory_estimate``: num_stages buffers of the operand tiles
+in the operands' element size) cannot fit an H200 block (``SHARED_MEMORY_LIMIT``), whose float32
+accumulators exceed ``ACC_REGISTERS_PER_THREAD`` values per thread (they spill), and, for float32 IEEE
+dots (no TF32: torch's float32 matmul precision "highest"), tiles over ``IEEE_MAX_TILE`` elements;
+``configs_for`` lists what is kept, and a pinned config over the shared memory raises ValueError. Compiled
+for sm_90a (ahead of time on a CPU by benchmarks/compile_report.py, ``make compile-report``: registers,
+spills and shared memory of every config in benchmarks/results/compile_report_sm90.csv), no kept bf16 or
+fp16 config spills; every config loads through multi-stage cp.async and the dots use wgmma where their tile
+has 64 or more rows in bf16/fp16 or TF32 (16- and 32-row tiles use mma.sync, IEEE float32 dots FMA), once
+d and f are multiples of 16 (the JIT's divisibility specialisation); with ragged sizes the masked loads are
+not vectorised and the loop is not pipelined. Not measured on a GPU yet: the autotune list is a starting
+point, not a tuned table. Under the interpreter, bfloat16 dot operands are widened first (see ``_mma``).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -76,6 +89,22 @@ def _expert_of_tile(pid_m, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.co
     seg_end = tl.sum(tl.where(es == e, end, 0), axis=0)
     row0 = seg_start + (pid_m - first_tile) * BLOCK_M
     return e, row0, seg_end
+
+
+@triton.jit
+def _grouped_tile(pid, M, E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid``, GROUP_M row tiles at a time: the GROUP_M programs in a row
+    read the same weight tile (from L2 after the first), and a group walks every column tile of its rows
+    before the next group starts. Row tiles are numbered over the padded upper bound of the launch grid."""
+    num_pid_m = tl.cdiv(M, BLOCK_M) + tl.minimum(E, M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
 
 
 @triton.jit
@@ -118,17 +147,15 @@ def _gelu_grad(a, ACT: tl.constexpr):
 @triton.jit
 def _moe_gather_gemm_fwd_kernel(
     x_ptr, w_ptr, pairs_ptr, offsets_ptr, pre_ptr, h_ptr,
-    E, F, D,
+    M, E, F, D, M_BUCKET,
     stride_xt, stride_xd,
     stride_we, stride_wn, stride_wd,
     stride_pre, stride_h,
     TOPK: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(F, BLOCK_N)
-    pid_m = pid // n_tiles
-    pid_n = pid % n_tiles
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, E, F, BLOCK_M, BLOCK_N, GROUP_M)
     e, row0, seg_end = _expert_of_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if e >= E:
         return
@@ -174,17 +201,15 @@ def _moe_gather_gemm_fwd_kernel(
 @triton.jit
 def _moe_scatter_gemm_kernel(
     a_ptr, w_ptr, pairs_ptr, offsets_ptr, scale_ptr, out_ptr,
-    E, N, KD,
+    M, E, N, KD, M_BUCKET,
     stride_am, stride_ak,
     stride_we, stride_wn, stride_wk,
     stride_ot,
-    TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOPK: tl.constexpr, HAS_SCALE: tl.constexpr, ATOMIC: tl.constexpr, BY_PAIR: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // n_tiles
-    pid_n = pid % n_tiles
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, E, N, BLOCK_M, BLOCK_N, GROUP_M)
     e, row0, seg_end = _expert_of_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if e >= E:
         return
@@ -209,27 +234,28 @@ def _moe_scatter_gemm_kernel(
         s = tl.load(scale_ptr + pairs, mask=rmask, other=0.0).to(tl.float32)
         acc = acc * s[:, None]
     omask = rmask[:, None] & cmask[None, :]
-    o_ptrs = out_ptr + toks[:, None] * stride_ot + cols[None, :]
+    if BY_PAIR:  # one output row per (token, slot): summed over the slots afterwards, in a fixed order
+        o_ptrs = out_ptr + pairs[:, None] * stride_ot + cols[None, :]
+    else:
+        o_ptrs = out_ptr + toks[:, None] * stride_ot + cols[None, :]
     if ATOMIC:
-        tl.atomic_add(o_ptrs, acc, mask=omask)
+        # relaxed: the adds only need to be atomic, nothing is ordered against them within the kernel
+        tl.atomic_add(o_ptrs, acc, mask=omask, sem="relaxed")
     else:
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
 def _moe_gather_gemm_bwd_kernel(
-    dy_ptr, w_ptr, pairs_ptr, offsets_ptr, scale_ptr, pre_ptr, da_ptr, h_ptr, dw_ptr,
-    E, F, D,
+    dy_ptr, w_ptr, pairs_ptr, offsets_ptr, g_ptr,
+    M, E, F, D, M_BUCKET,
     stride_dyt, stride_dyd,
     stride_we, stride_wd, stride_wf,
-    stride_pre, stride_da, stride_h,
-    TOPK: tl.constexpr, ACT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_g,
+    TOPK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(F, BLOCK_N)
-    pid_m = pid // n_tiles
-    pid_n = pid % n_tiles
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, E, F, BLOCK_M, BLOCK_N, GROUP_M)
     e, row0, seg_end = _expert_of_tile(pid_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
     if e >= E:
         return
@@ -250,35 +276,53 @@ def _moe_gather_gemm_bwd_kernel(
         g = _mma(a.to(b.dtype), b, g, DOT_PREC, UPCAST)
         dy_ptrs += BLOCK_K * stride_dyd
         b_ptrs += BLOCK_K * stride_wd
-    omask = rmask[:, None] & cmask[None, :]
+    tl.store(g_ptr + rows[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty),
+             mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _moe_act_bwd_kernel(
+    da_ptr, pre_ptr, h_ptr, pairs_ptr, scale_ptr, dw_ptr,
+    M, F,
+    stride_da, stride_pre, stride_h,
+    ACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    # da[:, :F] holds G on entry; every element is read before the program overwrites it.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    rmask = rows < M
+    pairs = tl.load(pairs_ptr + rows, mask=rmask, other=0)
     s = tl.load(scale_ptr + pairs, mask=rmask, other=0.0).to(tl.float32)
-    dh = g * s[:, None]
-    pre_ptrs = pre_ptr + rows[:, None] * stride_pre + cols[None, :]
-    da_ptrs = da_ptr + rows[:, None] * stride_da + cols[None, :]
-    if ACT == 0:
-        ag = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
-        au = tl.load(pre_ptrs + F, mask=omask, other=0.0).to(tl.float32)
-        sg = tl.sigmoid(ag)
-        silu = ag * sg
-        h = silu * au
-        dg = dh * au * sg * (1.0 + ag * (1.0 - sg))
-        du = dh * silu
-        tl.store(da_ptrs, dg.to(da_ptr.dtype.element_ty), mask=omask)
-        tl.store(da_ptrs + F, du.to(da_ptr.dtype.element_ty), mask=omask)
-    else:
-        a_pre = tl.load(pre_ptrs, mask=omask, other=0.0).to(tl.float32)
-        h = _gelu_fwd(a_pre, ACT)
-        tl.store(da_ptrs, (dh * _gelu_grad(a_pre, ACT)).to(da_ptr.dtype.element_ty), mask=omask)
-    tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=omask)
-    # d topk_weights[p] = <expert output, dy[t]> = <h, dy[t] @ W_down[e]> = <h, g>: partial over this column tile
-    part = tl.sum(tl.where(omask, g * h, 0.0), axis=1)
-    tl.atomic_add(dw_ptr + rows, part, mask=rmask)
+    dw = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    fs = tl.arange(0, BLOCK_F)
+    for f0 in range(0, F, BLOCK_F):
+        cols = f0 + fs
+        m = rmask[:, None] & (cols < F)[None, :]
+        da_ptrs = da_ptr + rows[:, None] * stride_da + cols[None, :]
+        pre_ptrs = pre_ptr + rows[:, None] * stride_pre + cols[None, :]
+        g = tl.load(da_ptrs, mask=m, other=0.0).to(tl.float32)
+        dh = g * s[:, None]
+        if ACT == 0:
+            ag = tl.load(pre_ptrs, mask=m, other=0.0).to(tl.float32)
+            au = tl.load(pre_ptrs + F, mask=m, other=0.0).to(tl.float32)
+            sg = tl.sigmoid(ag)
+            silu = ag * sg
+            h = silu * au
+            tl.store(da_ptrs, (dh * au * sg * (1.0 + ag * (1.0 - sg))).to(da_ptr.dtype.element_ty), mask=m)
+            tl.store(da_ptrs + F, (dh * silu).to(da_ptr.dtype.element_ty), mask=m)
+        else:
+            a_pre = tl.load(pre_ptrs, mask=m, other=0.0).to(tl.float32)
+            h = _gelu_fwd(a_pre, ACT)
+            tl.store(da_ptrs, (dh * _gelu_grad(a_pre, ACT)).to(da_ptr.dtype.element_ty), mask=m)
+        tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=m)
+        # d topk_weights[p] = <expert output, dy[t]> = <h, dy[t] @ W_down[e]> = <h, G>, summed in column order
+        dw += tl.sum(g * h, axis=1)
+    tl.store(dw_ptr + rows, dw, mask=rmask)
 
 
 @triton.jit
 def _moe_weight_grad_kernel(
     l_ptr, r_ptr, pairs_ptr, offsets_ptr, scale_ptr, out_ptr,
-    N1, N2,
+    E, N1, N2, M_BUCKET,
     stride_lm, stride_ln, stride_rm, stride_rn,
     stride_oe, stride_o1, stride_o2,
     TOPK: tl.constexpr, L_GATHER: tl.constexpr, L_SCALE: tl.constexpr, R_GATHER: tl.constexpr,
@@ -331,7 +375,9 @@ _GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [
         (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
+        (128, 64, 64, 8, 4),
+        (64, 128, 64, 8, 4),
+        (64, 256, 64, 8, 3),
         (64, 128, 64, 4, 4),
         (128, 64, 64, 4, 4),
         (64, 64, 32, 4, 4),
@@ -435,18 +481,53 @@ def _over_limit_reason(kernel: str, config, need: int) -> str:
             f"(estimate), over the {SHARED_MEMORY_LIMIT} an H200 allows")
 
 
-def configs_for(kernel: str, dtype, activation=None):
+def configs_for(kernel: str, dtype, activation=None, dot_prec=None):
     """Every config of ``kernel``'s autotune list as ``(config, kept, reason)``: ``kept`` is whether the
-    shared-memory pruning lets the autotuner pick it for ``dtype`` operands (a torch dtype or fp32/bf16/fp16)
-    and ``activation`` (gather_fwd only; None assumes SwiGLU, the larger); ``reason`` says why not (bytes
-    needed vs ``SHARED_MEMORY_LIMIT``), "" when kept."""
+    pruning lets the autotuner pick it for ``dtype`` operands (a torch dtype or fp32/bf16/fp16) and
+    ``activation`` (gather_fwd only; None assumes SwiGLU, the larger): the shared memory must fit
+    ``SHARED_MEMORY_LIMIT``, the float32 accumulators ``ACC_REGISTERS_PER_THREAD`` values per thread, and
+    with ``dot_prec="ieee"`` (float32 without TF32) the output tile ``IEEE_MAX_TILE`` elements. ``reason``
+    says which rule drops it, "" when kept."""
     _check_kernel(kernel)
     out = []
     for cfg in KERNEL_CONFIGS[kernel]:
         need = shared_memory_estimate(kernel, cfg, dtype, dtype, activation)
-        kept = need <= SHARED_MEMORY_LIMIT
-        out.append((cfg, kept, "" if kept else _over_limit_reason(kernel, cfg, need)))
+        acc = _acc_per_thread(kernel, cfg, activation)
+        if need > SHARED_MEMORY_LIMIT:
+            out.append((cfg, False, _over_limit_reason(kernel, cfg, need)))
+        elif acc > ACC_REGISTERS_PER_THREAD:
+            out.append((cfg, False, f"kernel {kernel!r} config {_config_str(cfg)}: {acc} float32 accumulator "
+                                    f"values per thread, over {ACC_REGISTERS_PER_THREAD} (it would spill)"))
+        elif _too_large_for_ieee(kernel, cfg, dot_prec):
+            out.append((cfg, False, f"kernel {kernel!r} config {_config_str(cfg)}: float32 IEEE dots (no TF32) "
+                                    f"take output tiles of at most {IEEE_MAX_TILE} elements"))
+        else:
+            out.append((cfg, True, ""))
     return out
+
+
+ACC_REGISTERS_PER_THREAD = 64
+"""Most float32 accumulator values one thread may hold (of its 255 registers): past it the operand addresses,
+the pipeline and the epilogue no longer fit and the compiler spills (checked by the compile report)."""
+
+
+def _accumulators(kernel: str, activation) -> int:
+    return 2 if _two_b_tiles(kernel, activation) else 1
+
+
+def _acc_per_thread(kernel: str, config, activation) -> int:
+    (rows, _, cols), _, _ = _DOT_TILES[kernel]
+    return _accumulators(kernel, activation) * config.kwargs[rows] * config.kwargs[cols] // (32 * config.num_warps)
+
+
+IEEE_MAX_TILE = 64 * 64
+"""Largest output tile (elements) the autotuner tries for float32 IEEE dots: they run on the FMA units, not the
+tensor cores, so large tiles gain nothing and cost long compiles and register spills."""
+
+
+def _too_large_for_ieee(kernel: str, config, dot_prec) -> bool:
+    (rows, _, cols), _, _ = _DOT_TILES[kernel]
+    return dot_prec == "ieee" and config.kwargs[rows] * config.kwargs[cols] > IEEE_MAX_TILE
 
 
 def _shared_memory_pruner(kernel: str):
@@ -457,7 +538,9 @@ def _shared_memory_pruner(kernel: str):
         a_dtype, b_dtype = named_args[a_arg].dtype, named_args[b_arg].dtype
         act = kwargs.get("ACT")
         kept = [c for c in configs
-                if shared_memory_estimate(kernel, c, a_dtype, b_dtype, act) <= SHARED_MEMORY_LIMIT]
+                if shared_memory_estimate(kernel, c, a_dtype, b_dtype, act) <= SHARED_MEMORY_LIMIT
+                and _acc_per_thread(kernel, c, act) <= ACC_REGISTERS_PER_THREAD
+                and not _too_large_for_ieee(kernel, c, kwargs.get("DOT_PREC"))]
         if not kept:
             raise ValueError(f"no config of kernel {kernel!r} fits {SHARED_MEMORY_LIMIT} bytes of shared memory "
                              f"for {a_dtype} x {b_dtype} operands")
@@ -471,11 +554,35 @@ def _autotuned(kernel: str, fn, key, **kw):
                            prune_configs_by={"early_config_prune": _shared_memory_pruner(kernel)}, **kw)(fn)
 
 
-_gather_fwd_tuned = _autotuned("gather_fwd", _moe_gather_gemm_fwd_kernel, ["F", "D", "TOPK"])
-_scatter_tuned = _autotuned("scatter", _moe_scatter_gemm_kernel, ["N", "KD", "TOPK"], reset_to_zero=["out_ptr"])
-_gather_bwd_tuned = _autotuned("gather_bwd", _moe_gather_gemm_bwd_kernel, ["F", "D", "TOPK"],
-                               reset_to_zero=["dw_ptr"])
-_wgrad_tuned = _autotuned("weight_grad", _moe_weight_grad_kernel, ["N1", "N2", "TOPK"])
+# Autotune keys: what changes the best config. Token counts enter bucketed (M_BUCKET, a power of two), so a
+# training run whose batches vary in size does not retune on every step.
+_gather_fwd_tuned = _autotuned("gather_fwd", _moe_gather_gemm_fwd_kernel,
+                               ["F", "D", "E", "TOPK", "ACT", "STORE_PRE", "DOT_PREC", "M_BUCKET"])
+_scatter_tuned = _autotuned("scatter", _moe_scatter_gemm_kernel,
+                            ["N", "KD", "E", "TOPK", "HAS_SCALE", "ATOMIC", "BY_PAIR", "DOT_PREC", "M_BUCKET"],
+                            reset_to_zero=["out_ptr"])
+_gather_bwd_tuned = _autotuned("gather_bwd", _moe_gather_gemm_bwd_kernel, ["F", "D", "E", "TOPK", "DOT_PREC",
+                                                                          "M_BUCKET"])
+_wgrad_tuned = _autotuned("weight_grad", _moe_weight_grad_kernel,
+                          ["N1", "N2", "E", "TOPK", "L_GATHER", "R_GATHER", "DOT_PREC", "M_BUCKET"])
+
+GROUP_M = 8
+"""Row tiles per group of the grouped tile order (see ``_grouped_tile``)."""
+ACT_BWD_BLOCKS = {"BLOCK_R": 16, "BLOCK_F": 128}
+"""Rows and columns per step of the elementwise activation backward (memory-bound; 8 values per thread)."""
+ACT_BWD_WARPS = 4
+
+
+def _m_bucket(M: int) -> int:
+    return max(256, triton.next_power_of_2(max(int(M), 1)))
+
+
+def _deterministic(deterministic) -> bool:
+    """The explicit argument, else ``torch.use_deterministic_algorithms``'s setting."""
+    if deterministic is None:
+        return torch.are_deterministic_algorithms_enabled()
+    return bool(deterministic)
+
 
 # Interpreter (and explicit) defaults: small tiles keep the CPU emulation fast on test shapes.
 INTERPRET_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}
@@ -517,14 +624,20 @@ def _pinned(launcher: str, kernel: str, config, a_dtype, b_dtype, activation=Non
     return config.all_kwargs()
 
 
+def _on_device(t):
+    """Launch on the tensor's GPU, not the current one (a no-op for the interpreter's CPU tensors)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _launch(tuned, plain, grid_fn, args, kwargs, pinned, interpret_blocks, grid_extra=()):
-    """Launch with the ``pinned`` keywords (see ``_pinned``) when given, else autotuned on a GPU and with
-    ``interpret_blocks`` under TRITON_INTERPRET."""
-    if pinned is None and not _interpreting():
-        tuned[lambda meta: (grid_fn(meta), *grid_extra)](*args, **kwargs)
-        return
-    meta = dict(pinned if pinned is not None else interpret_blocks)
-    plain[(grid_fn(meta), *grid_extra)](*args, **kwargs, **meta)
+    """Launch on the device of ``args[0]``, with the ``pinned`` keywords (see ``_pinned``) when given, else
+    autotuned on a GPU and with ``interpret_blocks`` under TRITON_INTERPRET."""
+    with _on_device(args[0]):
+        if pinned is None and not _interpreting():
+            tuned[lambda meta: (grid_fn(meta), *grid_extra)](*args, **kwargs)
+            return
+        meta = dict(pinned if pinned is not None else interpret_blocks)
+        plain[(grid_fn(meta), *grid_extra)](*args, **kwargs, **meta)
 
 
 def _row_tiles(n_rows: int, E: int, block_m: int) -> int:
@@ -554,20 +667,23 @@ def moe_gather_gemm_fwd(x, w_gate_up, sorted_pairs, offsets, top_k: int, F: int,
     def grid(meta):
         return _row_tiles(M, E, meta["BLOCK_M"]) * triton.cdiv(F, meta["BLOCK_N"])
 
-    args = (x, w_gate_up, sorted_pairs, offsets, pre_arg, h, E, F, D,
+    args = (x, w_gate_up, sorted_pairs, offsets, pre_arg, h, M, E, F, D, _m_bucket(M),
             x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
             pre_arg.stride(0), h.stride(0))
     kwargs = dict(TOPK=top_k, ACT=act, STORE_PRE=store_pre, DOT_PREC=_dot_prec(x.dtype), UPCAST=_upcast(x.dtype),
-                  BLOCK_E=_block_e(E))
+                  BLOCK_E=_block_e(E), GROUP_M=GROUP_M)
     _launch(_gather_fwd_tuned, _moe_gather_gemm_fwd_kernel, grid, args, kwargs, pinned, INTERPRET_BLOCKS)
     return h, pre
 
 
 def moe_scatter_gemm(a, w, w_transposed: bool, sorted_pairs, offsets, top_k: int, T: int, scale=None,
-                     config=None):
+                     config=None, deterministic=None):
     """out (T, N) float32: out[t] = sum over the rows i of token t of scale[p] * (a[i] @ B_e), B_e = w[e]^T
     (``w_transposed=False``, w (E, N, KD)) or w[e] (``w_transposed=True``, w (E, KD, N)). ``config`` pins
-    the launch (see ``moe_gather_gemm_fwd``)."""
+    the launch (see ``moe_gather_gemm_fwd``). With ``top_k > 1`` the k rows of a token are summed with
+    float32 atomics (order-dependent in the last bits), or, when ``deterministic`` (default:
+    ``torch.are_deterministic_algorithms_enabled()``), written one row per (token, slot) and summed over the
+    slots in slot order: bit-identical from run to run, at T*k*N*4 bytes of scratch."""
     pinned = None if config is None else _pinned("moe_scatter_gemm", "scatter", config, a.dtype, w.dtype)
     M, KD = a.shape
     E = w.shape[0]
@@ -577,28 +693,36 @@ def moe_scatter_gemm(a, w, w_transposed: bool, sorted_pairs, offsets, top_k: int
     else:
         N = w.shape[1]
         s_wn, s_wk = w.stride(1), w.stride(2)
-    atomic = top_k > 1
-    out = (torch.zeros if atomic or M == 0 else torch.empty)((T, N), device=a.device, dtype=torch.float32)
-    if M == 0 or N == 0:
-        return out
-    if KD == 0:
-        return out.zero_()
+    by_pair = top_k > 1 and _deterministic(deterministic)
+    atomic = top_k > 1 and not by_pair
+    if M == 0 or N == 0 or KD == 0:
+        return torch.zeros((T, N), device=a.device, dtype=torch.float32)
+    if by_pair:
+        out = torch.empty((M, N), device=a.device, dtype=torch.float32)
+    else:
+        out = (torch.zeros if atomic else torch.empty)((T, N), device=a.device, dtype=torch.float32)
 
     def grid(meta):
         return _row_tiles(M, E, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
 
     scale_arg = scale if scale is not None else out
-    args = (a, w, sorted_pairs, offsets, scale_arg, out, E, N, KD, a.stride(0), a.stride(1),
+    args = (a, w, sorted_pairs, offsets, scale_arg, out, M, E, N, KD, _m_bucket(M), a.stride(0), a.stride(1),
             w.stride(0), s_wn, s_wk, out.stride(0))
-    kwargs = dict(TOPK=top_k, HAS_SCALE=scale is not None, ATOMIC=atomic, DOT_PREC=_dot_prec(a.dtype), UPCAST=_upcast(a.dtype),
-                  BLOCK_E=_block_e(E))
+    kwargs = dict(TOPK=top_k, HAS_SCALE=scale is not None, ATOMIC=atomic, BY_PAIR=by_pair,
+                  DOT_PREC=_dot_prec(a.dtype), UPCAST=_upcast(a.dtype), BLOCK_E=_block_e(E), GROUP_M=GROUP_M)
     _launch(_scatter_tuned, _moe_scatter_gemm_kernel, grid, args, kwargs, pinned, INTERPRET_BLOCKS)
+    if by_pair:
+        return out.view(T, top_k, N).sum(1)
     return out
 
 
 def moe_gather_gemm_bwd(dy, w_down, sorted_pairs, offsets, scale, pre, top_k: int, activation: str, config=None):
     """From dy (T, D): dA (T*k, 2F or F) [pre.dtype], h (T*k, F) [pre.dtype], dw_sorted (T*k,) float32.
-    ``config`` pins the launch (see ``moe_gather_gemm_fwd``)."""
+
+    Two kernels: the gathered GEMM G = dy[t] @ W_down[e] (``config`` pins its launch, see
+    ``moe_gather_gemm_fwd``), written into dA's first F columns in pre's dtype, then the elementwise
+    activation backward, which reads G and pre and writes dA, h (recomputed) and d topk_weights = <h, G> (one
+    program per row block, columns summed in order: deterministic, no atomics)."""
     act = ACTIVATIONS[activation]
     pinned = None if config is None else _pinned("moe_gather_gemm_bwd", "gather_bwd", config, dy.dtype,
                                                  w_down.dtype)
@@ -606,21 +730,25 @@ def moe_gather_gemm_bwd(dy, w_down, sorted_pairs, offsets, scale, pre, top_k: in
     E, D, F = w_down.shape
     da = torch.empty((M, pre.shape[1]), device=dy.device, dtype=pre.dtype)
     h = torch.empty((M, F), device=dy.device, dtype=pre.dtype)
-    dw = torch.zeros((M,), device=dy.device, dtype=torch.float32)
+    dw = torch.empty((M,), device=dy.device, dtype=torch.float32)
     if M == 0 or F == 0:
-        return da.zero_(), h.zero_(), dw
+        return da.zero_(), h.zero_(), dw.zero_()
     if D == 0:
-        return da.zero_(), h, dw  # h unused when D == 0 (weight grads are empty)
+        da[:, :F].zero_()
+    else:
+        def grid(meta):
+            return _row_tiles(M, E, meta["BLOCK_M"]) * triton.cdiv(F, meta["BLOCK_N"])
 
-    def grid(meta):
-        return _row_tiles(M, E, meta["BLOCK_M"]) * triton.cdiv(F, meta["BLOCK_N"])
-
-    args = (dy, w_down, sorted_pairs, offsets, scale, pre, da, h, dw, E, F, D,
-            dy.stride(0), dy.stride(1), w_down.stride(0), w_down.stride(1), w_down.stride(2),
-            pre.stride(0), da.stride(0), h.stride(0))
-    kwargs = dict(TOPK=top_k, ACT=act, DOT_PREC=_dot_prec(w_down.dtype), UPCAST=_upcast(w_down.dtype),
-                  BLOCK_E=_block_e(E))
-    _launch(_gather_bwd_tuned, _moe_gather_gemm_bwd_kernel, grid, args, kwargs, pinned, INTERPRET_BLOCKS)
+        args = (dy, w_down, sorted_pairs, offsets, da, M, E, F, D, _m_bucket(M),
+                dy.stride(0), dy.stride(1), w_down.stride(0), w_down.stride(1), w_down.stride(2), da.stride(0))
+        kwargs = dict(TOPK=top_k, DOT_PREC=_dot_prec(w_down.dtype), UPCAST=_upcast(w_down.dtype),
+                      BLOCK_E=_block_e(E), GROUP_M=GROUP_M)
+        _launch(_gather_bwd_tuned, _moe_gather_gemm_bwd_kernel, grid, args, kwargs, pinned, INTERPRET_BLOCKS)
+    with _on_device(da):
+        _moe_act_bwd_kernel[(triton.cdiv(M, ACT_BWD_BLOCKS["BLOCK_R"]),)](
+            da, pre, h, sorted_pairs, scale, dw, M, F, da.stride(0), pre.stride(0), h.stride(0),
+            ACT=act, num_warps=ACT_BWD_WARPS, **ACT_BWD_BLOCKS,
+        )
     return da, h, dw
 
 
@@ -640,7 +768,7 @@ def moe_weight_grad(left, l_gather: bool, right, r_gather: bool, sorted_pairs, o
         return triton.cdiv(N1, meta["BLOCK_N1"]) * triton.cdiv(N2, meta["BLOCK_N2"])
 
     scale_arg = scale if scale is not None else left
-    args = (left, right, sorted_pairs, offsets, scale_arg, out, N1, N2,
+    args = (left, right, sorted_pairs, offsets, scale_arg, out, E, N1, N2, _m_bucket(M),
             left.stride(0), left.stride(1), right.stride(0), right.stride(1),
             out.stride(0), out.stride(1), out.stride(2))
     kwargs = dict(TOPK=top_k, L_GATHER=l_gather, L_SCALE=scale is not None, R_GATHER=r_gather,

@@ -50,8 +50,9 @@ def test_limit_and_kernel_names():
         assert len(K.KERNEL_CONFIGS[kernel]) > 1
 
 
-def test_configs_for_prunes_a_config_over_the_limit_with_a_reason():
-    big = _find("gather_fwd", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_stages=3)
+def test_configs_for_prunes_a_config_over_the_limit_with_a_reason(monkeypatch):
+    big = _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64)
+    monkeypatch.setitem(K.KERNEL_CONFIGS, "gather_fwd", list(K.KERNEL_CONFIGS["gather_fwd"]) + [big])
     # SwiGLU: 3 stages x (x tile 128x64 + gate and up tiles 64x256) x 2 bytes
     need = 3 * (128 * 64 * 2 + 2 * 64 * 256 * 2)
     assert need == 245760 > LIMIT
@@ -62,9 +63,30 @@ def test_configs_for_prunes_a_config_over_the_limit_with_a_reason():
     assert not kept
     for part in ("gather_fwd", "245760", "232448", "BLOCK_N=256"):
         assert part in reason, reason
-    # one weight tile with GELU: 3 x (16 KiB + 32 KiB) fits; None assumes the larger SwiGLU
-    assert dict((id(c), k) for c, k, _ in K.configs_for("gather_fwd", "bf16", "gelu"))[id(big)]
+    # one weight tile with GELU: 3 x (16 KiB + 32 KiB) fits the shared memory, but 128 x 256 float32
+    # accumulator values over 256 threads are 128 per thread: dropped by the register rule
+    kept, reason = {id(c): (k, r) for c, k, r in K.configs_for("gather_fwd", "bf16", "gelu")}[id(big)]
+    assert not kept and "128 float32 accumulator values per thread" in reason, reason
     assert not dict((id(c), k) for c, k, _ in K.configs_for("gather_fwd", "bf16"))[id(big)]
+
+
+def test_register_and_ieee_rules():
+    half = _cfg(8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64)  # SwiGLU: 2 x 128 x 64 / 256 = 64 per thread
+    full = _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)  # SwiGLU: 128 per thread; GELU: 64
+    assert K._acc_per_thread("gather_fwd", half, "swiglu") == K.ACC_REGISTERS_PER_THREAD
+    assert K._acc_per_thread("gather_fwd", full, "swiglu") == 2 * K.ACC_REGISTERS_PER_THREAD
+    assert K._acc_per_thread("gather_fwd", full, "gelu") == K.ACC_REGISTERS_PER_THREAD
+    assert K._acc_per_thread("scatter", full, "swiglu") == K.ACC_REGISTERS_PER_THREAD
+    assert any("IEEE" in reason for _, _, reason in K.configs_for("scatter", "fp32", dot_prec="ieee"))
+    for kernel in MOE_KERNELS:
+        out = K.configs_for(kernel, "fp32", dot_prec="ieee")
+        assert any(kept for _, kept, _ in out)
+        for cfg, kept, reason in out:
+            (rows, _, cols), _, _ = K._DOT_TILES[kernel]
+            if kept:
+                assert cfg.kwargs[rows] * cfg.kwargs[cols] <= K.IEEE_MAX_TILE
+            elif "IEEE" in reason:
+                assert cfg.kwargs[rows] * cfg.kwargs[cols] > K.IEEE_MAX_TILE
 
 
 @pytest.mark.parametrize("kernel", MOE_KERNELS)
@@ -75,10 +97,13 @@ def test_configs_for_agrees_with_the_estimate(kernel, dtype):
     assert any(kept for _, kept, _ in out), "every kernel keeps at least one config"
     for cfg, kept, reason in out:
         need = K.shared_memory_estimate(kernel, cfg, dtype)
-        assert kept == (need <= LIMIT)
+        acc = K._acc_per_thread(kernel, cfg, None)
+        assert kept == (need <= LIMIT and acc <= K.ACC_REGISTERS_PER_THREAD)
         assert (reason == "") == kept
-        if not kept:
+        if need > LIMIT:
             assert str(need) in reason and str(LIMIT) in reason
+        elif not kept:
+            assert f"{acc} float32 accumulator values per thread" in reason
 
 
 def test_fp32_prunes_more_than_bf16():
@@ -132,7 +157,7 @@ def _small_problem(dtype=torch.float32, T=8, E=4, k=2, d=32, f=32, seed=0):
 
 def test_pinning_a_pruned_config_raises_naming_kernel_config_and_bytes():
     x, tw, wgu, wd, sp, off, k, T, f = _small_problem(torch.bfloat16)
-    big = _find("gather_fwd", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_stages=3)
+    big = _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64)
     with pytest.raises(ValueError) as ei:
         K.moe_gather_gemm_fwd(x, wgu, sp, off, k, f, "swiglu", True, config=big)
     msg = str(ei.value)
@@ -141,7 +166,7 @@ def test_pinning_a_pruned_config_raises_naming_kernel_config_and_bytes():
     fat = _cfg(8, 4, BLOCK_M=128, BLOCK_N1=256, BLOCK_N2=256)  # 4 x (256x128 + 128x256) x 2 bytes
     with pytest.raises(ValueError, match=r"moe_weight_grad: config pruned: .*weight_grad.* 524288 bytes"):
         K.moe_weight_grad(x, True, x, True, sp, off, k, (4, 32, 32), torch.float32, config=fat)
-    fp32 = _find("scatter", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64)  # 3 x (32 KiB + 64 KiB) in float32
+    fp32 = _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64)  # 3 x (32 KiB + 64 KiB) in float32
     h = torch.randn(sp.shape[0], f)
     with pytest.raises(ValueError, match="moe_scatter_gemm: config pruned"):
         K.moe_scatter_gemm(h, wd.float(), False, sp, off, k, T, config=fp32)
@@ -292,9 +317,12 @@ def test_committed_report_covers_every_config_and_passes():
             for dt, prec in CR.DTYPES:
                 act = variant if kernel == "gather_fwd" else None
                 want = {CR._config_str(c.kwargs, c.num_warps, c.num_stages): int(kept)
-                        for c, kept, _ in K.configs_for(kernel, dt, act)}
+                        for c, kept, _ in K.configs_for(kernel, dt, act, prec)}
                 got = {r["config"]: int(r["kept"]) for r in rows
                        if (r["kernel"], r["variant"], r["dtype"], r["dot_prec"]) == (kernel, variant, dt, prec)}
                 assert got == want, f"{kernel} {variant} {dt} {prec}: the report is stale; run make compile-report"
-    for kernel in ("router_fwd", "router_bwd", "router_stats"):
+    for kernel in ("router_fwd", "router_bwd", "router_stats", "act_bwd"):
         assert any(r["kernel"] == kernel for r in rows), kernel
+    spills = [(r["kernel"], r["variant"], r["dtype"], r["config"], r["spill_bytes"]) for r in rows
+              if r["kept"] == "1" and r["dtype"] in ("bf16", "fp16") and r["spill_bytes"] not in ("", "0")]
+    assert not spills, f"kept bf16/fp16 configs that spill: {spills}"

@@ -133,7 +133,8 @@ def test_pinned_config_matches_float64(kernel, ci, dname, variant, case):
     dtype = DTYPES[dname]
     cfg = K.KERNEL_CONFIGS[kernel][ci]
     act = variant.get("activation")
-    _, kept, reason = next(c for c in K.configs_for(kernel, dtype, act) if c[0] is cfg)
+    prec = K._dot_prec(dtype)
+    _, kept, reason = next(c for c in K.configs_for(kernel, dtype, act, prec) if c[0] is cfg)
     if not kept:
         pytest.skip(f"pruned: {reason}")
     T, d, f = CASES[case]
@@ -210,7 +211,8 @@ def _run_case(kernel, cfg, dtype, variant, T, d, f, k, kind, dev, g):
         s = scale.double()[pairs][:, None]
         da_ref = _act_grad(pre64, gg * s, act)
         dw_ref = (gg * h_ref).sum(1)
-        dacc = ACC * d * absprod  # accumulation error of G
+        # G's error: float32 accumulation, then G is rounded to the operand dtype between the two kernels
+        dacc = ACC * d * absprod + EPS[dtype] * gg.abs()
         coef = _act_grad(pre64, torch.ones_like(gg), act).abs()  # |d dA / d G| / |w[p]| per element
         carried = coef * torch.cat([dacc, dacc], 1) if act == "swiglu" else coef * dacc
         _check("h", h, h_ref, (4.0 * EPS[dtype] + MATH) * h_ref.abs().max().item() + 1e-30)
@@ -240,3 +242,67 @@ def _run_case(kernel, cfg, dtype, variant, T, d, f, k, kind, dev, g):
         absw.index_add_(0, experts, torch.einsum("mi,mj->mij", L.abs(), R.abs()))
         # L times scale is rounded to the operand dtype inside the kernel before the dot
         _check("dW", out, want, _bound(dtype, dtype, want, M, absw) + 2.0 * EPS[dtype] * absw.max().item())
+
+
+# --------------------------------------------------------------------------- schedule, determinism, tuning keys
+
+
+@pytest.mark.skipif(not availability.triton_interpret(), reason="runs a probe kernel through TRITON_INTERPRET=1")
+@pytest.mark.parametrize("M,E,N,BM,BN,G", [(600, 4, 128, 32, 64, 8), (37, 3, 45, 16, 64, 8), (1, 1, 1, 16, 64, 8),
+                                           (1000, 64, 700, 64, 128, 8), (50, 8, 300, 16, 64, 1)])
+def test_grouped_tile_order_is_a_bijection_in_groups(M, E, N, BM, BN, G):
+    """Every (row tile, column tile) of the launch grid is visited exactly once, and consecutive programs of
+    one group share a column tile (the same weight tile)."""
+    import triton.language as tl
+
+    @triton.jit
+    def _probe(out_ptr, M, E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        pm, pn = K._grouped_tile(pid, M, E, N, BLOCK_M, BLOCK_N, GROUP_M)
+        tl.store(out_ptr + 2 * pid, pm)
+        tl.store(out_ptr + 2 * pid + 1, pn)
+
+    n_m = K._row_tiles(M, E, BM)
+    n_n = triton.cdiv(N, BN)
+    out = torch.full((n_m * n_n, 2), -1, dtype=torch.int32)
+    _probe[(n_m * n_n,)](out, M, E, N, BLOCK_M=BM, BLOCK_N=BN, GROUP_M=G)
+    pairs = {tuple(r) for r in out.tolist()}
+    assert pairs == {(m, n) for m in range(n_m) for n in range(n_n)}
+    for pid in range(min(G, n_m) - 1):  # the first group: its programs walk the rows of one column tile
+        assert out[pid, 1] == out[pid + 1, 1] and out[pid + 1, 0] == out[pid, 0] + 1
+
+
+@pytest.mark.skipif(not availability.triton_interpret() and not torch.cuda.is_available(),
+                    reason="needs TRITON_INTERPRET=1 or a CUDA device")
+@pytest.mark.parametrize("k", [2, 3])
+def test_deterministic_scatter_matches_float64_and_repeats_bitwise(k, monkeypatch):
+    dev = torch.device("cpu") if availability.triton_interpret() else torch.device("cuda")
+    g = torch.Generator().manual_seed(40 + k)
+    T, d, f = 53, 40, 24
+    ids, routing = _routing(T, k, "empty", g)
+    pairs, toks, experts = _rows(routing, k)
+    a = torch.randn(T * k, d, generator=g)
+    w = torch.randn(E, f, d, generator=g) / 8
+    scale = torch.rand(T * k, generator=g) + 0.1
+    run = [K.moe_scatter_gemm(a.to(dev), w.to(dev), False, routing.sorted_pairs.to(dev), routing.offsets.to(dev),
+                              k, T, scale=scale.to(dev), deterministic=True) for _ in range(2)]
+    assert torch.equal(run[0], run[1])
+    rows = torch.einsum("md,mfd->mf", a.double(), w.double()[experts]) * scale.double()[pairs][:, None]
+    want = torch.zeros(T, f, dtype=torch.float64).index_add_(0, toks, rows)
+    _check("deterministic out", run[0], want, 1e-5 * want.abs().max().item())
+    # the global switch selects the same path
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    again = K.moe_scatter_gemm(a.to(dev), w.to(dev), False, routing.sorted_pairs.to(dev), routing.offsets.to(dev),
+                               k, T, scale=scale.to(dev))
+    assert torch.equal(again, run[0])
+
+
+def test_autotune_keys_name_what_changes_the_best_config():
+    for tuner, must in ((K._gather_fwd_tuned, ("ACT", "E", "TOPK", "M_BUCKET", "DOT_PREC")),
+                        (K._scatter_tuned, ("E", "TOPK", "ATOMIC", "BY_PAIR", "M_BUCKET")),
+                        (K._gather_bwd_tuned, ("E", "TOPK", "M_BUCKET")),
+                        (K._wgrad_tuned, ("E", "TOPK", "L_GATHER", "M_BUCKET"))):
+        missing = [n for n in must if n not in tuner.keys]
+        assert not missing, f"{tuner.fn.__name__}: key lacks {missing}"
+        assert all(n in tuner.fn.arg_names for n in tuner.keys)
+    assert [K._m_bucket(m) for m in (0, 1, 255, 256, 257, 16384, 16385)] == [256, 256, 256, 256, 512, 16384, 32768]

@@ -179,19 +179,20 @@ def _kernels():
 @torch.library.custom_op("metamoe::moe_experts_fwd", mutates_args=())
 def _moe_experts_fwd(x: torch.Tensor, topk_weights: torch.Tensor, sorted_pairs: torch.Tensor,
                      offsets: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int,
-                     activation: str, save_pre: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                     activation: str, save_pre: bool, deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: (y (T, d) [x.dtype], pre (T*k or 0, 2f or f) [x.dtype], expert-sorted pre-activations)."""
     K = _kernels()
     T = x.shape[0]
     f = w_down.shape[2]
     tw = topk_weights.reshape(-1)
     h, pre = K.moe_gather_gemm_fwd(x, w_gate_up, sorted_pairs, offsets, top_k, f, activation, save_pre)
-    y32 = K.moe_scatter_gemm(h, w_down, False, sorted_pairs, offsets, top_k, T, scale=tw)
+    y32 = K.moe_scatter_gemm(h, w_down, False, sorted_pairs, offsets, top_k, T, scale=tw,
+                             deterministic=deterministic)
     return y32.to(x.dtype), pre
 
 
 @_moe_experts_fwd.register_fake
-def _(x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, top_k, activation, save_pre):
+def _(x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, top_k, activation, save_pre, deterministic):
     m = sorted_pairs.shape[0] if save_pre else 0
     return x.new_empty(x.shape), x.new_empty((m, w_gate_up.shape[1]))
 
@@ -200,7 +201,7 @@ def _(x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, top_k, activati
 def _moe_experts_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor,
                      sorted_pairs: torch.Tensor, offsets: torch.Tensor, w_gate_up: torch.Tensor,
                      w_down: torch.Tensor, pre: torch.Tensor, top_k: int, activation: str, need_x: bool,
-                     need_weights: bool, need_gate_up: bool, need_down: bool
+                     need_weights: bool, need_gate_up: bool, need_down: bool, deterministic: bool
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: (dx, d topk_weights, d w_gate_up, d w_down); a gradient not asked for is empty (0,)."""
     K = _kernels()
@@ -211,7 +212,8 @@ def _moe_experts_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weights: torch.
     def empty():  # a fresh tensor each time: custom-op outputs must not alias each other
         return x.new_empty((0,))
 
-    dx = K.moe_scatter_gemm(da, w_gate_up, True, sorted_pairs, offsets, top_k, T).to(x.dtype) if need_x else empty()
+    dx = (K.moe_scatter_gemm(da, w_gate_up, True, sorted_pairs, offsets, top_k, T, deterministic=deterministic)
+          .to(x.dtype) if need_x else empty())
     if need_weights:
         dtw = torch.empty((M,), device=x.device, dtype=torch.float32).scatter_(0, sorted_pairs, dw_sorted)
         dtw = dtw.view(topk_weights.shape).to(topk_weights.dtype)
@@ -226,7 +228,7 @@ def _moe_experts_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weights: torch.
 
 @_moe_experts_bwd.register_fake
 def _(grad_y, x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, pre, top_k, activation, need_x,
-      need_weights, need_gate_up, need_down):
+      need_weights, need_gate_up, need_down, deterministic):
     def like(t, need):
         return t.new_empty(t.shape) if need else x.new_empty((0,))
 
@@ -234,10 +236,11 @@ def _(grad_y, x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, pre, to
 
 
 def _setup_context(ctx, inputs, output):
-    x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, top_k, activation, _save_pre = inputs
+    x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, top_k, activation, _save_pre, det = inputs
     ctx.save_for_backward(x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, output[1])
     ctx.top_k = top_k
     ctx.activation = activation
+    ctx.deterministic = det
 
 
 def _backward(ctx, grad_y, grad_pre):
@@ -247,16 +250,16 @@ def _backward(ctx, grad_y, grad_pre):
         raise RuntimeError("moe_experts: the forward ran without saving activations (no input required grad then)")
     dx, dtw, dgu, dd = torch.ops.metamoe.moe_experts_bwd(
         grad_y, x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, pre, ctx.top_k, ctx.activation,
-        bool(nx), bool(ntw), bool(ngu), bool(nd))
+        bool(nx), bool(ntw), bool(ngu), bool(nd), ctx.deterministic)
     return (dx if nx else None, dtw if ntw else None, None, None, dgu if ngu else None, dd if nd else None,
-            None, None, None)
+            None, None, None, None)
 
 
 torch.library.register_autograd("metamoe::moe_experts_fwd", _backward, setup_context=_setup_context)
 
 
 def moe_experts_triton(x, topk_weights, topk_ids, w_gate_up, w_down, activation="swiglu",
-                       routing: Optional[MoERouting] = None) -> torch.Tensor:
+                       routing: Optional[MoERouting] = None, deterministic: bool = False) -> torch.Tensor:
     """Triton grouped GEMMs (gather fused into the first, weighted scatter-add into the second); no host sync."""
     E = w_gate_up.shape[0]
     k = topk_ids.shape[1]
@@ -265,7 +268,7 @@ def moe_experts_triton(x, topk_weights, topk_ids, w_gate_up, w_down, activation=
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, topk_weights, w_gate_up, w_down))
     y, _ = torch.ops.metamoe.moe_experts_fwd(x, topk_weights, routing.sorted_pairs, routing.offsets, w_gate_up,
-                                             w_down, k, activation, save)
+                                             w_down, k, activation, save, bool(deterministic))
     return y
 
 
@@ -295,6 +298,7 @@ def moe_experts(
     activation: str = "swiglu",
     backend: Optional[str] = None,
     routing: Optional[MoERouting] = None,
+    deterministic: Optional[bool] = None,
 ) -> torch.Tensor:
     """Dropless top-k mixture of experts: ``y[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])``.
 
@@ -315,6 +319,10 @@ def moe_experts(
         activation: ``"swiglu"`` (default), ``"gelu"`` (exact erf) or ``"gelu_tanh"``.
         backend: ``"auto"`` (default, or ``METAMOE_BACKEND``): ``triton`` where it can run, else ``torch``.
         routing: optional precomputed :func:`moe_routing` ``(topk_ids, E)`` result, to share between calls.
+        deterministic: triton backend: sum the k slots of a token in slot order (bit-identical from run to
+            run, T*k*d*4 bytes of scratch) instead of with float32 atomics. Default (None):
+            ``torch.are_deterministic_algorithms_enabled()``. The torch backend is as deterministic as
+            torch's own kernels under that setting.
 
     Returns:
         y: (T, d), dtype of x. Products accumulate in float32 (float64 for float64 input on torch).
@@ -328,11 +336,14 @@ def moe_experts(
 
     Notes:
         The triton backend sums the k slots of a token with float32 atomics (order-nondeterministic in the
-        last bits when k > 1) and never synchronises with the host; the torch backend's per-expert loop reads
+        last bits when k > 1) unless ``deterministic``, and never synchronises with the host; the torch backend's per-expert loop reads
         the per-expert counts on the host once per call (``torch._grouped_mm`` does not).
     """
     T, d, f, E, k = _check_inputs(x, topk_weights, topk_ids, w_gate_up, w_down, activation, routing)
     spec = CallSpec(device=x.device.type, dtype=dtype_name(x),
                     extra={"T": T, "d": d, "f": f, "E": E, "k": k, "activation": activation})
     impl = moe_experts_op.select(spec, backend)
+    if impl.backend == "triton":
+        det = torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
+        return impl.fn(x, topk_weights, topk_ids, w_gate_up, w_down, activation, routing, deterministic=det)
     return impl.fn(x, topk_weights, topk_ids, w_gate_up, w_down, activation, routing)
