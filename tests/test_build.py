@@ -76,3 +76,19 @@ def test_setup_rejects_bad_cuda_switch():
     out = subprocess.run([sys.executable, "setup.py", "build_ext"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode != 0
     assert "METAMOE_CUDA must be 0, 1 or unset" in out.stderr + out.stdout
+
+
+def test_cuda_module_sets_its_device_or_says_why():
+    from metamoe.backends import availability
+
+    mod, reason = availability.extension("_C_cuda")
+    if mod is None:
+        pytest.skip(f"_C_cuda unavailable: {reason}")
+    count, _ = mod.device_count()
+    if count == 0:
+        with pytest.raises(RuntimeError, match=r"metamoe._C_cuda.set_device\(0\): "):
+            mod.set_device(0)
+    else:
+        mod.set_device(count - 1)
+        with pytest.raises(RuntimeError, match=rf"set_device\({count}\)"):
+            mod.set_device(count)

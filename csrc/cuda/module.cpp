@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
+#include <stdexcept>
 #include <string>
 
 #include "metamoe/cuda_ops.h"
@@ -41,6 +42,19 @@ PYBIND11_MODULE(_C_cuda, m) {
         return py::make_tuple(n, std::string(n > 0 ? "ok" : "the NVIDIA driver reports no CUDA device"));
       },
       "(count, message): CUDA devices the runtime sees, and why none when there are none.");
+  m.def(
+      "set_device",
+      [](int device) {
+        cudaError_t err = cudaSetDevice(device);
+        if (err != cudaSuccess) {
+          cudaGetLastError();
+          throw std::runtime_error("metamoe._C_cuda.set_device(" + std::to_string(device) +
+                                   "): " + cudaGetErrorString(err));
+        }
+      },
+      py::arg("device"),
+      "Make ``device`` current for this module's CUDA runtime on the calling thread (its kernels launch "
+      "there); the pointers passed to the kernels must live on it.");
   metamoe::register_dpp_greedy_cuda(m);
   metamoe::register_facility_location_cuda(m);
 }

@@ -238,6 +238,7 @@ def dpp_greedy_cuda(X, relevance: np.ndarray, k: int, ridge: float, eps: float, 
     stream = torch.cuda.current_stream(dev).cuda_stream
     code = _CUDA_DTYPES[dtype_name(X)]
     with torch.cuda.device(dev):
+        ext.set_device(dev.index if dev.index is not None else torch.cuda.current_device())
         ext.dpp_init(X.data_ptr(), code, n, d, rel.data_ptr(), float(ridge), ws, nb, stream)
         bad = int(bufs[10].item())
         if bad != 2**31 - 1:

@@ -315,6 +315,7 @@ def facility_location_cuda(problem: FacilityLocationProblem, k: int, optimizer: 
     out_gain = torch.zeros(k, **f64)
     stream = torch.cuda.current_stream(dev).cuda_stream
     with torch.cuda.device(dev):
+        ext.set_device(dev.index if dev.index is not None else torch.cuda.current_device())
         ext.fl_init(graph, n, m, ws, nb, stream)
         t = 0
         with _progress(k, progress, "facility location (cuda)") as bar:
