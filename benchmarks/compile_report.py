@@ -182,10 +182,12 @@ _MOE_VARIANTS = {
         "G": (dict(TOPK=8), ["stride_dyd", "stride_wf"]),
     }),
     "weight_grad": ("_moe_weight_grad_kernel", {
-        "dw_gate_up": (dict(TOPK=8, L_GATHER=False, L_SCALE=False, R_GATHER=True),
+        "dw_gate_up": (dict(TOPK=8, L_GATHER=False, L_SCALE=False, R_GATHER=True, SPLIT=False),
                        ["stride_ln", "stride_rn", "stride_o2"]),
-        "dw_down": (dict(TOPK=8, L_GATHER=True, L_SCALE=True, R_GATHER=False),
+        "dw_down": (dict(TOPK=8, L_GATHER=True, L_SCALE=True, R_GATHER=False, SPLIT=False),
                     ["stride_ln", "stride_rn", "stride_o2"]),
+        "dw_down-split": (dict(TOPK=8, L_GATHER=True, L_SCALE=True, R_GATHER=False, SPLIT=True),
+                          ["stride_ln", "stride_rn", "stride_o2"]),
     }),
 }
 
@@ -199,7 +201,7 @@ def _moe_ptr_types(kernel: str, variant: str, dt: str) -> dict:
         return dict(idx, a_ptr=t, w_ptr=t, scale_ptr=t if variant != "dx" else "*fp32", out_ptr="*fp32")
     if kernel == "gather_bwd":
         return dict(idx, dy_ptr=t, w_ptr=t, g_ptr=t)
-    return dict(idx, l_ptr=t, r_ptr=t, scale_ptr=t, out_ptr=t)
+    return dict(idx, l_ptr=t, r_ptr=t, scale_ptr=t, out_ptr="*fp32" if variant.endswith("split") else t)
 
 
 def _config_str(meta: dict, num_warps: int, num_stages: int) -> str:

@@ -326,7 +326,7 @@ def _moe_weight_grad_kernel(
     stride_lm, stride_ln, stride_rm, stride_rn,
     stride_oe, stride_o1, stride_o2,
     TOPK: tl.constexpr, L_GATHER: tl.constexpr, L_SCALE: tl.constexpr, R_GATHER: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N1: tl.constexpr, BLOCK_N2: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -334,8 +334,15 @@ def _moe_weight_grad_kernel(
     n2_tiles = tl.cdiv(N2, BLOCK_N2)
     pid_1 = pid // n2_tiles
     pid_2 = pid % n2_tiles
-    start = tl.load(offsets_ptr + e)
-    end = tl.load(offsets_ptr + e + 1)
+    seg_start = tl.load(offsets_ptr + e)
+    seg_end = tl.load(offsets_ptr + e + 1)
+    if SPLIT:  # the expert's rows in tl.num_programs(2) chunks of whole row blocks, one per program
+        chunk = tl.cdiv(tl.cdiv(seg_end - seg_start, tl.num_programs(2)), BLOCK_M) * BLOCK_M
+        start = seg_start + tl.program_id(2) * chunk
+        end = tl.minimum(seg_end, start + chunk)
+    else:
+        start = seg_start
+        end = seg_end
     c1 = pid_1 * BLOCK_N1 + tl.arange(0, BLOCK_N1)
     c2 = pid_2 * BLOCK_N2 + tl.arange(0, BLOCK_N2)
     c1mask = c1 < N1
@@ -366,7 +373,10 @@ def _moe_weight_grad_kernel(
             lv = lv.to(rv.dtype)
         acc = _mma(tl.trans(lv), rv, acc, DOT_PREC, UPCAST)
     o_ptrs = out_ptr + e.to(tl.int64) * stride_oe + c1[:, None].to(tl.int64) * stride_o1 + c2[None, :] * stride_o2
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=c1mask[:, None] & c2mask[None, :])
+    if SPLIT:  # float32 partial sums of the chunks into a zeroed buffer
+        tl.atomic_add(o_ptrs, acc, mask=c1mask[:, None] & c2mask[None, :] & (start < end), sem="relaxed")
+    else:
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=c1mask[:, None] & c2mask[None, :])
 
 
 # --------------------------------------------------------------------------- tuning
@@ -564,7 +574,8 @@ _scatter_tuned = _autotuned("scatter", _moe_scatter_gemm_kernel,
 _gather_bwd_tuned = _autotuned("gather_bwd", _moe_gather_gemm_bwd_kernel, ["F", "D", "E", "TOPK", "DOT_PREC",
                                                                           "M_BUCKET"])
 _wgrad_tuned = _autotuned("weight_grad", _moe_weight_grad_kernel,
-                          ["N1", "N2", "E", "TOPK", "L_GATHER", "R_GATHER", "DOT_PREC", "M_BUCKET"])
+                          ["N1", "N2", "E", "TOPK", "L_GATHER", "R_GATHER", "SPLIT", "DOT_PREC", "M_BUCKET"],
+                          reset_to_zero=["out_ptr"])
 
 GROUP_M = 8
 """Row tiles per group of the grouped tile order (see ``_grouped_tile``)."""
@@ -752,17 +763,43 @@ def moe_gather_gemm_bwd(dy, w_down, sorted_pairs, offsets, scale, pre, top_k: in
     return da, h, dw
 
 
+def weight_grad_split(M: int, E: int, N1: int, N2: int, deterministic: bool = False) -> int:
+    """Programs that share one expert's rows in the weight gradient: enough for about ``WGRAD_PROGRAMS`` programs
+    in all when the output tiles alone are too few (a small weight, e.g. one expert taking most tokens), at
+    least ``WGRAD_MIN_ROWS`` rows each in the worst case of every row on one expert; 1 when ``deterministic``
+    (the chunks' partial sums are added with atomics)."""
+    if deterministic or M == 0:
+        return 1
+    tiles = triton.cdiv(N1, 128) * triton.cdiv(N2, 128) * max(E, 1)
+    want = triton.cdiv(WGRAD_PROGRAMS, tiles)
+    return int(max(1, min(want, M // WGRAD_MIN_ROWS)))
+
+
+WGRAD_PROGRAMS = 1024
+WGRAD_MIN_ROWS = 512
+
+
 def moe_weight_grad(left, l_gather: bool, right, r_gather: bool, sorted_pairs, offsets, top_k: int, out_shape,
-                    out_dtype, scale=None, config=None):
+                    out_dtype, scale=None, config=None, deterministic=None, split=None):
     """out (E, N1, N2) [out_dtype]: out[e] = sum over expert e's sorted rows i of L[i]^T R[i], where L[i] is
     left[t] (gathered, optionally times scale[p]) or left[i], and likewise R[i]. ``config`` (of
-    ``KERNEL_CONFIGS["weight_grad"]``'s form) pins the launch (see ``moe_gather_gemm_fwd``)."""
+    ``KERNEL_CONFIGS["weight_grad"]``'s form) pins the launch (see ``moe_gather_gemm_fwd``). When the output
+    tiles are few (``weight_grad_split``), each expert's rows are split between programs whose float32
+    partial sums are added atomically, unless ``deterministic`` (default:
+    ``torch.are_deterministic_algorithms_enabled()``); ``split`` sets that number of programs per expert."""
     pinned = None if config is None else _pinned("moe_weight_grad", "weight_grad", config, left.dtype, right.dtype)
     E, N1, N2 = out_shape
-    out = torch.empty(out_shape, device=left.device, dtype=out_dtype)
     M = sorted_pairs.shape[0]
     if M == 0 or E == 0 or N1 == 0 or N2 == 0:
-        return out.zero_()
+        return torch.zeros(out_shape, device=left.device, dtype=out_dtype)
+    if split is None:
+        split = weight_grad_split(M, E, N1, N2, _deterministic(deterministic))
+    elif isinstance(split, bool) or not isinstance(split, int) or split < 1:
+        raise ValueError(f"moe_weight_grad: split must be an int >= 1 or None, got {split!r}")
+    if split > 1:
+        out = torch.zeros(out_shape, device=left.device, dtype=torch.float32)
+    else:
+        out = torch.empty(out_shape, device=left.device, dtype=out_dtype)
 
     def grid(meta):
         return triton.cdiv(N1, meta["BLOCK_N1"]) * triton.cdiv(N2, meta["BLOCK_N2"])
@@ -771,8 +808,8 @@ def moe_weight_grad(left, l_gather: bool, right, r_gather: bool, sorted_pairs, o
     args = (left, right, sorted_pairs, offsets, scale_arg, out, E, N1, N2, _m_bucket(M),
             left.stride(0), left.stride(1), right.stride(0), right.stride(1),
             out.stride(0), out.stride(1), out.stride(2))
-    kwargs = dict(TOPK=top_k, L_GATHER=l_gather, L_SCALE=scale is not None, R_GATHER=r_gather,
+    kwargs = dict(TOPK=top_k, L_GATHER=l_gather, L_SCALE=scale is not None, R_GATHER=r_gather, SPLIT=split > 1,
                   DOT_PREC=_dot_prec(right.dtype), UPCAST=_upcast(right.dtype))
     _launch(_wgrad_tuned, _moe_weight_grad_kernel, grid, args, kwargs, pinned, INTERPRET_WGRAD_BLOCKS,
-            grid_extra=(E,))
-    return out
+            grid_extra=(E, split))
+    return out if split == 1 else out.to(out_dtype)

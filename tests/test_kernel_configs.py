@@ -44,7 +44,8 @@ def _variants(kernel):
     if kernel == "scatter":
         return [("down-k2", {"top_k": 2, "transposed": False}), ("dx-k2", {"top_k": 2, "transposed": True}),
                 ("down-k1", {"top_k": 1, "transposed": False})]
-    return [("dw_gate_up", {"side": "gate_up"}), ("dw_down", {"side": "down"})]
+    return [("dw_gate_up", {"side": "gate_up"}), ("dw_down", {"side": "down"}),
+            ("dw_down-split3", {"side": "down", "split": 3})]
 
 
 def _params():
@@ -231,7 +232,8 @@ def _run_case(kernel, cfg, dtype, variant, T, d, f, k, kind, dev, g):
             l_gather, r_gather = True, False
             scale = (torch.rand(M, generator=g) + 0.1).to(dtype)
         out = K.moe_weight_grad(left.to(dev), l_gather, right.to(dev), r_gather, sp, offs, k, (E, n1, n2), dtype,
-                                scale=None if scale is None else scale.to(dev), config=cfg)
+                                scale=None if scale is None else scale.to(dev), config=cfg,
+                                split=variant.get("split"))
         L = left.double()[toks] if l_gather else left.double()
         R = right.double()[toks] if r_gather else right.double()
         if scale is not None:
@@ -306,3 +308,13 @@ def test_autotune_keys_name_what_changes_the_best_config():
         assert not missing, f"{tuner.fn.__name__}: key lacks {missing}"
         assert all(n in tuner.fn.arg_names for n in tuner.keys)
     assert [K._m_bucket(m) for m in (0, 1, 255, 256, 257, 16384, 16385)] == [256, 256, 256, 256, 512, 16384, 32768]
+
+
+def test_weight_grad_split_choice():
+    assert K.weight_grad_split(32768, 8, 28672, 4096) == 1  # Mixtral's dW_gate_up: 57k output tiles
+    assert K.weight_grad_split(32768, 8, 64, 64) == min(triton.cdiv(K.WGRAD_PROGRAMS, 8), 32768 // K.WGRAD_MIN_ROWS)
+    assert K.weight_grad_split(32768, 8, 64, 64, deterministic=True) == 1
+    assert K.weight_grad_split(100, 8, 64, 64) == 1  # too few rows to share
+    with pytest.raises(ValueError, match="split must be an int >= 1"):
+        K.moe_weight_grad(torch.zeros(4, 2), False, torch.zeros(4, 2), False, torch.arange(4), torch.tensor([0, 4]),
+                          1, (1, 2, 2), torch.float32, split=0)

@@ -314,20 +314,21 @@ def test_torch_compile_traces_triton_custom_ops():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_custom_op_opcheck():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_custom_op_opcheck(deterministic):
     """Schema, fake (meta) implementation and autograd registration, checked by torch.library.opcheck."""
     _need_triton()
     x, tw, ids, wgu, wd, gy = make_inputs(12, 16, 16, 3, 2)
     r = moe_routing(ids, 3)
     args = (x.requires_grad_(), tw.requires_grad_(), r.sorted_pairs, r.offsets, wgu.requires_grad_(),
-            wd.requires_grad_(), 2, "swiglu", True)
+            wd.requires_grad_(), 2, "swiglu", True, deterministic)
     torch.library.opcheck(torch.ops.metamoe.moe_experts_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     with torch.no_grad():
         _, pre = torch.ops.metamoe.moe_experts_fwd(*args)
     for needs in ((True, True, True, True), (True, False, False, True)):
         bwd_args = (gy, x.detach(), tw.detach(), r.sorted_pairs, r.offsets, wgu.detach(), wd.detach(), pre, 2,
-                    "swiglu", *needs)
+                    "swiglu", *needs, deterministic)
         torch.library.opcheck(torch.ops.metamoe.moe_experts_bwd.default, bwd_args,
                               test_utils=("test_schema", "test_faketensor"))
 
@@ -461,3 +462,28 @@ def test_cuda_64bit_offsets():
     want = reference(x[tail].cpu(), tw[tail].cpu(), ids[tail].cpu(), wgu.cpu(), wd.cpu(), "swiglu")
     scale = want.abs().max().item()
     assert (y[tail].double().cpu() - want).abs().max().item() <= 0.05 * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic_mode_matches_reference_and_repeats(dtype, monkeypatch):
+    """deterministic=True (and torch.use_deterministic_algorithms) sums the k slots in slot order: forward and
+    every gradient close to float64 and bit-identical between runs; the weight gradient's row split is off."""
+    _need_triton()
+    x, tw, ids, wgu, wd, gy = make_inputs(45, 24, 20, 5, 3, "swiglu", dtype)
+    first = run("triton", x, tw, ids, wgu, wd, gy, "swiglu", deterministic=True)
+    second = run("triton", x, tw, ids, wgu, wd, gy, "swiglu", deterministic=True)
+    y_pt, g_pt = run("torch", x, tw, ids, wgu, wd, gy, "swiglu")
+    y_ref, g_ref = run("ref", x, tw, ids, wgu, wd, gy, "swiglu")
+    for name, a, b, pt, ref in zip(NAMES, (first[0],) + first[1], (second[0],) + second[1], (y_pt,) + g_pt,
+                                   (y_ref,) + g_ref):
+        assert torch.equal(a, b), f"{name}: deterministic runs differ"
+        tol = 2.0 * _max_err(pt, ref) + 4.0 * EPS[dtype] * ref.abs().max().item()
+        assert_close_to_ref(name, a, ref, tol)
+    from metamoe.kernels import moe_grouped_gemm as K
+
+    calls = []
+    monkeypatch.setattr(K, "weight_grad_split", lambda M, E, N1, N2, det: calls.append(det) or 1)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    third = run("triton", x, tw, ids, wgu, wd, gy, "swiglu")
+    assert torch.equal(third[0], first[0]) and all(torch.equal(a, b) for a, b in zip(third[1], first[1]))
+    assert calls == [True, True]  # dW_gate_up and dW_down, both without the row split

@@ -179,7 +179,8 @@ def _kernels():
 @torch.library.custom_op("metamoe::moe_experts_fwd", mutates_args=())
 def _moe_experts_fwd(x: torch.Tensor, topk_weights: torch.Tensor, sorted_pairs: torch.Tensor,
                      offsets: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, top_k: int,
-                     activation: str, save_pre: bool, deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                     activation: str, save_pre: bool, deterministic: bool = False
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: (y (T, d) [x.dtype], pre (T*k or 0, 2f or f) [x.dtype], expert-sorted pre-activations)."""
     K = _kernels()
     T = x.shape[0]
@@ -192,7 +193,7 @@ def _moe_experts_fwd(x: torch.Tensor, topk_weights: torch.Tensor, sorted_pairs: 
 
 
 @_moe_experts_fwd.register_fake
-def _(x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, top_k, activation, save_pre, deterministic):
+def _(x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, top_k, activation, save_pre, deterministic=False):
     m = sorted_pairs.shape[0] if save_pre else 0
     return x.new_empty(x.shape), x.new_empty((m, w_gate_up.shape[1]))
 
@@ -201,7 +202,7 @@ def _(x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, top_k, activati
 def _moe_experts_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weights: torch.Tensor,
                      sorted_pairs: torch.Tensor, offsets: torch.Tensor, w_gate_up: torch.Tensor,
                      w_down: torch.Tensor, pre: torch.Tensor, top_k: int, activation: str, need_x: bool,
-                     need_weights: bool, need_gate_up: bool, need_down: bool, deterministic: bool
+                     need_weights: bool, need_gate_up: bool, need_down: bool, deterministic: bool = False
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward: (dx, d topk_weights, d w_gate_up, d w_down); a gradient not asked for is empty (0,)."""
     K = _kernels()
@@ -220,15 +221,15 @@ def _moe_experts_bwd(grad_y: torch.Tensor, x: torch.Tensor, topk_weights: torch.
     else:
         dtw = empty()
     dgu = (K.moe_weight_grad(da, False, x, True, sorted_pairs, offsets, top_k, tuple(w_gate_up.shape),
-                             w_gate_up.dtype) if need_gate_up else empty())
+                             w_gate_up.dtype, deterministic=deterministic) if need_gate_up else empty())
     dd = (K.moe_weight_grad(grad_y, True, h, False, sorted_pairs, offsets, top_k, tuple(w_down.shape),
-                            w_down.dtype, scale=tw) if need_down else empty())
+                            w_down.dtype, scale=tw, deterministic=deterministic) if need_down else empty())
     return dx, dtw, dgu, dd
 
 
 @_moe_experts_bwd.register_fake
 def _(grad_y, x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, pre, top_k, activation, need_x,
-      need_weights, need_gate_up, need_down, deterministic):
+      need_weights, need_gate_up, need_down, deterministic=False):
     def like(t, need):
         return t.new_empty(t.shape) if need else x.new_empty((0,))
 
@@ -236,7 +237,8 @@ def _(grad_y, x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, pre, to
 
 
 def _setup_context(ctx, inputs, output):
-    x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, top_k, activation, _save_pre, det = inputs
+    x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, top_k, activation = inputs[:8]
+    det = bool(inputs[9]) if len(inputs) > 9 else False
     ctx.save_for_backward(x, topk_weights, sorted_pairs, offsets, w_gate_up, w_down, output[1])
     ctx.top_k = top_k
     ctx.activation = activation
