@@ -40,7 +40,8 @@ import torch  # noqa: E402
 
 from benchmarks.cases import DPP, clustered_torch  # noqa: E402
 from benchmarks.utils import (  # noqa: E402
-    add_target_scale, append_csv, check_target_args, common_parser, environment, failure_note, pick_device,
+    add_target_scale, append_csv, capped_note, check_target_args, common_parser, compare_picks, environment,
+    failure_note, pick_device,
     print_table, recover_cuda, time_fn,
 )
 from metamoe.backends import availability  # noqa: E402
@@ -149,22 +150,9 @@ def run_target(args, device):
         row["scaled_s"] = round(t.median * k / k_run, 4)
         row["GB/s"] = round(len(out["sel"]) * n * d * 4 / t.median / 1e9, 2)
         if k_run < k:
-            row["note"] = (f"{k_run} of the target's {k} picks (a capped peer); scaled_s = median_s x {k}/{k_run} "
-                           "is a linear extrapolation, not a measurement")
+            row["note"] = capped_note(k_run, k)
         rows.append(row)
-    ref = picks.get("torch")
-    for row in rows:
-        got = picks.get(row["backend"])
-        if got is None or ref is None:
-            row["picks_identical"] = None
-            continue
-        m = min(len(got), len(ref))
-        same = bool(np.array_equal(got[:m], ref[:m]))
-        row["picks_identical"] = same
-        row["picks_compared"] = m
-        if not same:
-            first = int(np.flatnonzero(got[:m] != ref[:m])[0])
-            row["note"] = "; ".join(filter(None, [row["note"], f"picks differ from torch's at pick {first}"]))
+    compare_picks(rows, picks, "picks_identical")
     base = next((rw for rw in rows if rw["backend"] == "torch" and "median_s" in rw), None)
     for rw in rows:
         if base and "median_s" in rw:

@@ -57,7 +57,8 @@ import torch  # noqa: E402
 from benchmarks.cases import FACILITY_LOCATION, FACILITY_LOCATION_DENSE_GPU, FACILITY_LOCATION_DENSE_QUICK  # noqa: E402
 from benchmarks.cases import clustered_torch  # noqa: E402
 from benchmarks.utils import (  # noqa: E402
-    add_target_scale, append_csv, check_target_args, common_parser, environment, failure_note, pick_device,
+    add_target_scale, append_csv, capped_note, check_target_args, common_parser, compare_picks, environment,
+    failure_note, pick_device,
     print_table, recover_cuda, time_fn,
 )
 from metamoe.backends import availability  # noqa: E402
@@ -246,21 +247,9 @@ def run_target(args, device: str):
         row["scaled_s"] = round(t.median * k / k_run, 4)
         row["objective"] = round(sel.objective, 6)
         if k_run < k:
-            row["note"] = (f"{k_run} of the target's {k} picks (a capped peer); scaled_s = median_s x {k}/{k_run} "
-                           "is a linear extrapolation, not a measurement")
+            row["note"] = capped_note(k_run, k)
         rows.append(row)
-    ref = picks.get("torch")
-    for row in rows:
-        got = picks.get(row["backend"])
-        if got is None or ref is None:
-            row["same_picks_as_torch"] = None
-            continue
-        m = min(len(got), len(ref))
-        row["same_picks_as_torch"] = bool(np.array_equal(got[:m], ref[:m]))
-        row["picks_compared"] = m
-        if not row["same_picks_as_torch"]:
-            first = int(np.flatnonzero(got[:m] != ref[:m])[0])
-            row["note"] = "; ".join(filter(None, [row["note"], f"picks differ from torch's at pick {first}"]))
+    compare_picks(rows, picks, "same_picks_as_torch")
     if "cuda" in picks and "cpp" in picks:
         same = bool(np.array_equal(picks["cuda"], picks["cpp"]))
         for row in rows:

@@ -406,6 +406,35 @@ def require_cuda(device: str, flag: str = "--target") -> None:
         raise SystemExit(2)
 
 
+def capped_note(k_run: int, k: int) -> str:
+    """``note`` of a peer that made ``k_run`` of the target's ``k`` picks ("" when it made them all)."""
+    if k_run >= k:
+        return ""
+    return (f"{k_run} of the target's {k} picks (a capped peer); scaled_s = median_s x {k}/{k_run} "
+            "is a linear extrapolation, not a measurement")
+
+
+def compare_picks(rows, picks, column: str, ref: str = "torch") -> None:
+    """Set ``row[column]`` (True / False / None) to whether each row's picks (``picks[row["backend"]]``) equal
+    ``picks[ref]`` over their common length, ``row["picks_compared"]`` to that length, and add the first
+    differing pick to the row's ``note``."""
+    import numpy as np
+
+    want = picks.get(ref)
+    for row in rows:
+        got = picks.get(row["backend"])
+        if got is None or want is None:
+            row[column] = None
+            continue
+        m = min(len(got), len(want))
+        same = bool(np.array_equal(got[:m], want[:m]))
+        row[column] = same
+        row["picks_compared"] = m
+        if not same:
+            first = int(np.flatnonzero(got[:m] != want[:m])[0])
+            row["note"] = "; ".join(filter(None, [row.get("note"), f"picks differ from {ref}'s at pick {first}"]))
+
+
 def failure_note(exc: BaseException, what: str = "failed") -> str:
     """One line for a row's ``note``: ``"<what>: <ExceptionType>: <first line of its message>"``."""
     lines = str(exc).strip().splitlines()
