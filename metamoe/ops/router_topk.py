@@ -27,7 +27,9 @@ Conventions shared by both:
 
 from __future__ import annotations
 
+import functools
 import operator
+import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -231,17 +233,45 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, gw, _gidx, glse, gpsum, _gcounts):
+def _backward_with(launch, ctx, gw, glse, gpsum):
     logits, lse, w, idx = ctx.saved_tensors
     if not ctx.stats:
         gpsum = None  # the empty placeholder output
     if gw is None and glse is None and gpsum is None:
         return torch.zeros_like(logits), None, None, None
-    dx = torch.ops.metamoe.router_topk_backward(logits, lse, w, idx, gw, glse, gpsum, ctx.normalize)
-    return dx, None, None, None
+    return launch(logits, lse, w, idx, gw, glse, gpsum, ctx.normalize), None, None, None
+
+
+def _backward(ctx, gw, _gidx, glse, gpsum, _gcounts):
+    return _backward_with(torch.ops.metamoe.router_topk_backward, ctx, gw, glse, gpsum)
 
 
 torch.library.register_autograd("metamoe::router_topk", _backward, setup_context=_setup_context)
+
+
+def _kernels():
+    from metamoe.kernels import router_topk as K
+
+    return K
+
+
+class _RouterTopkEager(torch.autograd.Function):
+    """The Triton launchers under plain autograd: what eager calls run. The custom op above costs several
+    microseconds of dispatch per call, more than the kernel itself at T = 16k; torch.compile traces the
+    custom op instead."""
+
+    @staticmethod
+    def forward(ctx, logits, k, normalize, stats):
+        out = _kernels().router_topk_triton(logits, k, normalize=normalize, stats=stats)
+        _setup_context(ctx, (logits, k, normalize, stats), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, gw, _gidx, glse, gpsum, _gcounts):
+        def launch(logits, lse, w, idx, gw, glse, gpsum, normalize):
+            return _kernels().router_topk_backward_triton(logits, lse, w, idx, gw, glse, gpsum, normalize=normalize)
+
+        return _backward_with(launch, ctx, gw, glse, gpsum)
 
 
 def _triton_check(spec: CallSpec):
@@ -261,7 +291,13 @@ def _triton_check(spec: CallSpec):
 )
 def _router_topk_triton(logits: Tensor, k: int, normalize: bool, stats: bool):
     """Fused Triton forward and backward kernels (metamoe::router_topk); E <= 512, k <= 16."""
-    w, idx, lse, prob_sum, counts = torch.ops.metamoe.router_topk(logits, k, normalize, stats)
+    if torch.compiler.is_compiling():
+        out = torch.ops.metamoe.router_topk(logits, k, normalize, stats)
+    elif logits.requires_grad and torch.is_grad_enabled():
+        out = _RouterTopkEager.apply(logits, k, normalize, stats)
+    else:
+        out = _kernels().router_topk_triton(logits, k, normalize=normalize, stats=stats)
+    w, idx, lse, prob_sum, counts = out
     if not stats:
         return w, idx
     return w, idx, _stats(counts, prob_sum, lse)
@@ -313,6 +349,13 @@ def router_topk(
 @torch.compiler.assume_constant_result
 def _select_backend(device: str, dtype: str, E: int, k: int, backend: Optional[str]) -> str:
     # Under torch.compile this runs once at trace time (its result is a constant of the graph), so the
-    # registry's probing (imports, environment, cached availability) never enters the traced code.
+    # registry's probing (imports, environment, cached availability) never enters the traced code. Eager
+    # calls reuse the choice made for the same call and environment.
+    env = (os.environ.get("METAMOE_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+    return _select_cached(device, dtype, E, k, backend, env)
+
+
+@functools.lru_cache(maxsize=1024)
+def _select_cached(device: str, dtype: str, E: int, k: int, backend: Optional[str], env) -> str:
     spec = CallSpec(device=device, dtype=dtype, extra={"E": E, "k": k})
     return router_topk_op.select(spec, backend).backend
