@@ -134,6 +134,51 @@ MOE = OpCases(
 )
 MOE_LOOP_PEERS = ("hf-eager", "metamoe-torch")
 
+# --------------------------------------------------------------------------- patch_moe (drop-in, whole model)
+
+# name: transformers architecture and decoder shape. d: hidden size; f: each expert's intermediate size; E
+# experts, top-k; attention heads, key/value heads and head size; layers: decoder layers (every one a
+# sparse MoE block); vocab: a small vocabulary (the benchmark is about the MoE blocks, not the LM head).
+PATCH_MOE_MODELS: Dict[str, Dict[str, Any]] = {
+    "mixtral": dict(arch="mixtral", d=4096, f=14336, E=8, k=2, heads=32, kv_heads=8, head_dim=128, layers=2,
+                    vocab=1024),  # Mixtral-8x7B, 2 of its 32 layers
+    "qwen3": dict(arch="qwen3_moe", d=2048, f=768, E=128, k=8, heads=32, kv_heads=4, head_dim=128, layers=2,
+                  vocab=1024),  # Qwen3-30B-A3B, 2 of its 48 layers
+    "tiny-mixtral": dict(arch="mixtral", d=64, f=96, E=8, k=2, heads=4, kv_heads=2, head_dim=16, layers=2,
+                         vocab=128),
+    "tiny-qwen3": dict(arch="qwen3_moe", d=32, f=48, E=16, k=4, heads=4, kv_heads=2, head_dim=8, layers=2,
+                       vocab=128),
+}
+PATCH_MOE_MODES = ("fwd", "fwd+bwd")  # inference forward; training step (forward, loss, backward)
+
+
+def _patch_moe_shape(name: str, batch: int, seq: int, **extra) -> Dict[str, Any]:
+    return {"model": name, **PATCH_MOE_MODELS[name], "batch": batch, "seq": seq, "T": batch * seq, **extra}
+
+
+PATCH_MOE = OpCases(
+    op="patch_moe",
+    csv="patch_moe",
+    script="benchmarks/bench_patch_moe.py",
+    quick=(_patch_moe_shape("tiny-mixtral", 2, 64), _patch_moe_shape("tiny-qwen3", 2, 64)),
+    gpu=tuple(_patch_moe_shape(n, b, 4096) for n in ("mixtral", "qwen3") for b in (1, 4)),
+    target=(
+        _patch_moe_shape("mixtral", 4, 4096, case="patch-moe-mixtral-t16k", dtype="bf16"),
+        _patch_moe_shape("qwen3", 4, 4096, case="patch-moe-qwen3-t16k", dtype="bf16"),
+    ),
+    # hf-eager / hf-grouped_mm: the unpatched model with transformers' "eager" (per-expert loop) and
+    # "grouped_mm" experts implementations (model.set_experts_implementation); metamoe: the same model
+    # after metamoe.integrations.hf.patch_moe (metamoe's router and experts ops, default backend).
+    peers=("hf-eager", "hf-grouped_mm", "metamoe"),
+    reference="hf-eager",
+    notes={"check": "logits (and, training step, every parameter's gradient) against the unpatched model's"},
+    target_tiny=(
+        _patch_moe_shape("tiny-mixtral", 2, 32, case="patch-moe-mixtral-t16k", dtype="bf16"),
+        _patch_moe_shape("tiny-qwen3", 2, 32, case="patch-moe-qwen3-t16k", dtype="bf16"),
+    ),
+)
+PATCH_MOE_HF_PEERS = ("hf-eager", "hf-grouped_mm")
+
 # --------------------------------------------------------------------------- dpp
 
 DPP = OpCases(
@@ -191,7 +236,7 @@ KNN_GRAPH = OpCases(
     target_tiny=({"case": "knn-n1m-d768-k50", "N": 2000, "D": 32, "K": 10},),
 )
 
-CASES: Dict[str, OpCases] = {c.op: c for c in (ROUTER, MOE, DPP, FACILITY_LOCATION, KNN_GRAPH)}
+CASES: Dict[str, OpCases] = {c.op: c for c in (ROUTER, MOE, PATCH_MOE, DPP, FACILITY_LOCATION, KNN_GRAPH)}
 
 # Data of the selection targets (DPP, facility location, kNN graph): Gaussian blobs, the same for all three.
 SELECTION_CLUSTERS = 1000

@@ -8,8 +8,9 @@ cannot eat the rest) and all of them inside one overall budget (``--budget``, de
    ``python -m metamoe.info``.
 2. ``gpu-tests``: the ``gpu`` tests with compiled kernels (``TRITON_INTERPRET`` removed from the
    environment), except the config sweep.
-3. ``bench-router``, ``bench-moe``: the MoE benchmarks at the issue target shapes, each with its peers in
-   the same run (``bench_*.py --target``; the router per call and under a CUDA graph).
+3. ``bench-router``, ``bench-moe``, ``bench-patch-moe``: the MoE benchmarks at the issue target shapes, each
+   with its peers in the same run (``bench_*.py --target``; the router per call and under a CUDA graph; the
+   drop-in on 2-layer Mixtral- and Qwen3-MoE-shaped transformers models against transformers' own experts).
 4. ``kernel-configs``: tests/test_kernel_configs.py: every autotune config of every grouped-GEMM kernel
    pinned one at a time against float64 references, forward and backward, fp32/bf16/fp16 (a config the
    pruning drops is reported as skipped, with its reason).
@@ -22,8 +23,8 @@ as "not run"; ``--budget`` raises it, ``--steps`` picks steps.
 What it writes into ``OUT`` (at most 8 plain files, no sub-folders, so the folder comes back from a remote
 GPU box in one piece): ``summary.md`` (the device and versions, each step's status and time, each
 benchmark figure against its target: pass / short / not measured / invalid), ``gpu_check.log`` (every
-step's raw output) and the benchmark CSVs ``router_topk.csv``, ``moe.csv``, ``dpp.csv``, ``knn_graph.csv``,
-``facility_location.csv``.
+step's raw output) and the benchmark CSVs ``router_topk.csv``, ``moe.csv``, ``patch_moe.csv``, ``dpp.csv``,
+``knn_graph.csv``, ``facility_location.csv``.
 
 Without a CUDA device it prints one line and exits with code 2. Exit code 1 when a step failed or timed out,
 0 otherwise (a benchmark figure short of its target is reported, not an error).
@@ -51,7 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 MAX_FILES = 8
 SUMMARY = "summary.md"
 LOG = "gpu_check.log"
-BENCH_CSVS = ("router_topk", "moe", "dpp", "knn_graph", "facility_location")
+BENCH_CSVS = ("router_topk", "moe", "patch_moe", "dpp", "knn_graph", "facility_location")
 NO_DEVICE_EXIT = 2
 
 
@@ -97,6 +98,8 @@ def steps(out: Path, graph_cache: Path) -> List[Step]:
              150, "the gpu tests, compiled kernels"),
         Step("bench-router", py + ["benchmarks/bench_router_topk.py"] + bench, 90, "router top-k"),
         Step("bench-moe", py + ["benchmarks/bench_moe.py"] + bench, 180, "MoE experts, Mixtral and Qwen3 shapes"),
+        Step("bench-patch-moe", py + ["benchmarks/bench_patch_moe.py"] + bench, 150,
+             "patch_moe'd Mixtral- and Qwen3-MoE-shaped models vs transformers' experts"),
         Step("kernel-configs", pytest + workers + ["-m", "gpu", "tests/test_kernel_configs.py"], 150,
              "every autotune config pinned, against float64"),
         Step("bench-dpp", py + ["benchmarks/bench_dpp.py"] + bench, 120, "DPP greedy, 1M x 768"),

@@ -73,6 +73,11 @@ def _moe(name, case, mode, metric, comparison, threshold, unit, description):
                   metric, comparison, threshold, unit, ("check_ok",), description)
 
 
+def _patch_moe(name, case, mode, description):
+    return Target(name, 15, "patch_moe", {"target_case": case, "mode": mode, "impl": "metamoe"},
+                  "vs_hf_best", ">=", 1.0, "x", ("check_ok",), description)
+
+
 TARGETS: Tuple[Target, ...] = (
     _router("router fwd, CUDA graph", "median_us", "<=", 15.0, "us",
             "router top-k T=16384 E=128 k=8 bf16, forward under a CUDA graph (median)"),
@@ -90,6 +95,16 @@ TARGETS: Tuple[Target, ...] = (
          "speed-up over the faster per-expert loop (transformers eager, metamoe torch)"),
     _moe("MoE fwd+bwd Qwen3 vs per-expert loop", "moe-qwen3-t16k", "fwd+bwd", "vs_loop", ">=", 10.0, "x",
          "speed-up over the faster per-expert loop (transformers eager, metamoe torch)"),
+    _patch_moe("drop-in Mixtral fwd vs transformers' fastest", "patch-moe-mixtral-t16k", "fwd",
+               "patch_moe'd 2-layer Mixtral-8x7B-shaped model, T=4x4096, bf16 forward: speed-up over the "
+               "faster of transformers' eager and grouped_mm experts on the same model"),
+    _patch_moe("drop-in Mixtral train step vs transformers' fastest", "patch-moe-mixtral-t16k", "fwd+bwd",
+               "the same, forward + loss + backward"),
+    _patch_moe("drop-in Qwen3 fwd vs transformers' fastest", "patch-moe-qwen3-t16k", "fwd",
+               "patch_moe'd 2-layer Qwen3-30B-A3B-shaped model, T=4x4096, bf16 forward: speed-up over the "
+               "faster of transformers' eager and grouped_mm experts on the same model"),
+    _patch_moe("drop-in Qwen3 train step vs transformers' fastest", "patch-moe-qwen3-t16k", "fwd+bwd",
+               "the same, forward + loss + backward"),
     Target("DPP N=1M D=768 k=10000", 17, "dpp", {"target_case": "dpp-n1m-d768-k10000", "backend": "cuda"},
            "median_s", "<=", 10.0, "s", ("picks_identical",),
            "select_dpp cosine, ridge 1e-3, relevance-weighted, float32, cuda backend (whole call)"),

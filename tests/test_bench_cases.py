@@ -17,6 +17,7 @@ from benchmarks import targets as tg  # noqa: E402
 TARGET_SCRIPTS = {
     "router_topk": "bench_router_topk",
     "moe": "bench_moe",
+    "patch_moe": "bench_patch_moe",
     "dpp": "bench_dpp",
     "facility_location": "bench_facility_location",
     "knn_graph": "bench_knn_graph",
@@ -48,6 +49,13 @@ def test_issue_target_shapes_are_defined():
     assert (fl["n"], fl["neighbors"], fl["k"]) == (1_000_000, 50, 10_000)
     knn = cases.KNN_GRAPH.target_case("knn-n1m-d768-k50")
     assert (knn["N"], knn["D"], knn["K"]) == (1_000_000, 768, 50)
+    for case, (d, f, E, k) in (("patch-moe-mixtral-t16k", (4096, 14336, 8, 2)),
+                               ("patch-moe-qwen3-t16k", (2048, 768, 128, 8))):
+        pm = cases.PATCH_MOE.target_case(case)
+        got = (pm["d"], pm["f"], pm["E"], pm["k"], pm["layers"], pm["T"], pm["dtype"])
+        assert got == (d, f, E, k, 2, 16384, "bf16"), case
+        assert pm["batch"] * pm["seq"] == pm["T"]
+    assert {"hf-eager", "hf-grouped_mm", "metamoe"} <= set(cases.PATCH_MOE.peers)
     for peer in ("hf-eager", "hf-grouped_mm", "torch-grouped_mm", "metamoe-torch", "metamoe-triton"):
         assert peer in cases.MOE.peers
     assert {"torch-eager", "metamoe-torch", "metamoe-triton"} <= set(cases.ROUTER.peers)

@@ -1,6 +1,6 @@
 """A dry run of ``make gpu-check``'s benchmark steps on the CPU: every ``bench_X.py --target`` path executes.
 
-``benchmarks/gpu_check.py`` runs the five ``--target`` benchmarks on a short GPU lease, and
+``benchmarks/gpu_check.py`` runs the six ``--target`` benchmarks on a short GPU lease, and
 ``benchmarks/targets.py`` then reads their CSVs. Here :func:`gpu_check.check` runs the very same steps (the
 same argv: ``--target --results-dir OUT``, the kNN graph handed to facility location through
 ``--graph-cache``), each with ``--target-scale tiny --device cpu`` added: the target path with its peers,
@@ -29,7 +29,8 @@ if str(ROOT) not in sys.path:
 from benchmarks import cases, gpu_check  # noqa: E402
 from benchmarks import targets as tg  # noqa: E402
 
-BENCH_STEPS = ("bench-router", "bench-moe", "bench-dpp", "bench-knn", "bench-facility-location")
+BENCH_STEPS = ("bench-router", "bench-moe", "bench-patch-moe", "bench-dpp", "bench-knn",
+               "bench-facility-location")
 TINY = ["--target-scale", "tiny", "--device", "cpu", "--warmup", "0", "--rep", "1"]
 # a sitecustomize for the children: `import faiss` raises ImportError, as where faiss is missing
 NO_FAISS = "import sys\nsys.modules['faiss'] = None\n"
@@ -134,8 +135,8 @@ def test_tiny_cases_mirror_the_target_cases():
         cases.DPP.target_shapes("huge")
 
 
-@pytest.mark.parametrize("module", ["bench_router_topk", "bench_moe", "bench_dpp", "bench_knn_graph",
-                                    "bench_facility_location"])
+@pytest.mark.parametrize("module", ["bench_router_topk", "bench_moe", "bench_patch_moe", "bench_dpp",
+                                    "bench_knn_graph", "bench_facility_location"])
 def test_target_scale_flag_is_checked(module, capsys):
     import importlib
 

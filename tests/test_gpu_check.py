@@ -47,6 +47,8 @@ def test_every_bench_csv_a_target_reads_is_written_by_a_step():
     assert 2 + len(made) <= gpu_check.MAX_FILES
     names = [s.name for s in gpu_check.steps(ROOT, ROOT)]
     assert names[0] == "install" and names.index("bench-knn") < names.index("bench-facility-location")
+    assert names.index("bench-patch-moe") == names.index("bench-moe") + 1
+    assert 2 + len(made) == gpu_check.MAX_FILES  # summary, log and one CSV per bench step: exactly 8
     install = gpu_check.steps(ROOT, ROOT)[0].argv
     assert "--no-build-isolation" in install and "--no-deps" in install
 

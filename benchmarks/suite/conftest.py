@@ -1,4 +1,5 @@
-"""pytest-benchmark suite of the ops (router top-k, MoE experts, DPP, facility location, kNN graph).
+"""pytest-benchmark suite of the ops (router top-k, MoE experts, the patch_moe drop-in, DPP, facility location,
+kNN graph).
 
 Not part of ``make test`` (whose testpaths is tests/). ``make bench-quick BENCH_JSON=path`` runs the CPU
 half; on a CUDA machine ``pytest benchmarks/suite -m gpu --benchmark-only`` runs the GPU half. Shapes and

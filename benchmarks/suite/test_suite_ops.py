@@ -17,10 +17,12 @@ import functools
 import numpy as np
 import pytest
 
-from benchmarks.cases import DPP, FACILITY_LOCATION, KNN_GRAPH, MOE, MOE_MODES, ROUTER
+from benchmarks.cases import (
+    DPP, FACILITY_LOCATION, KNN_GRAPH, MOE, MOE_MODES, PATCH_MOE, PATCH_MOE_MODES, ROUTER,
+)
 
-CPU_ROUNDS = {"router_topk": 50, "moe": 20, "dpp": 5, "facility_location": 5, "knn_graph": 3}
-GPU_ROUNDS = {"router_topk": 100, "moe": 10, "dpp": 3, "facility_location": 3, "knn_graph": 2}
+CPU_ROUNDS = {"router_topk": 50, "moe": 20, "patch_moe": 10, "dpp": 5, "facility_location": 5, "knn_graph": 3}
+GPU_ROUNDS = {"router_topk": 100, "moe": 10, "patch_moe": 5, "dpp": 3, "facility_location": 3, "knn_graph": 2}
 
 
 def _sid(shape) -> str:
@@ -152,6 +154,47 @@ def test_moe_experts(benchmark, device, shape, impl, mode, torch_threads):
     assert float((y.float() - y_ref).abs().max()) <= tol * float(y_ref.abs().max())
     if dx is not None:
         assert float((dx.float() - dx_ref).abs().max()) <= tol * float(dx_ref.abs().max())
+
+
+# --------------------------------------------------------------------------- patch_moe (whole model)
+
+
+@pytest.mark.parametrize("device,shape,impl,mode",
+                         params(PATCH_MOE, list(PATCH_MOE.peers), list(PATCH_MOE.peers), PATCH_MOE_MODES))
+def test_patch_moe(benchmark, device, shape, impl, mode, torch_threads):
+    need(device)
+    import torch
+
+    from benchmarks.bench_patch_moe import build_model, grad_rel_err, rel_err, rel_tolerance, use_impl
+
+    dtype = torch.bfloat16
+    model = build_model(shape, dtype, device)
+    g = torch.Generator(device=device).manual_seed(2)
+    ids = torch.randint(3, shape["vocab"], (shape["batch"], shape["seq"]), generator=g, device=device)
+    train = mode == "fwd+bwd"
+    model.train(train)
+
+    def call():
+        if train:
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+            out.loss.backward()
+            return out.logits.detach().float()
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits.float()
+
+    def setup():
+        model.zero_grad(set_to_none=True)
+
+    use_impl(model, "hf-eager")  # the reference: the unpatched model, transformers' per-expert loop
+    setup()
+    ref = call()
+    ref_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    use_impl(model, impl)
+    logits = run(benchmark, call, device, "patch_moe", setup=setup, impl=impl, mode=mode,
+                 threads=torch_threads, **shape)
+    assert rel_err(logits, ref) <= rel_tolerance(dtype, "logits")
+    if train:
+        assert grad_rel_err(model, ref_grads) <= rel_tolerance(dtype, "grads")
 
 
 # --------------------------------------------------------------------------- DPP
