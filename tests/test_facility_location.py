@@ -506,3 +506,118 @@ def test_dense_on_the_fly_clustered_data_many_bound_updates(on_the_fly, tiny_blo
     np.testing.assert_array_equal(a.indices, ref_idx)
     assert a.objective == pytest.approx(ref_obj, rel=1e-6)
     assert a.info["candidate_evaluations"] < 0.5 * b.info["candidate_evaluations"]
+
+
+# --------------------------------------------------------------------------- cpp transpose (built once per graph)
+
+
+def _synthetic(n, K, cluster_size, seed, int64=False):
+    """The clustered synthetic kNN graph of benchmarks/bench_facility_location_transpose.py."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.append(root)  # last: the root's kernels/ must not shadow the PyPI package `kernels`
+    from benchmarks.bench_facility_location_transpose import synthetic_graph
+
+    X, g = synthetic_graph(n, K, cluster_size, seed)
+    g.similarities[3::11] = -0.25  # entries that never contribute
+    g.similarities[5::13] = 0.0
+    if int64:
+        g = KnnGraph(indptr=g.indptr, indices=g.indices.astype(np.int64), similarities=g.similarities,
+                     n_points=g.n_points, metric=g.metric, n_neighbors=g.n_neighbors, self_included=True,
+                     pool_fingerprint=g.pool_fingerprint)
+    return X, g
+
+
+@pytest.mark.parametrize("optimizer", EXACT)
+def test_cpp_matches_torch_on_large_synthetic_graph(optimizer):
+    """N = 60,000, K = 16 (clustered, ids shuffled, some similarities <= 0), weights with zeros: the cpp path
+    (parallel transpose, int32 indices) gives torch's picks, gains and objective; int64 indices give the same."""
+    skip_unavailable("cpp")
+    X, g = _synthetic(60_000, 16, 400, seed=3)
+    assert g.indices.dtype == np.int32 and (g.similarities <= 0).any()
+    w = np.random.default_rng(4).random(60_000)
+    w[::7] = 0.0
+    k = 300 if optimizer == "lazy" else 60  # torch's naive greedy recomputes every gain each pick
+    a = select_facility_location(X, k, graph=g, weights=w, optimizer=optimizer, backend="cpp", progress=False)
+    b = select_facility_location(X, k, graph=g, weights=w, optimizer=optimizer, backend="torch", progress=False)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(a.gains, b.gains, rtol=1e-12)
+    assert a.objective == pytest.approx(b.objective, rel=1e-12)
+    X64, g64 = _synthetic(60_000, 16, 400, seed=3, int64=True)
+    c = select_facility_location(X64, k, graph=g64, weights=w, optimizer=optimizer, backend="cpp", progress=False)
+    np.testing.assert_array_equal(c.indices, a.indices)
+    np.testing.assert_array_equal(c.gains, a.gains)
+    assert c.objective == a.objective
+
+
+def test_cpp_transpose_equals_numpy_transpose_and_checks_its_arguments():
+    skip_unavailable("cpp")
+    from metamoe.backends.availability import require_extension
+
+    _C = require_extension("_C")
+    _, g = _synthetic(5000, 8, 100, seed=5)
+    p = fl_mod.FacilityLocationProblem(g.indptr, g.indices, g.similarities, np.ones(5000), 5000)
+    t = _C.FacilityLocationTranspose(g.indptr, g.indices, g.similarities, 5000)
+    for got, want in zip(t.to_numpy(), p.transpose()):
+        np.testing.assert_array_equal(got, want)
+    assert t.nnz == int((g.similarities > 0).sum()) and t.int32_rows
+    with pytest.raises(ValueError, match="indices must be a C-contiguous int32 or int64"):
+        _C.FacilityLocationTranspose(g.indptr, g.indices.astype(np.float32), g.similarities, 5000)
+    with pytest.raises(ValueError, match="similarities must be a C-contiguous float32"):
+        _C.FacilityLocationTranspose(g.indptr, g.indices, g.similarities.astype(np.float64), 5000)
+    with pytest.raises(ValueError, match=r"outside \[0, 4000\)"):
+        _C.FacilityLocationTranspose(g.indptr, g.indices, g.similarities, 4000)
+    bad = g.similarities.copy()
+    bad[17] = np.nan
+    with pytest.raises(ValueError, match="entry 17 is NaN or inf"):
+        _C.FacilityLocationTranspose(g.indptr, g.indices, bad, 5000)
+
+
+def test_cpp_transpose_is_cached_on_the_graph_and_invalidated():
+    skip_unavailable("cpp")
+    X, g = _synthetic(20_000, 10, 200, seed=6)
+    k = 100
+
+    def run(graph, w=None, backend="cpp"):
+        return select_facility_location(X, k, graph=graph, weights=w, backend=backend, progress=False)
+
+    def cached(graph):
+        holder = getattr(graph, fl_mod.TRANSPOSE_CACHE_ATTR, None)
+        return None if holder is None else holder.transpose
+
+    def same(a, b, exact=True):  # torch sums the objective in another order: equal to rounding
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_allclose(a.gains, b.gains, rtol=0 if exact else 1e-12)
+        assert a.objective == b.objective if exact else a.objective == pytest.approx(b.objective, rel=1e-12)
+
+    assert cached(g) is None
+    first = run(g)
+    t1 = cached(g)
+    assert t1 is not None
+    same(run(g), first)
+    assert cached(g) is t1  # reused
+    # other weights: the transpose does not depend on them (reused), the result is the new weights' one
+    w = np.random.default_rng(7).random(20_000)
+    w[::3] = 0.0
+    same(run(g, w), run(g, w, backend="torch"), exact=False)
+    assert cached(g) is t1
+    # similarities changed in place (same buffer): the checksum differs, a new transpose is built
+    g.similarities[::5] *= np.float32(0.5)
+    changed = run(g)
+    assert cached(g) is not t1
+    same(changed, run(g, backend="torch"), exact=False)
+    assert not np.array_equal(changed.gains, first.gains)
+    # indices replaced by another array (other buffer): rebuilt, and a copy of the graph carries no transpose
+    t2 = cached(g)
+    g.indices = g.indices.copy()
+    same(run(g), changed)
+    assert cached(g) is not t2
+    import copy
+    import pickle
+
+    assert cached(copy.deepcopy(g)) is None
+    same(run(copy.copy(g)), changed)  # a shallow copy shares the arrays, so it may share the transpose
+    assert cached(pickle.loads(pickle.dumps(g))) is None

@@ -80,8 +80,14 @@ DENSE_POOL_COPY_BYTES = 1 << 28
 class FacilityLocationProblem:
     """The graph as CSR "ground point -> candidates" plus ground weights (what every backend takes).
 
-    indptr int64 (M + 1,), indices int64 (nnz,) in [0, N), similarities float32 (nnz,), weights
+    indptr int64 (M + 1,), indices int32 or int64 (nnz,) in [0, N), similarities float32 (nnz,), weights
     float64 (M,), n_candidates N.
+
+    ``cache_on``: an object that outlives the call (the :class:`KnnGraph` the arrays come from), on which the
+    cpp backend keeps its candidate -> ground transpose (:func:`cpp_transpose`) for the next call on the same
+    graph; None builds a transpose for this call only. The transpose depends on the graph arrays alone (not on
+    the weights) and is reused only while they are the same buffers with the same bytes (checked with a
+    checksum each call).
     """
 
     indptr: np.ndarray
@@ -89,6 +95,7 @@ class FacilityLocationProblem:
     similarities: np.ndarray
     weights: np.ndarray
     n_candidates: int
+    cache_on: Any = None
 
     @property
     def n_ground(self) -> int:
@@ -99,11 +106,47 @@ class FacilityLocationProblem:
         s > 0 and w > 0, each row in increasing ground index (the summation order of every backend)."""
         rows = np.repeat(np.arange(self.n_ground, dtype=np.int64), np.diff(self.indptr))
         keep = (self.similarities > 0) & (self.weights[rows] > 0)
-        rows, cols, sims = rows[keep], self.indices[keep], self.similarities[keep]
+        rows, cols, sims = rows[keep], self.indices[keep].astype(np.int64), self.similarities[keep]
         order = np.argsort(cols, kind="stable")
         t_ptr = np.zeros(self.n_candidates + 1, dtype=np.int64)
         np.cumsum(np.bincount(cols, minlength=self.n_candidates), out=t_ptr[1:])
         return t_ptr, rows[order], sims[order]
+
+
+class _TransposeCache:
+    """Holds the cpp transpose cached on a graph object (attribute ``_facility_location_transpose``). Deep
+    copies and pickles of the graph get an empty holder (the transpose references the original's arrays); a
+    shallow copy shares the holder, as it shares the arrays."""
+
+    __slots__ = ("transpose",)
+
+    def __init__(self, transpose=None):
+        self.transpose = transpose
+
+    def __deepcopy__(self, memo):
+        return _TransposeCache()
+
+    def __reduce__(self):
+        return (_TransposeCache, ())
+
+
+TRANSPOSE_CACHE_ATTR = "_facility_location_transpose"
+
+
+def cpp_transpose(problem: FacilityLocationProblem):
+    """The ``_C.FacilityLocationTranspose`` of ``problem``'s graph: the one cached on ``problem.cache_on``
+    when it was built from the same arrays with the same bytes, else a new one (then cached there)."""
+    _C = require_extension("_C")
+    args = (problem.indptr, problem.indices, problem.similarities, int(problem.n_candidates))
+    holder = getattr(problem.cache_on, TRANSPOSE_CACHE_ATTR, None) if problem.cache_on is not None else None
+    if isinstance(holder, _TransposeCache) and holder.transpose is not None and holder.transpose.matches(*args):
+        return holder.transpose
+    if isinstance(holder, _TransposeCache):
+        holder.transpose = None  # stale: free it before building the new one
+    transpose = _C.FacilityLocationTranspose(*args)
+    if problem.cache_on is not None:
+        object.__setattr__(problem.cache_on, TRANSPOSE_CACHE_ATTR, _TransposeCache(transpose))
+    return transpose
 
 
 def sample_size(n: int, k: int, epsilon: float) -> int:
@@ -155,7 +198,7 @@ def facility_location_torch(problem: FacilityLocationProblem, k: int, optimizer:
     t_sim = torch.as_tensor(t_sim_np, device=dev).double()
     t_cand = torch.repeat_interleave(torch.arange(n, device=dev), t_ptr[1:] - t_ptr[:-1], output_size=len(t_row_np))
     g_ptr = torch.as_tensor(problem.indptr, device=dev)
-    g_idx = torch.as_tensor(problem.indices, device=dev)
+    g_idx = torch.as_tensor(problem.indices, dtype=torch.int64, device=dev)
     g_sim = torch.as_tensor(problem.similarities, device=dev).double()
     w = torch.as_tensor(problem.weights, **f64)
     w_t = w[t_row]
@@ -252,11 +295,11 @@ def _on_the_fly_reason(spec: CallSpec):
 @facility_location.register("cpp", devices=("cpu",), dtypes=("float32",), check=_on_the_fly_reason)
 def facility_location_cpp(problem: FacilityLocationProblem, k: int, optimizer: str, n_sample: int, seed: int,
                           device: str, progress: bool = False):
-    """C++/OpenMP: lazy priority queue with dirty flags, naive, stochastic; float64 gains."""
+    """C++/OpenMP: lazy priority queue with dirty flags, naive, stochastic; float64 gains. The candidate ->
+    ground transpose is built once per graph (parallel counting sort) and cached on ``problem.cache_on``."""
     _C = require_extension("_C")
     state = _C.FacilityLocationGreedy(
-        problem.indptr, problem.indices, problem.similarities, problem.weights, int(problem.n_candidates), int(k),
-        _OPT_CODE[optimizer], int(n_sample), int(seed) & (2**64 - 1),
+        cpp_transpose(problem), problem.weights, int(k), _OPT_CODE[optimizer], int(n_sample), int(seed) & (2**64 - 1),
     )
     idx, gn = [], []
     with _progress(k, progress, "facility location (cpp)") as bar:
@@ -862,14 +905,14 @@ def select_facility_location(
                 else f"graph was built with metric={graph.metric!r}; facility location needs a similarity graph "
                 f"('cosine' or 'ip')"
             )
-        indptr, indices, sims = graph.indptr, graph.indices.astype(np.int64), graph.similarities
+        indptr, indices, sims = graph.indptr, graph.indices, graph.similarities  # int32 or int64 indices, no copy
         g_info = {"graph": "knn (given)", "n_neighbors": graph.n_neighbors, **graph.info}
         graph_seconds = 0.0
     elif graph == "knn":
         tg = time.perf_counter()
         kg = build_knn_graph(Xt, n_neighbors, queries=Gt, metric=metric, include_self=True, progress=progress,
                              check_input=False)  # X and ground were checked above
-        indptr, indices, sims = kg.indptr, kg.indices.astype(np.int64), kg.similarities
+        indptr, indices, sims = kg.indptr, kg.indices, kg.similarities
         graph_seconds = time.perf_counter() - tg
         g_info = {"graph": "knn", "n_neighbors": kg.n_neighbors, **kg.info}
     else:
@@ -889,9 +932,12 @@ def select_facility_location(
     if on_the_fly:
         problem = dense
     else:
+        if indices.dtype not in (np.int32, np.int64):
+            indices = indices.astype(np.int64)
         problem = FacilityLocationProblem(
-            np.ascontiguousarray(indptr, dtype=np.int64), np.ascontiguousarray(indices, dtype=np.int64),
+            np.ascontiguousarray(indptr, dtype=np.int64), np.ascontiguousarray(indices),
             np.ascontiguousarray(sims, dtype=np.float32), w, n,
+            cache_on=graph if isinstance(graph, KnnGraph) else None,
         )
     ts = time.perf_counter()
     device = str(Xt.device) if Xt.device.type != "cpu" else "cpu"
