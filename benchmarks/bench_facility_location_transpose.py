@@ -38,6 +38,8 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchm
 
 import numpy as np  # noqa: E402
 
+from benchmarks.utils import add_results_dir, append_csv, environment  # noqa: E402
+
 
 def synthetic_graph(n: int, K: int, cluster_size: int, seed: int):
     """(X, KnnGraph): the clustered synthetic kNN graph described in the module docstring."""
@@ -146,6 +148,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None, help="OpenMP threads of the extension (default: as is)")
     p.add_argument("--baseline-so", default=None, help="path of an earlier build of metamoe/_C*.so to compare with")
     p.add_argument("--baseline-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-csv", action="store_true", help="print only, do not append to the results folder")
+    add_results_dir(p)
     args = p.parse_args(argv)
     if args.baseline_worker:
         return baseline_worker(args.baseline_worker, args)
@@ -176,6 +180,9 @@ def main(argv=None) -> None:
     print(f"first call (transpose built): median {first:.3f} s  {[round(t, 3) for t in first_ts]}")
     print(f"reuse (transpose cached):     median {reuse:.3f} s  {[round(t, 3) for t in reuse_ts]}")
     print(f"objective {sel.objective:.6f}, last gain {sel.gains[-1]:.6g}")
+    row = {"op": "facility_location", "backend": "cpp", "N": args.n, "K": args.neighbors, "k": k,
+           "cluster_size": args.cluster_size, "first_call_s": round(first, 4), "cached_call_s": round(reuse, 4),
+           "objective": round(float(sel.objective), 6)}
     if args.baseline_so:
         del holder["g"], out["sel"]
         cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-worker", args.baseline_so,
@@ -194,8 +201,12 @@ def main(argv=None) -> None:
         print(f"same picks {same_picks}, same gains {same_gains}, same objective {same_obj}")
         print(f"speed-up baseline / first call: {base['median_s'] / first:.2f}x; baseline / reuse: "
               f"{base['median_s'] / reuse:.2f}x")
-        if not (same_picks and same_gains and same_obj):
-            sys.exit("the current call's picks, gains or objective differ from the baseline's")
+        row.update(baseline_s=round(base["median_s"], 4), same_as_baseline=same_picks and same_gains and same_obj,
+                   speedup_first=round(base["median_s"] / first, 2), speedup_cached=round(base["median_s"] / reuse, 2))
+    if not args.no_csv:
+        print(f"appended 1 row to {append_csv('facility_location_transpose', [row], environment('cpu'), args.results_dir)}")
+    if args.baseline_so and not row["same_as_baseline"]:
+        sys.exit("the current call's picks, gains or objective differ from the baseline's")
 
 
 if __name__ == "__main__":
