@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchm
 
 import numpy as np  # noqa: E402
 
-from benchmarks.utils import add_results_dir, append_csv, environment  # noqa: E402
+from benchmarks.utils import add_results_dir, append_csv, environment, time_fn  # noqa: E402
 
 
 def synthetic_graph(n: int, K: int, cluster_size: int, seed: int):
@@ -90,21 +89,6 @@ def fresh_copy(graph):
                     self_included=graph.self_included, pool_fingerprint=graph.pool_fingerprint, info=dict(graph.info))
 
 
-def median_time(fn, warmup: int, rep: int, setup=None):
-    for _ in range(warmup):
-        if setup:
-            setup()
-        fn()
-    ts = []
-    for _ in range(rep):
-        if setup:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), ts
-
-
 def baseline_worker(so_path: str, args) -> None:
     """Runs in a subprocess: the earlier cpp path with the extension module at ``so_path``; prints JSON."""
     import importlib.util
@@ -132,8 +116,8 @@ def baseline_worker(so_path: str, args) -> None:
         out.update(indices=np.concatenate(idx).tolist(), gains=np.concatenate(gn).tolist(),
                    objective=float(state.objective()))
 
-    med, ts = median_time(call, args.warmup, args.rep)
-    print("BASELINE_JSON " + json.dumps({"median_s": med, "times": ts, **out}))
+    t = time_fn(call, warmup=args.warmup, rep=args.rep)
+    print("BASELINE_JSON " + json.dumps({"median_s": t.median, "p20_s": t.p20, "p80_s": t.p80, **out}))
 
 
 def main(argv=None) -> None:
@@ -174,11 +158,12 @@ def main(argv=None) -> None:
     def call():
         out["sel"] = select_facility_location(X, k, graph=holder["g"], backend="cpp", progress=False)
 
-    first, first_ts = median_time(call, args.warmup, args.rep, setup=new_graph)
-    reuse, reuse_ts = median_time(call, 0, args.rep)
+    t_first = time_fn(call, warmup=args.warmup, rep=args.rep, setup=new_graph)
+    t_reuse = time_fn(call, warmup=0, rep=args.rep)
+    first, reuse = t_first.median, t_reuse.median
     sel = out["sel"]
-    print(f"first call (transpose built): median {first:.3f} s  {[round(t, 3) for t in first_ts]}")
-    print(f"reuse (transpose cached):     median {reuse:.3f} s  {[round(t, 3) for t in reuse_ts]}")
+    print(f"first call (transpose built): median {first:.3f} s  (p20 {t_first.p20:.3f}, p80 {t_first.p80:.3f})")
+    print(f"reuse (transpose cached):     median {reuse:.3f} s  (p20 {t_reuse.p20:.3f}, p80 {t_reuse.p80:.3f})")
     print(f"objective {sel.objective:.6f}, last gain {sel.gains[-1]:.6g}")
     row = {"op": "facility_location", "backend": "cpp", "N": args.n, "K": args.neighbors, "k": k,
            "cluster_size": args.cluster_size, "first_call_s": round(first, 4), "cached_call_s": round(reuse, 4),
@@ -197,7 +182,7 @@ def main(argv=None) -> None:
         same_gains = bool(np.array_equal(np.asarray(base["gains"]), sel.gains))
         same_obj = base["objective"] == sel.objective
         print(f"baseline ({args.baseline_so}): median {base['median_s']:.3f} s  "
-              f"{[round(t, 3) for t in base['times']]}")
+              f"(p20 {base['p20_s']:.3f}, p80 {base['p80_s']:.3f})")
         print(f"same picks {same_picks}, same gains {same_gains}, same objective {same_obj}")
         print(f"speed-up baseline / first call: {base['median_s'] / first:.2f}x; baseline / reuse: "
               f"{base['median_s'] / reuse:.2f}x")

@@ -23,26 +23,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
 
 import torch  # noqa: E402
 
-from benchmarks.utils import append_csv, common_parser, environment, print_table  # noqa: E402
-
-
-def _median_us(fn, warmup: int, rep: int) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(rep):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    samples.sort()
-    return samples[len(samples) // 2] * 1e6
+from benchmarks.utils import append_csv, common_parser, environment, print_table, time_fn  # noqa: E402
 
 
 def run(T: int, E: int, k: int, warmup: int, rep: int):
@@ -83,7 +70,7 @@ def run(T: int, E: int, k: int, warmup: int, rep: int):
         rows = []
         for name, fn in cases:
             rows.append({"op": "router_topk", "entry": name, "T": T, "E": E, "k": k,
-                         "median_us": round(_median_us(fn, warmup, rep), 3)})
+                         "median_us": round(time_fn(fn, warmup=warmup, rep=rep).us, 3)})
     finally:
         K.router_topk_triton, K.router_topk_backward_triton = saved
     floor = rows[0]["median_us"]

@@ -36,7 +36,6 @@ Without a CUDA device it prints one line and exits with code 2. Exit code 1 when
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import importlib.util
 import os
 import re
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.append(str(REPO))  # last: see benchmarks/utils.py
 MAX_FILES = 8
 SUMMARY = "summary.md"
 LOG = "gpu_check.log"
@@ -173,37 +173,26 @@ def run_step(step: Step, timeout: float, log, env: Dict[str, str]) -> StepResult
 
 
 def environment() -> Dict[str, str]:
-    """Device name and versions for the summary (read in this process, after the install)."""
-    env: Dict[str, str] = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                           "python": sys.version.split()[0]}
-    try:
-        import torch
+    """The benchmark CSVs' environment columns (benchmarks/utils.py), plus what a GPU run needs besides:
+    python, CUDA, compute capability, memory, driver, transformers, numpy and faiss versions."""
+    import torch
 
-        env["torch"] = torch.__version__
-        env["cuda"] = str(torch.version.cuda)
-        if torch.cuda.is_available():
-            env["device"] = torch.cuda.get_device_name(0)
-            cap = torch.cuda.get_device_capability(0)
-            env["capability"] = f"sm_{cap[0]}{cap[1]}"
-            env["memory"] = f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB"
-    except Exception as exc:  # noqa: BLE001
-        env["torch"] = f"unavailable ({exc})"
-    for name in ("triton", "transformers", "numpy", "faiss"):
-        try:
-            mod = __import__(name)
-            env[name] = getattr(mod, "__version__", "?")
-        except Exception:  # noqa: BLE001
-            env[name] = "not installed"
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                       text=True, timeout=10).stdout.strip() or "?"
-    except Exception:  # noqa: BLE001
-        env["commit"] = "?"
+    from benchmarks.utils import _version, environment as bench_environment
+
+    cuda = torch.cuda.is_available()
+    env = bench_environment("cuda" if cuda else "cpu")
+    env.update(python=sys.version.split()[0], cuda=str(torch.version.cuda))
+    if cuda:
+        cap = torch.cuda.get_device_capability(0)
+        env["capability"] = f"sm_{cap[0]}{cap[1]}"
+        env["memory"] = f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB"
+    for name in ("transformers", "numpy", "faiss"):
+        env[name] = _version(name)
     try:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20)
         env["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else "?"
-    except Exception:  # noqa: BLE001
+    except (OSError, subprocess.SubprocessError):
         env["driver"] = "?"
     return env
 
@@ -241,7 +230,6 @@ def check(out: Path, names: Sequence[str], budget: float, *, install: bool = Tru
             r = runner(step, min(step.timeout, left), log, env)
             print(f"gpu-check: {step.name}: {r.status} in {r.seconds:.1f} s  {r.tail}", flush=True)
             results.append(r)
-    sys.path.append(str(REPO))  # last: see benchmarks/utils.py
     from benchmarks import targets
 
     targets_md = targets.render_markdown(targets.summarize(out))

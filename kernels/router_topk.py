@@ -23,10 +23,10 @@ Trade-offs and constants:
 
 from __future__ import annotations
 
-import contextlib
-
 import triton
 import triton.language as tl
+
+from . import on_device
 
 MAX_EXPERTS = 512
 MAX_K = 16
@@ -177,13 +177,6 @@ def _blocks(T: int, E: int, k: int):
     return block_t, block_e, block_k, num_warps
 
 
-def _on_device(t):
-    """Launch on the tensor's GPU, not the current one (a no-op for the interpreter's CPU tensors)."""
-    import torch
-
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def router_topk_triton(logits, k: int, *, normalize: bool = True, stats: bool = False):
     """Launch the fused router forward on ``logits`` (T, E) fp32/bf16/fp16, any strides, E <= 512, k <= 16.
 
@@ -223,7 +216,7 @@ def router_topk_triton(logits, k: int, *, normalize: bool = True, stats: bool = 
         pcount = torch.empty((P, E), dtype=torch.int32, device=dev)
     else:
         pprob = pcount = lse  # never touched (STATS=False)
-    with _on_device(logits):
+    with on_device(logits):
         _router_topk_fwd_kernel[(P,)](
             logits, w, idx, lse, pcount, pprob,
             T, E, logits.stride(0), logits.stride(1),
@@ -258,7 +251,7 @@ def router_topk_backward_triton(logits, lse, weights, indices, grad_weights=None
     gw = grad_weights if has_gw else weights
     gl = grad_lse if has_glse else lse
     gp = grad_prob_sum.contiguous() if has_gp else lse
-    with _on_device(logits):
+    with on_device(logits):
         _router_topk_bwd_kernel[(triton.cdiv(T, block_t),)](
             logits, lse, weights, indices, gw, gl, gp, dx,
             T, E, logits.stride(0), logits.stride(1), dx.stride(0), dx.stride(1),
