@@ -511,6 +511,11 @@ def run_jobs(jobs: list[dict], n_workers: int, timeout: float, progress: bool = 
 # --------------------------------------------------------------------------- report
 
 
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -607,7 +612,17 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds allowed for one compile job (default 300); its worker is killed past it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--summary", type=Path, default=None, metavar="CSV",
+                   help="compile nothing: print the summary table of an existing report (e.g. an earlier commit's)")
+    p.add_argument("--dtypes", default="", help="with --summary: comma-separated dtypes to keep (e.g. bf16,fp16)")
     args = p.parse_args(argv)
+    if args.summary is not None:
+        dtypes = {d.strip() for d in args.dtypes.split(",") if d.strip()}
+        rows = [r for r in _read_csv(args.summary) if not dtypes or r["dtype"] in dtypes]
+        if not rows:
+            p.error(f"--summary {args.summary}: no rows (dtypes {sorted(dtypes) or 'all'})")
+        print(summary(rows))
+        return 0
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.timeout <= 0:
