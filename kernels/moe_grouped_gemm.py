@@ -413,7 +413,7 @@ def _m_bucket(M: int) -> int:
     return max(256, triton.next_power_of_2(max(int(M), 1)))
 
 
-def _deterministic(deterministic) -> bool:
+def deterministic_mode(deterministic) -> bool:
     """The explicit argument, else ``torch.use_deterministic_algorithms``'s setting."""
     if deterministic is None:
         return torch.are_deterministic_algorithms_enabled()
@@ -519,7 +519,7 @@ def moe_scatter_gemm(a, w, w_transposed: bool, sorted_pairs, offsets, top_k: int
     else:
         N = w.shape[1]
         s_wn, s_wk = w.stride(1), w.stride(2)
-    by_pair = top_k > 1 and _deterministic(deterministic)
+    by_pair = top_k > 1 and deterministic_mode(deterministic)
     atomic = top_k > 1 and not by_pair
     if M == 0 or N == 0 or KD == 0:
         return torch.zeros((T, N), device=a.device, dtype=torch.float32)
@@ -608,7 +608,7 @@ def moe_weight_grad(left, l_gather: bool, right, r_gather: bool, sorted_pairs, o
     if M == 0 or E == 0 or N1 == 0 or N2 == 0:
         return torch.zeros(out_shape, device=left.device, dtype=out_dtype)
     if split is None:
-        split = weight_grad_split(M, E, N1, N2, _deterministic(deterministic))
+        split = weight_grad_split(M, E, N1, N2, deterministic_mode(deterministic))
     elif isinstance(split, bool) or not isinstance(split, int) or split < 1:
         raise ValueError(f"moe_weight_grad: split must be an int >= 1 or None, got {split!r}")
     if split > 1:

@@ -346,6 +346,6 @@ def moe_experts(
                     extra={"T": T, "d": d, "f": f, "E": E, "k": k, "activation": activation})
     impl = moe_experts_op.select(spec, backend)
     if impl.backend == "triton":
-        det = torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
+        det = _kernels().deterministic_mode(deterministic)
         return impl.fn(x, topk_weights, topk_ids, w_gate_up, w_down, activation, routing, deterministic=det)
     return impl.fn(x, topk_weights, topk_ids, w_gate_up, w_down, activation, routing)

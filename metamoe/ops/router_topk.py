@@ -178,9 +178,7 @@ def _router_topk_custom(
     logits: Tensor, k: int, normalize: bool, stats: bool
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(weights (T,k) f32, indices (T,k) i64, lse (T,) f32, prob_sum (E,|0) f32, counts (E,|0) i64)."""
-    from metamoe.kernels.router_topk import router_topk_triton
-
-    return router_topk_triton(logits, k, normalize=normalize, stats=stats)
+    return _kernels().router_topk_triton(logits, k, normalize=normalize, stats=stats)
 
 
 @_router_topk_custom.register_fake
@@ -208,9 +206,7 @@ def _router_topk_backward_custom(
     normalize: bool,
 ) -> Tensor:
     """d logits (T, E) in the logits' dtype."""
-    from metamoe.kernels.router_topk import router_topk_backward_triton
-
-    return router_topk_backward_triton(
+    return _kernels().router_topk_backward_triton(
         logits, lse, weights, indices, grad_weights, grad_lse, grad_prob_sum, normalize=normalize
     )
 
