@@ -37,9 +37,9 @@ def _cmd_train_expert(argv: List[str]) -> int:
 
 
 def _cmd_embed_pool(argv: List[str]) -> int:
-    from .unify import pool_embedding
+    from .unify import pool_embedding_cli
 
-    return pool_embedding.main(argv)
+    return pool_embedding_cli.main(argv)
 
 
 def _cmd_unify(argv: List[str]) -> int:

@@ -471,7 +471,7 @@ def test_dense_on_the_fly_stochastic(on_the_fly, tiny_blocks, rng):
 
 
 def test_dense_memory_checked_up_front(rng, monkeypatch):
-    monkeypatch.setattr(fl_mod, "_available_bytes", lambda device: 1000)
+    monkeypatch.setattr(fl_mod, "available_bytes", lambda device: (1000, "host memory"))
     X = _X(rng, n=40, d=4)
     P = _X(rng, n=30, d=4)
     for limit in (0, 10**9):  # on the fly, materialised

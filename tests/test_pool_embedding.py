@@ -35,10 +35,10 @@ from metamoe.unify.pool_embedding import (  # noqa: E402
     PoolIncompleteError,
     PoolIntegrityError,
     embed_pool_sharded,
-    main,
     open_pool_embeddings,
     shard_file,
 )
+from metamoe.unify.pool_embedding_cli import main  # noqa: E402
 
 PY = sys.executable
 VIT = "timm:vit_tiny_patch16_224"
@@ -82,7 +82,7 @@ WORKER = textwrap.dedent(
         except ValueError as exc:
             res["nan"] = str(exc)
         torch.save(res, os.path.join(d, f"moments{rank}.pt"))
-    from metamoe.unify.pool_embedding import main
+    from metamoe.unify.pool_embedding_cli import main
     sys.exit(main(sys.argv[1:]))
     """
 )
@@ -450,11 +450,11 @@ def test_sharded_relevance_moments_and_scores_are_the_single_process_bits(two_ra
 def test_multi_shard_pool_larger_than_memory_is_concatenated_on_disk(single, monkeypatch, capsys):
     """One process, a 2-shard pool that 'does not fit': streamed into an unlinked temporary .npy, not RAM."""
     from metamoe.selection import cli as scli
-    from metamoe.selection import facility_location as fl
+    from metamoe.utils import memory
 
     in_memory = scli._load_public(str(single), False)
     assert not isinstance(in_memory, np.memmap)
-    monkeypatch.setattr(fl, "_available_bytes", lambda device: 1024)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (1024, "host memory"))
     on_disk = scli._load_public(str(single / "manifest.json"), False)
     assert isinstance(on_disk, np.memmap) and not on_disk.flags.writeable
     np.testing.assert_array_equal(np.asarray(on_disk), in_memory)

@@ -15,7 +15,7 @@ The JSON is :meth:`Selection.save`'s (``indices``, ``gains``, ``objective``, ``m
 ``info.relevance_seconds`` / ``info.total_seconds`` the rest. Only the indices need to leave the client.
 
 ``--public`` is a .npy or a pool written by ``metamoe embed-pool`` (``manifest.json`` or its folder;
-:mod:`metamoe.unify.pool_embedding`).
+:mod:`metamoe.utils.pool_format`).
 
 ``--distributed`` (under ``torchrun --nproc_per_node=N -m metamoe select --distributed ...``): every rank
 opens the .npy as a memmap (or the pool's shards) and takes its contiguous rows
@@ -117,14 +117,14 @@ def _load_public(path: str, distributed: bool):
     when it takes at most half of the memory available, else streamed into a temporary .npy in the pool
     folder that is memmapped and unlinked at once (its disk space is freed when the process exits)."""
     if os.path.isdir(path) or path.endswith(".json"):
-        from ..unify.pool_embedding import open_pool_embeddings
-        from .facility_location import _available_bytes
+        from ..utils.pool_format import open_pool_embeddings
+        from ..utils import memory
 
         pool = open_pool_embeddings(path, verify=not distributed)
         if distributed or len(pool.shard_ranges) == 1:
             return pool if distributed else pool.to_array()
         nbytes = pool.nbytes
-        if nbytes <= _available_bytes("cpu") // 2:
+        if nbytes <= memory.available_bytes("cpu")[0] // 2:
             return pool.to_array()
         import tempfile
 
@@ -276,15 +276,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             where = f" (rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')})"
         print(f"metamoe select{where}: error: {exc}", file=sys.stderr)
         if args.distributed:
-            from .distributed import cli_finish
+            from ..utils.distributed import finish
 
-            cli_finish(failed=True)
+            finish(failed=True)
         return 2
     finally:
         if args.distributed:
-            from .distributed import cli_finish
+            from ..utils.distributed import finish
 
-            cli_finish()
+            finish()
     print(
         f"selection: {len(sel)} proxies (of k={args.k}) by {args.method}, backend {sel.backend}, "
         f"in {sel.seconds:.2f} s; objective {sel.objective:.6g}; total {sel.info['total_seconds']:.2f} s"

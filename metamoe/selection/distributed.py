@@ -40,136 +40,28 @@ the surviving ranks exit with an error instead of hanging.
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import os
 import time
 import warnings
 from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from ..utils.distributed import (
+    DEFAULT_TIMEOUT_S,
+    SHARD_ALIGN,
+    collective_errors,
+    comm_device,
+    global_argmax,
+    init_distributed,
+    owner_rank,
+    pool_shard_range,
+    shard_offsets,
+    shard_range,
+)
 from .dpp import DEFAULT_EPS, DppRankWarning, _matvec_blocks, add_direction, matvec_rows
 from .facility_location import DenseSimilarities, _check_weights, _dense_blocks
 from .result import Selection
 from .validation import check_embeddings, check_k, check_nonnegative, check_relevance, first_zero_row, row_norms
-
-DEFAULT_TIMEOUT_S = 600.0
-
-
-# --------------------------------------------------------------------------- process group
-
-
-def init_distributed(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Tuple[int, int]:
-    """Join the default process group (from torchrun's environment) if not joined yet; returns (rank, world).
-
-    ``backend``: None picks ``"nccl"`` when CUDA is available and there is a GPU per local rank, else
-    ``"gloo"``. ``timeout_s`` (> 0): collective timeout, so that a rank whose peer died raises instead
-    of hanging. With nccl the rank's device is set to ``cuda:LOCAL_RANK``.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not timeout_s > 0:
-        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
-    if missing:
-        raise RuntimeError(
-            f"--distributed needs torchrun's environment ({', '.join(missing)} not set): run "
-            f"`torchrun --nproc_per_node=N -m metamoe select --distributed ...`"
-        )
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "gloo"
-    if backend not in ("gloo", "nccl"):
-        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout_s)))
-    return dist.get_rank(), dist.get_world_size()
-
-
-SHARD_ALIGN = 64
-
-
-def shard_range(n: int, rank: int, world: int, align: int = SHARD_ALIGN) -> Tuple[int, int]:
-    """[start, stop) of rank's contiguous shard of n rows: near-equal sizes, every boundary a multiple of ``align``.
-
-    Why align: BLAS matrix-vector kernels (MKL, OpenBLAS) handle rows in small blocks (4 on this CPU) and
-    the leftover rows with other code, so ``X[a:b] @ q`` equals ``(X @ q)[a:b]`` bit for bit only when a
-    and b sit on block boundaries (or b = n). With 64-row boundaries the sharded DPP's residuals equal
-    the single process's exactly, not only its picks. Ranks past the data get empty ranges.
-    """
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
-    if align < 1:
-        raise ValueError(f"align must be >= 1, got {align}")
-    blocks = -(-int(n) // align)
-    base, extra = divmod(blocks, int(world))
-    start = (rank * base + min(rank, extra)) * align
-    stop = start + (base + (1 if rank < extra else 0)) * align
-    return min(start, n), min(stop, n)
-
-
-def pool_shard_range(n: int, rank: int, world: int) -> Tuple[int, int]:
-    """The rows of rank's shard of an n-row pool in ``metamoe select --distributed`` and ``metamoe embed-pool``.
-
-    :func:`shard_range` with 64-row boundaries, or 1-row boundaries when n < 64 x world (so that no rank is
-    left without rows). Both commands use it, so a pool embedded with W ranks gives each of W selecting
-    ranks exactly one shard file."""
-    return shard_range(n, rank, world, SHARD_ALIGN if n >= SHARD_ALIGN * world else 1)
-
-
-def _comm_device(group=None):
-    import torch
-    import torch.distributed as dist
-
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _shard_offsets(n_local: int, group, cdev):
-    """(offset of this rank, total rows, sizes of every rank) from one all_gather of the shard sizes."""
-    import torch
-    import torch.distributed as dist
-
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    t = torch.tensor([n_local], dtype=torch.int64, device=cdev)
-    sizes = [torch.zeros_like(t) for _ in range(world)]
-    dist.all_gather(sizes, t, group=group)
-    sizes = [int(s.item()) for s in sizes]
-    return sum(sizes[:rank]), sum(sizes), sizes
-
-
-def _global_argmax(value: float, index: int, group, cdev) -> Tuple[float, int]:
-    """(max value, lowest global index holding it) over ranks; exact (float64 values, indices < 2^53).
-
-    A rank with no candidate left passes value=-inf; NaN never wins."""
-    import torch
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    t = torch.tensor([value, float(index)], dtype=torch.float64, device=cdev)
-    out = [torch.zeros_like(t) for _ in range(world)]
-    dist.all_gather(out, t, group=group)
-    pairs = [(float(o[0]), int(o[1])) for o in (x.cpu() for x in out)]
-    # largest value, then lowest index (a rank with nothing left sends -inf and its lowest index)
-    best_v, best_i = max(pairs, key=lambda p: (p[0], -p[1]))
-    return best_v, best_i
-
-
-def _owner(index: int, sizes) -> int:
-    acc = 0
-    for r, s in enumerate(sizes):
-        if index < acc + s:
-            return r
-        acc += s
-    raise RuntimeError(f"global index {index} is outside the pool of {acc} rows")
-
 
 # --------------------------------------------------------------------------- DPP
 
@@ -210,7 +102,7 @@ def select_dpp_sharded(
     import torch.distributed as dist
 
     t0 = time.perf_counter()
-    cdev = _comm_device(group)
+    cdev = comm_device(group)
     dev = torch.device(device) if device is not None else cdev
     Xt = check_embeddings(X_shard, "X_shard", zero_copy_readonly=True)
     n_local, d = Xt.shape
@@ -221,7 +113,7 @@ def select_dpp_sharded(
     zero = first_zero_row(Xt, rows)  # blockwise: a shard can be a memmap larger than memory
     if zero is not None:
         raise ValueError(f"X_shard row {zero} is all zeros; the cosine kernel needs non-zero rows")
-    offset, n, sizes = _shard_offsets(n_local, group, cdev)
+    offset, n, sizes = shard_offsets(n_local, group, cdev)
     dims = [torch.zeros(1, dtype=torch.int64, device=cdev) for _ in sizes]
     dist.all_gather(dims, torch.tensor([d], dtype=torch.int64, device=cdev), group=group)
     if len({int(x.item()) for x in dims}) != 1:
@@ -248,10 +140,10 @@ def select_dpp_sharded(
     neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=dev)
     for t in range(k):
         jl = int(torch.argmax(d2))  # first maximal index: ties to the lowest index
-        dj2, j = _global_argmax(float(d2[jl]), offset + jl, group, cdev)
+        dj2, j = global_argmax(float(d2[jl]), offset + jl, group, cdev)
         if not dj2 > eps_abs:
             break
-        owner = _owner(j, sizes)
+        owner = owner_rank(j, sizes)
         if owner == dist.get_rank(group):
             jl = j - offset
             payload[:d] = (scale[jl] * Xt[jl].to(work).double()).to(cdev)
@@ -343,7 +235,7 @@ def select_facility_location_private_sharded(
     t0 = time.perf_counter()
     if metric not in ("cosine", "ip"):
         raise ValueError(f"metric must be 'cosine' or 'ip', got {metric!r}")
-    cdev = torch.device("cpu") if dist.get_backend(group) == "gloo" else _comm_device(group)
+    cdev = torch.device("cpu") if dist.get_backend(group) == "gloo" else comm_device(group)
     Xt = check_embeddings(X_shard, "X_shard", zero_copy_readonly=True)
     Gt = check_embeddings(P, "P", zero_copy_readonly=True)
     n_local, d = Xt.shape
@@ -351,7 +243,7 @@ def select_facility_location_private_sharded(
         raise ValueError(f"P has dimension D={Gt.shape[1]}, but X_shard has D={d}")
     m = Gt.shape[0]
     w_np = _check_weights(weights, m)
-    offset, n, sizes = _shard_offsets(n_local, group, cdev)
+    offset, n, sizes = shard_offsets(n_local, group, cdev)
     k = check_k(k, n)
     # the single process's fixed matmul shapes (tile from the whole pool's N), so that every similarity
     # has the bits of select_facility_location(..., graph="dense")
@@ -382,8 +274,8 @@ def select_facility_location_private_sharded(
             top = cand[torch.topk(ub[cand], min(refresh, len(cand))).indices]
             ub[top] = _seq_gains(ST, top, cur, w)
             fresh[top] = True
-        gj, j = _global_argmax(float(ub[jl]), offset + jl, group, cdev)
-        owner = _owner(j, sizes)
+        gj, j = global_argmax(float(ub[jl]), offset + jl, group, cdev)
+        owner = owner_rank(j, sizes)
         if owner == dist.get_rank(group):
             col.copy_(ST[:, j - offset])
             ub[j - offset] = neg_inf
@@ -451,11 +343,11 @@ def select_facility_location_greedi(
     t0 = time.perf_counter()
     if metric not in ("cosine", "ip"):
         raise ValueError(f"metric must be 'cosine' or 'ip', got {metric!r}")
-    cdev = _comm_device(group)
+    cdev = comm_device(group)
     Xt = check_embeddings(X_shard, "X_shard", zero_copy_readonly=True)
     n_local, d = Xt.shape
     w_local = torch.as_tensor(_check_weights(weights_shard, n_local))
-    offset, n, sizes = _shard_offsets(n_local, group, cdev)
+    offset, n, sizes = shard_offsets(n_local, group, cdev)
     k = check_k(k, n)
     world = len(sizes)
     k_local = min(k, n_local)
@@ -586,12 +478,12 @@ def cli_rows(n: int) -> Tuple[int, int]:
 def cli_select(args, P, X, relevance_shard, rows: Tuple[int, int]) -> Selection:
     """The sharded selection for ``metamoe select --distributed`` over this rank's ``rows`` = :func:`cli_rows`.
 
-    ``X``: the pool, a .npy memmap or a :class:`metamoe.unify.pool_embedding.PoolEmbeddings` (then only the
+    ``X``: the pool, a .npy memmap or a :class:`metamoe.utils.pool_format.PoolEmbeddings` (then only the
     shard files holding ``rows`` are opened: one file when the pool was embedded with this world size);
     ``relevance_shard``: the relevance of ``rows`` only (or None)."""
     start, stop = rows
     if getattr(X, "is_pool_embeddings", False):
-        from ..unify.pool_embedding import open_pool_embeddings
+        from ..utils.pool_format import open_pool_embeddings
 
         Xs = open_pool_embeddings(X.path, rows=(start, stop), verify=True)  # hashes only this rank's shard files
     else:
@@ -599,29 +491,13 @@ def cli_select(args, P, X, relevance_shard, rows: Tuple[int, int]) -> Selection:
     rel = None if relevance_shard is None else np.ascontiguousarray(relevance_shard)
     if rel is not None and len(rel) != stop - start:
         raise ValueError(f"relevance_shard has {len(rel)} rows, the shard {stop - start}")
-    with _collective_errors(args.timeout):
+    with collective_errors(args.timeout):
         if args.method == "dpp":
             return select_dpp_sharded(Xs, args.k, rel, ridge=args.ridge)
         if args.method == "fl-private":
             return select_facility_location_private_sharded(Xs, P, args.k)
         return select_facility_location_greedi(Xs, args.k, weights_shard=rel, graph=args.graph,
                                                n_neighbors=args.neighbors, backend=args.backend)
-
-
-@contextlib.contextmanager
-def _collective_errors(timeout_s: float):
-    """Turn a failed collective (gloo: plain RuntimeError; NCCL: DistBackendError) into one clear error."""
-    import torch.distributed as dist
-
-    try:
-        yield
-    except RuntimeError as exc:
-        if not (isinstance(exc, dist.DistError) or any(w in str(exc) for w in ("gloo", "Gloo", "NCCL", "c10d"))):
-            raise
-        raise RuntimeError(
-            f"a collective failed: another rank died, hangs or closed its connection (collectives time out "
-            f"after --timeout {timeout_s:g} s). Cause: {str(exc).splitlines()[0]}"
-        ) from None
 
 
 def pool_moments(X: Any, chunk_size: Optional[int] = None, group=None):
@@ -636,7 +512,7 @@ def pool_moments(X: Any, chunk_size: Optional[int] = None, group=None):
 
     Args:
         X: (N, D) the whole pool as every rank sees it: NumPy array / memmap, CPU torch tensor, or
-            :class:`metamoe.unify.pool_embedding.PoolEmbeddings`; only this rank's chunks are read.
+            :class:`metamoe.utils.pool_format.PoolEmbeddings`; only this rank's chunks are read.
         chunk_size: rows per chunk; must equal relevance_scores' ``chunk_size`` (None in both:
             :func:`metamoe.selection.relevance.default_chunk_rows`).
         group: process group (default: the default group).
@@ -663,7 +539,7 @@ def pool_moments(X: Any, chunk_size: Optional[int] = None, group=None):
     sums = torch.zeros(n_chunks, 2, d, dtype=torch.float64)
     for c in range(-(-start // chunk_size), -(-stop // chunk_size) if stop > start else 0):
         sums[c, 0], sums[c, 1] = _chunk_sums(Xt, c * chunk_size, chunk_size)
-    cdev = _comm_device(group)
+    cdev = comm_device(group)
     red = sums.to(cdev)
     dist.all_reduce(red, group=group)
     sums = red.cpu()
@@ -682,31 +558,12 @@ def pool_moments(X: Any, chunk_size: Optional[int] = None, group=None):
 
 def cli_moments(args, X):
     """:func:`pool_moments` for ``metamoe select --distributed``, with its collective errors made clear."""
-    with _collective_errors(args.timeout):
+    with collective_errors(args.timeout):
         return pool_moments(X)
-
-
-def cli_finish(failed: bool = False) -> None:
-    """Leave the process group. After a failure inside the group (a peer died or timed out) the group is
-    in an undefined state and tearing it down can abort or block, so the process exits at once with
-    code 2 (the error was already printed)."""
-    import sys
-
-    import torch.distributed as dist
-
-    if failed and dist.is_initialized():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(2)
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - exiting anyway; the error that matters was already reported
-            pass
 
 
 __all__ = [
     "init_distributed", "shard_range", "pool_shard_range", "pool_moments", "cli_rows", "cli_moments", "SHARD_ALIGN",
     "select_dpp_sharded", "select_facility_location_private_sharded",
-    "select_facility_location_greedi", "DEFAULT_TIMEOUT_S", "cli_check", "cli_init", "cli_select", "cli_finish",
+    "select_facility_location_greedi", "DEFAULT_TIMEOUT_S", "cli_check", "cli_init", "cli_select",
 ]

@@ -24,7 +24,6 @@ place (a float16 ``np.memmap`` is never copied to float32); the torch paths stre
 from __future__ import annotations
 
 import numbers
-import os
 import time
 import warnings
 from typing import Any, Optional
@@ -34,6 +33,8 @@ import numpy as np
 from ..backends import CallSpec, define_op
 from ..backends.availability import require_extension
 from ..backends.tensors import dtype_name
+from ..utils.memory import available_bytes
+from ..utils.progress import progress_bar, update_every
 from .result import Selection
 from .validation import block_rows, check_embeddings, check_k, check_nonnegative, check_relevance, first_zero_row, row_norms
 
@@ -57,14 +58,8 @@ class DppRankWarning(UserWarning):
     """The kernel ran out of rank before k picks (a linear kernel has rank <= D)."""
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="pick", disable=(None if enabled else True), leave=False)
-
-
 def _chunk(k: int) -> int:
-    return int(min(256, max(16, k // 100)))
+    return update_every(k, per=100, cap=256)
 
 
 # --------------------------------------------------------------------------- torch
@@ -146,7 +141,7 @@ def dpp_greedy_torch(
     Qe = torch.zeros(k, k, dtype=torch.float64, device=dev) if ridge > 0 else None
     picks, resid = [], []
     neg_inf = torch.tensor(float("-inf"), dtype=torch.float64, device=dev)
-    with _progress(k, progress, "dpp (torch)") as bar:
+    with progress_bar(k, progress, "dpp (torch)") as bar:
         for t in range(k):
             j = int(torch.argmax(d2))  # first maximal index: ties go to the lowest index
             dj2 = float(d2[j])
@@ -183,7 +178,7 @@ def _cpp_storage(X):
 
 def _run_cpp_state(state, k: int, eps: float, progress: bool, desc: str):
     idx, res = [], []
-    with _progress(k, progress, desc) as bar:
+    with progress_bar(k, progress, desc) as bar:
         while state.picked < k and not state.exhausted:
             i, r = state.run(min(_chunk(k), k - state.picked), float(eps))
             idx.append(i)
@@ -246,7 +241,7 @@ def dpp_greedy_cuda(X, relevance: np.ndarray, k: int, ridge: float, eps: float, 
                 f"X row {bad} has zero or non-finite norm; cosine similarity needs non-zero finite rows"
             )
         t = 0
-        with _progress(k, progress, "dpp (cuda)") as bar:
+        with progress_bar(k, progress, "dpp (cuda)") as bar:
             while t < k:
                 count = min(_chunk(k), k - t)
                 ext.dpp_picks(
@@ -326,7 +321,7 @@ def dpp_greedy_rbf_torch(
     d2 = r * r * (1.0 + ridge)
     C = torch.empty(k, n, **f64)  # Chen et al.'s Cholesky rows c_t (row t written at pick t)
     picks, resid = [], []
-    with _progress(k, progress, "dpp rbf (torch)") as bar:
+    with progress_bar(k, progress, "dpp rbf (torch)") as bar:
         for t in range(k):
             j = int(torch.argmax(d2))  # first maximal index: ties go to the lowest index
             dj2 = float(d2[j])
@@ -394,23 +389,6 @@ def default_rbf_gamma(X, *, sample: int = GAMMA_SAMPLE, seed: int = 0) -> float:
     return 1.0 / med if med > 0 else 1.0
 
 
-def _available_bytes(device) -> tuple:
-    """(bytes free, where) on the device that will hold the workspace."""
-    import torch
-
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free), f"GPU {device}"
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024, "host memory (MemAvailable)"
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "host memory"
-
-
 def rbf_workspace_bytes(n: int, k: int) -> int:
     """Bytes the RBF greedy holds: the k x N float64 Cholesky rows plus O(N) float64 vectors."""
     return 8 * n * k + 8 * 4 * n
@@ -419,7 +397,7 @@ def rbf_workspace_bytes(n: int, k: int) -> int:
 def _check_rbf_memory(n: int, k: int, device, max_workspace_bytes: Optional[int]) -> int:
     need = rbf_workspace_bytes(n, k)
     if max_workspace_bytes is None:
-        free, where = _available_bytes(device)
+        free, where = available_bytes(device)
         limit = int(0.8 * free)
         where = f"80% of the free {where}"
     else:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
@@ -44,6 +43,9 @@ import numpy as np
 from ..backends import CallSpec, define_op
 from ..backends.availability import require_extension
 from .knn_graph import KnnGraph, build_knn_graph
+from ..utils.checks import check_choice
+from ..utils.memory import available_bytes
+from ..utils.progress import progress_bar, update_every
 from .result import Selection
 from .validation import as_float64_vector, block_rows, check_embeddings, check_k, first_zero_row, row_norms
 
@@ -154,14 +156,8 @@ def sample_size(n: int, k: int, epsilon: float) -> int:
     return int(min(n, max(1, math.ceil(n / k * math.log(1.0 / epsilon)))))
 
 
-def _progress(total: int, enabled: bool, desc: str, unit: str = "pick"):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=(None if enabled else True), leave=False)
-
-
 def _chunk(k: int) -> int:
-    return int(min(1024, max(16, k // 50)))
+    return update_every(k, per=50, cap=1024)
 
 
 def _ranges(ptr, rows):
@@ -239,7 +235,7 @@ def facility_location_torch(problem: FacilityLocationProblem, k: int, optimizer:
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     gain = all_gains() if optimizer != "stochastic" else torch.zeros(n, **f64)
     dirty = torch.ones(n, dtype=torch.bool, device=dev) if optimizer == "stochastic" else None
-    with _progress(k, progress, "facility location (torch)") as bar:
+    with progress_bar(k, progress, "facility location (torch)") as bar:
         for _ in range(k):
             if optimizer == "naive":
                 gain = all_gains().masked_fill_(selected, neg_inf)
@@ -302,7 +298,7 @@ def facility_location_cpp(problem: FacilityLocationProblem, k: int, optimizer: s
         cpp_transpose(problem), problem.weights, int(k), _OPT_CODE[optimizer], int(n_sample), int(seed) & (2**64 - 1),
     )
     idx, gn = [], []
-    with _progress(k, progress, "facility location (cpp)") as bar:
+    with progress_bar(k, progress, "facility location (cpp)") as bar:
         while state.picked < k:
             i, g = state.run(min(_chunk(k), k - state.picked))
             idx.append(i)
@@ -361,7 +357,7 @@ def facility_location_cuda(problem: FacilityLocationProblem, k: int, optimizer: 
         ext.set_device(dev.index if dev.index is not None else torch.cuda.current_device())
         ext.fl_init(graph, n, m, ws, nb, stream)
         t = 0
-        with _progress(k, progress, "facility location (cuda)") as bar:
+        with progress_bar(k, progress, "facility location (cuda)") as bar:
             while t < k:
                 count = min(_chunk(k), k - t)
                 ext.fl_picks(graph, n, m, ws, nb, t, count, out_idx.data_ptr(), out_gain.data_ptr(), stream)
@@ -390,26 +386,6 @@ def _dense_blocks(device_type: str, n: int, m: int) -> Tuple[int, int]:
     nb = -(-m // B)
     B = min(B, _round_up(-(-m // nb), 16))
     return T, B
-
-
-def _available_bytes(device: Any) -> int:
-    """Memory free for new allocations on ``device``: CUDA free memory, or the CPU's MemAvailable."""
-    import torch
-
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return int(torch.cuda.mem_get_info(dev)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown here: do not refuse
 
 
 def dense_on_the_fly_bytes(n: int, m: int, d: int, tile: int, block: int, stream_pool: bool = False) -> int:
@@ -702,7 +678,7 @@ def _dense_on_the_fly(sims: DenseSimilarities, k: int, optimizer: str, n_sample:
         ghat[sl] = torch.where(avail[sl], g, neg_inf)
 
     def refresh_all(desc: Optional[str] = None):
-        with _progress(sims.n_tiles, progress and desc is not None, desc or "", unit="tile") as bar:
+        with progress_bar(sims.n_tiles, progress and desc is not None, desc or "", unit="tile") as bar:
             for c in range(sims.n_tiles):
                 refresh(c)
                 bar.update(1)
@@ -715,7 +691,7 @@ def _dense_on_the_fly(sims: DenseSimilarities, k: int, optimizer: str, n_sample:
         base = torch.zeros(n_pad, **f64)
         exact = torch.ones(n_pad, dtype=torch.bool, device=dev)
         refresh_all("facility location (dense, initial gains)")
-    with _progress(k, progress, "facility location (dense, torch)") as bar:
+    with progress_bar(k, progress, "facility location (dense, torch)") as bar:
         for t in range(k):
             if optimizer == "naive":
                 refresh_all()
@@ -774,12 +750,6 @@ def _dense_problem(sims: DenseSimilarities) -> Tuple[np.ndarray, np.ndarray, np.
     ptr = np.zeros(m + 1, dtype=np.int64)
     np.cumsum(counts, out=ptr[1:])
     return ptr, c.cpu().numpy().astype(np.int64), St[r, c].cpu().numpy().astype(np.float32)
-
-
-def _check_choice(value: Any, name: str, allowed) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
-    return value
 
 
 # --------------------------------------------------------------------------- public API
@@ -847,12 +817,12 @@ def select_facility_location(
     Ties go to the lowest index. Exact optimizers give the picks of naive greedy on the same graph.
     """
     t0 = time.perf_counter()
-    optimizer = _check_choice(optimizer, "optimizer", OPTIMIZERS)
-    metric = _check_choice(metric, "metric", FL_METRICS)
+    optimizer = check_choice(optimizer, "optimizer", OPTIMIZERS)
+    metric = check_choice(metric, "metric", FL_METRICS)
     if not isinstance(graph, KnnGraph):
         if not isinstance(graph, str):
             raise TypeError(f"graph must be 'knn', 'dense' or a KnnGraph, got {type(graph).__name__}")
-        graph = _check_choice(graph, "graph", GRAPHS)
+        graph = check_choice(graph, "graph", GRAPHS)
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not 0.0 < float(epsilon) < 1.0:
         raise ValueError(f"epsilon must be a number in (0, 1), got {epsilon!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
@@ -883,7 +853,7 @@ def select_facility_location(
         need = dense_on_the_fly_bytes(n, m, d, tile, block, stream_pool=stream)
         if not on_the_fly:
             need += 4 * _round_up(n, tile) * _round_up(m, block) + 24 * n * m  # the matrix and the CSR
-        have = _available_bytes(Xt.device)
+        have, _ = available_bytes(Xt.device)
         if need > have:
             what = ("similarities on the fly: float32 copies of pool and ground, float64 gains and coverage, a "
                     f"{tile} x {block} block workspace") if on_the_fly else "the materialised similarities and their CSR"

@@ -34,7 +34,8 @@ import numpy as np
 
 from ..backends.tensors import as_torch, is_torch
 from .validation import block_rows as _rows_for_bytes
-from .validation import check_embeddings, check_int, first_zero_row
+from ..utils.checks import check_int
+from .validation import check_embeddings, first_zero_row
 
 METRICS = ("cosine", "ip", "l2")
 METHODS = ("auto", "exact", "ivf", "torch", "faiss-gpu")

@@ -24,7 +24,8 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from ..backends.tensors import device_type
-from .validation import block_rows, check_embeddings, check_int, check_row_range, readonly_from_numpy
+from ..utils.checks import check_int, check_row_range
+from .validation import block_rows, check_embeddings, readonly_from_numpy
 
 MIN_STEPS = 300  # Adam steps at least, however small the sets (one "epoch" of 100 rows is one step)
 PROB_CLIP = 1e-12  # scores are clipped to [PROB_CLIP, 1 - PROB_CLIP] so that they lie strictly in (0, 1)
@@ -188,7 +189,7 @@ def relevance_scores(
             row (the caller checked its rows; non-finite scores still raise); only the training samples
             and the scored rows are read. None: computed here.
 
-    ``public`` may also be a sharded pool on disk (:class:`metamoe.unify.pool_embedding.PoolEmbeddings`,
+    ``public`` may also be a sharded pool on disk (:class:`metamoe.utils.pool_format.PoolEmbeddings`,
     marked ``is_pool_embeddings``; finite by construction): it is read through its row indexing.
 
     Returns:

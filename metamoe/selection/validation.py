@@ -104,26 +104,6 @@ def row_norms(X, work, rows: int):
     return out
 
 
-def check_int(value: Any, name: str, lo: int = 1) -> int:
-    """``value`` as an int >= ``lo``; TypeError for non-integers (and bools), ValueError below ``lo``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if int(value) < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {int(value)}")
-    return int(value)
-
-
-def check_row_range(rows: Any, n: int, name: str = "rows"):
-    """``(start, stop)`` with ``0 <= start < stop <= n`` from a pair of integers; TypeError / ValueError."""
-    if (not isinstance(rows, (tuple, list)) or len(rows) != 2
-            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in rows)):
-        raise TypeError(f"{name} must be a (start, stop) pair of integers, got {rows!r}")
-    lo, hi = int(rows[0]), int(rows[1])
-    if not 0 <= lo < hi <= n:
-        raise ValueError(f"{name} must satisfy 0 <= start < stop <= N={n}, got ({lo}, {hi})")
-    return lo, hi
-
-
 def torch_isfinite_rows(block):
     import torch
 
@@ -181,6 +161,6 @@ def check_nonnegative(value: Any, name: str) -> float:
     return value
 
 
-__all__ = ["BLOCK_BYTES", "block_rows", "check_embeddings", "check_int", "check_row_range", "first_zero_row",
+__all__ = ["BLOCK_BYTES", "block_rows", "check_embeddings", "first_zero_row",
            "readonly_from_numpy",
            "row_norms", "check_k", "check_relevance", "check_nonnegative", "device_type", "FLOAT_DTYPES"]

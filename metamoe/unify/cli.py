@@ -478,7 +478,7 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     """The server side from a parsed server.yaml (``SERVER_YAML``); returns the unified model folder."""
     from safetensors.torch import save_file
 
-    from ..selection.result import atomic_write_text
+    from ..utils.files import atomic_write_text
     from .server import proxy_owners, proxy_training_set, train_router
 
     base = cfg.get("_base")
@@ -760,7 +760,7 @@ def main_evaluate(argv: Optional[List[str]] = None) -> int:
                     f"{name}: next-token loss {r['next_token_loss']:.4f}, perplexity {r['perplexity']:.2f} (n={r['n']})"
                 )
         if a.json:
-            from ..selection.result import atomic_write_text
+            from ..utils.files import atomic_write_text
 
             atomic_write_text(Path(a.json), json.dumps(res, indent=1) + "\n")
 

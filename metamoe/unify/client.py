@@ -27,16 +27,11 @@ import torch
 from torch import nn
 
 from ..models.ffn import ffn_input_hooks
+from ..utils.progress import progress_bar
 from ..models.lora import LoRAConfig, apply_lora, has_lora, lora_state_dict
 from ..models.registry import SeedModel, _seeded, weight_hash
 
 PROTOTYPE_DATA = ("train", "private")
-
-
-def _progress(total: int, enabled: bool, desc: str, unit: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=(None if enabled else True), leave=False)
 
 
 def _check_seed_model(model: Any, name: str = "seed_model") -> SeedModel:
@@ -127,7 +122,7 @@ def embed(
     with (
         _TrainFlag(model, False),
         ffn_input_hooks(model.net, layers, record),
-        _progress(n, progress, f"embed ({model.name})", "sample") as bar,
+        progress_bar(n, progress, f"embed ({model.name})", "sample") as bar,
     ):
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
@@ -184,7 +179,7 @@ def compute_prototypes(
     with (
         _TrainFlag(model, False),
         ffn_input_hooks(model.net, layers, record),
-        _progress(n, progress, "prototypes", "sample") as bar,
+        progress_bar(n, progress, "prototypes", "sample") as bar,
     ):
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
@@ -440,7 +435,7 @@ def train_expert(
         gen = torch.Generator().manual_seed(int(seed))
         steps = epochs * math.ceil(n_total / batch_size)
         expert.train()
-        with _progress(steps, progress, f"train expert ({expert.name})", "step") as bar:
+        with progress_bar(steps, progress, f"train expert ({expert.name})", "step") as bar:
             for _ in range(epochs):
                 perm = torch.randperm(n_total, generator=gen)
                 total, count = 0.0, 0

@@ -23,7 +23,6 @@ weight hash, same public pool, disjoint private label spaces, matching LoRA layo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..utils.files import fsync_dir, sha256_file
 from ..models.lora import LoRAConfig
 from .client import TrainedExpert
 
@@ -134,27 +134,6 @@ class ExpertPackage:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def sha256_file(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
@@ -337,7 +316,7 @@ def write_expert_package(
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         try:  # what is written must load: the same checks a reader runs, before the package becomes visible
             load_expert_package(tmp)
         except PackageError as exc:
@@ -349,7 +328,7 @@ def write_expert_package(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -42,7 +42,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils.files import atomic_write, atomic_write_text, sha256_file
 from ..models.lora import has_lora
 from ..models.registry import SeedModel
 from .package import ExpertPackage, PackageError, check_package_set, load_expert_package
@@ -675,26 +675,11 @@ def _fingerprint(x: Any, y: Optional[np.ndarray], route_targets: Optional[np.nda
     return h.hexdigest()
 
 
-def _atomic_write_bytes_file(path: Path, writer: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(Path(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _save_checkpoint(
     directory: Path, step: int, params: Dict[str, nn.Parameter], opt, meta: Dict[str, Any]
 ) -> None:
     from safetensors.torch import save_file
 
-    from ..selection.result import atomic_write_text
 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"param.{k}": v.detach().cpu().contiguous().clone() for k, v in params.items()}
@@ -704,8 +689,7 @@ def _save_checkpoint(
             t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
             tensors[f"optim.{i}.{k}"] = t.detach().cpu().contiguous().clone()
     fname = f"ckpt-{step:08d}.safetensors"
-    _atomic_write_bytes_file(directory / fname, lambda p: save_file(tensors, str(p)))
-    from .package import sha256_file
+    atomic_write(directory / fname, lambda p: save_file(tensors, str(p)))
 
     state = dict(meta)
     state.update(
@@ -726,7 +710,6 @@ def _load_checkpoint(
 ) -> Optional[Dict]:
     from safetensors.torch import load_file
 
-    from .package import sha256_file
 
     sfile = directory / CHECKPOINT_STATE
     if not sfile.is_file():
