@@ -26,6 +26,8 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from .lora_linear import LoRALinear
+
 ROLES = ("gate", "up", "down")
 
 
@@ -174,8 +176,6 @@ class HFGatedMLP(FFNAdapter):
         act = getattr(net.config, "hidden_act", None)
         if act not in ("silu", "swish"):
             raise ValueError(f"{self.name}: hidden_act={act!r}; the gated MLP adapter expects silu")
-        from .lora import LoRALinear
-
         out = []
         for i, layer in enumerate(decoder_layers):
             mlp = layer.mlp

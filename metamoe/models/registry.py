@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .ffn import ADAPTERS, FFNAdapter, FFNLayer
+from .lora_linear import LoRALinear
 
 PathLike = Union[str, os.PathLike]
 
@@ -96,7 +97,7 @@ def register_source(cls):
 
 
 @contextlib.contextmanager
-def _seeded(seed: Optional[int]):
+def seeded(seed: Optional[int]):
     """Run a block under ``torch.manual_seed(seed)`` without changing the caller's global RNG state."""
     if seed is None:
         yield
@@ -442,7 +443,7 @@ class SeedModel(nn.Module):
         """A fresh classification head with ``num_classes`` outputs (initialised under ``seed``); returns it."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        with _seeded(seed):
+        with seeded(seed):
             self._impl.replace_head(self.net, num_classes)
         return self.head()
 
@@ -504,7 +505,7 @@ def create_seed_model(
             raise FileNotFoundError(
                 f"checkpoint for {name!r} not found: {path} (nothing is downloaded; give a local path)"
             )
-    with _seeded(seed):  # random init (or a re-initialised head on a checkpoint) under the seed
+    with seeded(seed):  # random init (or a re-initialised head on a checkpoint) under the seed
         net = source.build(arch, task, path, num_classes, config)
     net.eval()
     return SeedModel(net, name=name, task=task, adapter=adapter)
@@ -518,9 +519,7 @@ def save_seed_model(model: SeedModel, directory: PathLike) -> Path:
     """
     if not isinstance(model, SeedModel):
         raise TypeError(f"model must be a SeedModel, got {type(model).__name__}")
-    from .lora import has_lora
-
-    if has_lora(model):
+    if any(isinstance(m, LoRALinear) for m in model.net.modules()):
         raise ValueError(
             "model has LoRA adapters; save the seed model before apply_lora (LoRA weights go into packages)"
         )
@@ -545,8 +544,6 @@ def weight_hash(model: Union[SeedModel, nn.Module]) -> str:
     model hashes the same before and after :func:`metamoe.models.lora.apply_lora`; a merged LoRA model is
     refused (its base weights hold the update).
     """
-    from .lora import LoRALinear
-
     net = model.net if isinstance(model, SeedModel) else model
     if not isinstance(net, nn.Module):
         raise TypeError(f"model must be a SeedModel or torch.nn.Module, got {type(model).__name__}")

@@ -29,12 +29,13 @@ from torch import nn
 from ..models.ffn import ffn_input_hooks
 from ..utils.progress import progress_bar
 from ..models.lora import LoRAConfig, apply_lora, has_lora, lora_state_dict
-from ..models.registry import SeedModel, _seeded, weight_hash
+from ..models.registry import SeedModel, seeded, weight_hash
 
 PROTOTYPE_DATA = ("train", "private")
 
 
-def _check_seed_model(model: Any, name: str = "seed_model") -> SeedModel:
+def check_seed_model(model: Any, name: str = "seed_model") -> SeedModel:
+    """``model`` if it is a SeedModel, else TypeError naming ``name``."""
     if not isinstance(model, SeedModel):
         raise TypeError(
             f"{name} must be a SeedModel (metamoe.models.create_seed_model), got {type(model).__name__}"
@@ -42,7 +43,8 @@ def _check_seed_model(model: Any, name: str = "seed_model") -> SeedModel:
     return model
 
 
-def _check_batch_size(batch_size: Any) -> int:
+def check_batch_size(batch_size: Any) -> int:
+    """``batch_size`` if it is a positive int, else ValueError."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     return batch_size
@@ -105,8 +107,8 @@ def embed(
     Returns:
         (n, D_out) float32.
     """
-    model = _check_seed_model(model, "model")
-    batch_size = _check_batch_size(batch_size)
+    model = check_seed_model(model, "model")
+    batch_size = check_batch_size(batch_size)
     dim = embedding_dim(model, features)
     n = SeedModel.num_samples(data)
     if n == 0:
@@ -148,8 +150,8 @@ def compute_prototypes(
     Every token that the model's attention mask keeps counts once (all tokens of a ViT: class token and
     patches). Sums run in float64.
     """
-    model = _check_seed_model(model, "model")
-    batch_size = _check_batch_size(batch_size)
+    model = check_seed_model(model, "model")
+    batch_size = check_batch_size(batch_size)
     layers = model.ffn_layers()
     if not layers:
         raise ValueError(f"{model.name} has no FFN layers")
@@ -358,13 +360,13 @@ def train_expert(
         :class:`TrainedExpert`: the trained model, LoRA state, head state, prototypes (L, D) float32, label space,
         aggregate metrics.
     """
-    seed_model = _check_seed_model(seed_model)
+    seed_model = check_seed_model(seed_model)
     if has_lora(seed_model):
         raise ValueError("seed_model already has LoRA adapters; pass the plain seed model")
     for nm, v in (("epochs", epochs), ("lora_rank", lora_rank)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{nm} must be a positive int, got {v!r}")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     if prototype_data not in PROTOTYPE_DATA:
@@ -422,7 +424,7 @@ def train_expert(
     expert = copy.deepcopy(seed_model)
     n_total = n_priv + n_prox
     losses: List[float] = []
-    with _seeded(int(seed)):
+    with seeded(int(seed)):
         head = None
         if not causal:
             head = expert.replace_head(len(priv_names) + len(pub_names), seed=int(seed))

@@ -217,11 +217,11 @@ def embed_pool_sharded(
     """
     import torch
 
-    from .client import _check_batch_size, _check_seed_model
+    from .client import check_batch_size, check_seed_model
     from ..models.registry import SeedModel, weight_hash
 
-    model = _check_seed_model(seed_model)
-    batch_size = _check_batch_size(batch_size)
+    model = check_seed_model(seed_model)
+    batch_size = check_batch_size(batch_size)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not isinstance(out_dir, (str, os.PathLike)):
