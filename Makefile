@@ -3,9 +3,7 @@
 #   make demo   the end-to-end example on the bundled data
 # Each creates .venv if it is missing and installs metamoe with its test extras (which builds the
 # C++/CUDA extension); both are quick when everything is already in place.
-# The console scripts (.venv/bin/pytest, .venv/bin/metamoe) are used rather than `python -m ...`, which puts the
-# current folder first on sys.path: there the repo's top-level kernels/ folder (installed as metamoe.kernels)
-# would shadow the PyPI package `kernels` that transformers >= 5.25 imports when it builds a model.
+# `make test` runs ruff (configured in pyproject.toml) before the tests.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -18,7 +16,7 @@ PYTEST_ARGS ?= -q
 DEMO_OUT ?= demo_out
 SEED ?= 0
 
-.PHONY: test demo install ext bench bench-quick compile-report gpu-check clean info
+.PHONY: test lint demo install ext bench bench-quick compile-report gpu-check clean info
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +33,11 @@ ext: $(PY)
 	$(PY) setup.py -q build_ext --inplace
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest $(PYTEST_ARGS) tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
 	$(VENV)/bin/metamoe demo --out $(DEMO_OUT) --seed $(SEED)

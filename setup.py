@@ -171,6 +171,7 @@ setup(
             "matplotlib>=3.6",
             "pytest>=7",
             "pytest-benchmark>=4",
+            "ruff>=0.5",
             "pybind11>=2.10",  # for `make ext` (in-place rebuilds without build isolation)
             "setuptools>=64",
         ],

@@ -1,6 +1,6 @@
 """Facility location on a prebuilt 1M-point kNN graph: the whole ``select_facility_location`` call (cpp backend).
 
-Issue 17, item 1: N = 1M, K = 50, k = 10,000, lazy greedy, on a 2-core CPU, <= 1.5 s for the whole call on a
+Target: N = 1M, K = 50, k = 10,000, lazy greedy, on a 2-core CPU, <= 1.5 s for the whole call on a
 prebuilt graph. Building an exact kNN graph of 1M points takes long on 2 cores, so the graph here is made
 synthetically with the shape of a clustered kNN graph: the points fall into clusters of ``--cluster-size``
 consecutive positions on a line; each point lists itself (similarity 1) and K - 1 distinct points of its
@@ -13,11 +13,11 @@ What is timed (median of ``--rep`` calls after ``--warmup``):
   first    ``select_facility_location(X, k, graph=G)`` on a graph that has not been used yet (builds the
            candidate -> ground transpose), each repetition on a fresh copy of the graph
   reuse    the same call again on the same graph (the transpose cached on the graph is reused)
-  baseline (``--baseline-so PATH``) the cpp path of before the transpose was cached and parallel, run in a
-           subprocess with the extension module at PATH (a copy of metamoe/_C*.so built from the earlier
-           csrc/cpu/facility_location.cpp): int64 copy of the indices, ``_C.FacilityLocationGreedy`` with its
-           serial int64/float64 transpose, the picks. Its picks, gains and objective are compared with the
-           current call's (they must be identical) and the ratio baseline / first is printed.
+  baseline (``--baseline-so PATH``) a reference cpp path without the cached parallel transpose, run in a
+           subprocess with the extension module at PATH (a build of metamoe/_C*.so whose
+           ``_C.FacilityLocationGreedy`` takes the graph arrays and builds a serial int64/float64 transpose):
+           int64 copy of the indices, that constructor, the picks. Its picks, gains and objective are
+           compared with this call's (they must be identical) and the ratio baseline / first is printed.
 
   python benchmarks/bench_facility_location_transpose.py                       # N = 1M, K = 50, k = 10,000
   python benchmarks/bench_facility_location_transpose.py --baseline-so /tmp/fl_baseline/_C.cpython-311-x86_64-linux-gnu.so
@@ -43,7 +43,7 @@ from benchmarks.utils import add_results_dir, append_csv, environment, time_fn  
 def synthetic_graph(n: int, K: int, cluster_size: int, seed: int):
     """(X, KnnGraph): the clustered synthetic kNN graph described in the module docstring."""
     from metamoe.selection import KnnGraph
-    from metamoe.selection.knn_graph import _fingerprint
+    from metamoe.selection.knn_graph import fingerprint
 
     if not 1 <= K <= cluster_size <= n:
         raise ValueError(f"need 1 <= K={K} <= cluster_size={cluster_size} <= n={n}")
@@ -76,7 +76,7 @@ def synthetic_graph(n: int, K: int, cluster_size: int, seed: int):
     graph = KnnGraph(
         indptr=np.arange(0, n * K + 1, K, dtype=np.int64), indices=cols.reshape(-1).astype(np.int32),
         similarities=np.ascontiguousarray(sims.reshape(-1)), n_points=n, metric="cosine", n_neighbors=K,
-        self_included=True, pool_fingerprint=_fingerprint(X), info={"method": "synthetic"},
+        self_included=True, pool_fingerprint=fingerprint(X), info={"method": "synthetic"},
     )
     return X, graph
 
@@ -90,7 +90,7 @@ def fresh_copy(graph):
 
 
 def baseline_worker(so_path: str, args) -> None:
-    """Runs in a subprocess: the earlier cpp path with the extension module at ``so_path``; prints JSON."""
+    """Runs in a subprocess: the reference cpp path with the extension module at ``so_path``; prints JSON."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("_C", so_path)
@@ -103,7 +103,7 @@ def baseline_worker(so_path: str, args) -> None:
     out = {}
 
     def call():
-        indices = graph.indices.astype(np.int64)  # what select_facility_location passed to the constructor
+        indices = graph.indices.astype(np.int64)  # the int64 indices that constructor takes
         w = np.ones(graph.n_queries, dtype=np.float64)
         state = old.FacilityLocationGreedy(graph.indptr, indices, graph.similarities, w, int(graph.n_points), k, 1,
                                            int(graph.n_points), 0)
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--rep", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="OpenMP threads of the extension (default: as is)")
-    p.add_argument("--baseline-so", default=None, help="path of an earlier build of metamoe/_C*.so to compare with")
+    p.add_argument("--baseline-so", default=None, help="path of a reference build of metamoe/_C*.so to compare with")
     p.add_argument("--baseline-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-csv", action="store_true", help="print only, do not append to the results folder")
     add_results_dir(p)

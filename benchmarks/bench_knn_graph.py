@@ -44,7 +44,7 @@ from benchmarks.utils import (  # noqa: E402
     print_table, recover_cuda, time_fn,
 )
 from metamoe.selection import build_knn_graph  # noqa: E402
-from metamoe.selection.knn_graph import _faiss_gpu_reason  # noqa: E402
+from metamoe.selection.knn_graph import faiss_gpu_reason  # noqa: E402
 
 METHOD_OF = {"torch-exact": "torch", "faiss-flat": "exact", "faiss-gpu-flat": "faiss-gpu"}
 SIM_TOL = 1e-3
@@ -62,7 +62,7 @@ def faiss_reason() -> str:
 def peers_for(device: str):
     """[(peer, why skipped or '')] for data on ``device``."""
     if device.startswith("cuda"):
-        return [("torch-exact", ""), ("faiss-gpu-flat", _faiss_gpu_reason() or "")]
+        return [("torch-exact", ""), ("faiss-gpu-flat", faiss_gpu_reason() or "")]
     return [("torch-exact", ""), ("faiss-flat", faiss_reason())]
 
 

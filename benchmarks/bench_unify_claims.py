@@ -1,18 +1,19 @@
-"""The paper's claims on the bundled digits, as paired tests over seeds (metamoe.unify.claims).
+"""The paper's claims on the bundled digits, as paired tests over seeds (benchmarks/claims_stats.py).
 
-Runs the digits harness (every method, same data/seed model/clients per seed) for each seed, prints the
+Runs the digits experiment (every method, same data/seed model/clients per seed) for each seed, prints the
 per-seed average accuracies and the paired comparisons of metamoe against flexolmo, random_proxy, model_soup
 and btx_oracle (mean difference, std, 95 % CI, wins/losses/ties, one-sided paired t, Wilcoxon and sign tests),
 and appends one row per (seed, method) and one per claim to <results-dir>/unify_claims.csv; the whole
-console output goes to <results-dir>/unify_claims_<variant>_seeds<first>-<last>.log as well.
+console output goes to <results-dir>/unify_claims_<variant>_seeds<first>-<last>.log as well. The designs it
+runs (--design, --seed-pool) are in benchmarks/digits_designs.py.
 
 This is an accuracy benchmark, not a timing one: its "peer" is the set of baselines in the same run. The wall
 time per seed is recorded (CPU only, 1 torch thread).
 
   python benchmarks/bench_unify_claims.py --seeds 140-179             # the README's table (default design)
-  python benchmarks/bench_unify_claims.py --seeds 100-139 --set router_epochs=10   # its first held-out run
-  python benchmarks/bench_unify_claims.py --design outofdomain --seeds 20-39   # the design of stops 8-9
-  python benchmarks/bench_unify_claims.py --design balanced --seeds 20-39      # the first design
+  python benchmarks/bench_unify_claims.py --seeds 100-139 --set router_epochs=10   # routers trained 10 epochs
+  python benchmarks/bench_unify_claims.py --design outofdomain --seeds 20-39   # seed pre-trained on the pool
+  python benchmarks/bench_unify_claims.py --design balanced --seeds 20-39      # every domain 300 in the pool
   python benchmarks/bench_unify_claims.py --seeds 10-29 --set route_loss=0.0   # one knob changed (ablation)
   python benchmarks/bench_unify_claims.py --design outofdomain --from-csv --seeds 20-79   # re-test CSV rows
   python benchmarks/bench_unify_claims.py --quick                     # tiny settings, seconds (exercise only)
@@ -29,9 +30,10 @@ from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
 
+from benchmarks.claims_stats import CLAIMS, evaluate_claims, format_claims, paired_comparison
+from benchmarks.digits_designs import DESIGNS, SEED_POOLS, design, design_name, run_seeds
 from benchmarks.utils import RESULTS_DIR, add_results_dir, append_csv, environment
-from metamoe.unify.claims import CLAIMS, evaluate_claims, format_claims, paired_comparison, run_claims
-from metamoe.unify.experiment import DESIGNS, DigitsConfig, design_config
+from metamoe.unify.experiment import DigitsConfig
 
 
 def parse_seeds(text: str):
@@ -47,8 +49,8 @@ def parse_seeds(text: str):
 
 
 def _per_run_check(per_seed) -> str:
-    """The issue's check on one run, seed by seed: metamoe >= random_proxy and metamoe > model_soup; a failing
-    seed is listed with the method(s) it fails against."""
+    """The per-run check, seed by seed: metamoe >= random_proxy and metamoe > model_soup; a failing seed is
+    listed with the method(s) it fails against."""
     bad = {}
     for s, r in sorted(per_seed.items()):
         lost = [m for m, ok in (("random_proxy", r["metamoe"] >= r["random_proxy"]),
@@ -118,35 +120,6 @@ def _mean(values) -> float:
     return sum(v) / len(v)
 
 
-def design_name(cfg: DigitsConfig) -> str:
-    """The log/CSV name of a harness design: the name in DESIGNS (``heldoutpool``, the default; ``outofdomain``,
-    the design of stops 8-9; ``balanced``, the first) whose fields ``cfg`` has, else ``heldoutpool`` followed by
-    every such field that differs (``_<field><value>``); then ``_seedpool-<pool>`` when the seed's pre-training
-    data is not the design's and ``_plainhead`` without the routed head."""
-    keys = sorted({k for d in DESIGNS.values() for k in d} - {"seed_pool"})
-
-    def same(name: str) -> bool:
-        ref = design_config(name)
-        return all(getattr(cfg, k) == getattr(ref, k) for k in keys)
-
-    name = next((n for n in DESIGNS if same(n)), None)
-    if name is None:
-        ref = DigitsConfig()
-        name = "heldoutpool" + "".join(
-            f"_{k}{','.join(v) if isinstance(v, tuple) else v}"
-            for k in keys
-            if (v := getattr(cfg, k)) != getattr(ref, k)
-        )
-        base = ref
-    else:
-        base = design_config(name)
-    if cfg.seed_pool != base.seed_pool:
-        name += f"_seedpool-{cfg.seed_pool}"
-    if not cfg.routed_head:
-        name += "_plainhead"
-    return name
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0-4", help="seeds, e.g. '0-9' or '0,3,7' (default 0-4; at least 2)")
@@ -154,18 +127,18 @@ def main(argv=None) -> int:
         "--design",
         default="heldoutpool",
         choices=list(DESIGNS),
-        help="the harness design (metamoe.unify.experiment.DESIGNS): heldoutpool (default: the seed pre-trained "
-        "on its own public set, 120 pool samples per client domain, 300 test images per client, 40 expert "
-        "epochs, proxies supervise the routers), outofdomain (stops 8-9: the seed pre-trained on the pool "
-        "itself, 40 per client domain, 150 test images, 10 expert epochs, no routing loss) or balanced (the "
-        "first: outofdomain's training with 300 pool samples of every domain, three distractors)",
+        help="the design (benchmarks/digits_designs.py): heldoutpool (default, what `metamoe demo` runs: the "
+        "seed pre-trained on its own public set, 120 pool samples per client domain, 300 test images per "
+        "client, 40 expert epochs, proxies supervise the routers), outofdomain (the seed pre-trained on the "
+        "pool itself, 40 per client domain, 150 test images, 10 expert epochs, no routing loss) or balanced "
+        "(outofdomain's training with 300 pool samples of every domain, three distractors)",
     )
     p.add_argument(
         "--seed-pool",
         default=None,
-        choices=["pretrain", "public", "distractors"],
-        help="what pre-trains the seed ViT (default: the design's): its own public pre-training set, the "
-        "selection pool, or only the pool's distractor domains (diagnostic)",
+        choices=list(SEED_POOLS),
+        help="what pre-trains the seed ViT (default: the design's): its own public pre-training set or the "
+        "selection pool",
     )
     p.add_argument(
         "--public-per-client-domain",
@@ -213,9 +186,7 @@ def main(argv=None) -> int:
     add_results_dir(p)
     args = p.parse_args(argv)
     seeds = parse_seeds(args.seeds)
-    overrides = dict(DESIGNS[args.design])
-    if args.seed_pool is not None:
-        overrides["seed_pool"] = args.seed_pool
+    overrides = {}
     if args.public_per_client_domain is not None:
         overrides["public_per_client_domain"] = args.public_per_client_domain
     if args.distractors:
@@ -232,13 +203,15 @@ def main(argv=None) -> int:
             extra[field] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             extra[field] = value  # a plain string, e.g. --set router_loss=full
-    variant = design_name(DigitsConfig(**overrides)) + "".join(f"_{k}{v}" for k, v in extra.items())
+    variant = design_name(design(args.design, args.seed_pool, **overrides))
+    variant += "".join(f"_{k}{v}" for k, v in extra.items())
     if args.quick:
         from metamoe.demo import QUICK
 
         overrides.update(QUICK)
         variant += "_quick"
     overrides.update(extra)  # --set wins over --quick
+    run_design = design(args.design, args.seed_pool, **overrides)
     log = []
 
     def say(line: str) -> None:
@@ -255,14 +228,17 @@ def main(argv=None) -> int:
         print(_summary(per_seed, per_domain, seed_alone))
         return 0
     t0 = time.perf_counter()
-    runs = run_claims(seeds, progress=say, **overrides)
+    runs = run_seeds(seeds, run_design, progress=say)
     per_seed, per_domain, seed_alone = _results(runs)
     claims = evaluate_claims(per_seed, alpha=args.alpha, close_margin=args.close_margin)
     cmd = "python benchmarks/bench_unify_claims.py " + " ".join(argv if argv is not None else sys.argv[1:])
     say("")
     say(f"command: {cmd}")
+    default = DigitsConfig().to_dict()
+    changed = {k: v for k, v in run_design.config.to_dict().items() if v != default[k]}
     say(
-        f"variant: {variant} (overrides of DigitsConfig: {overrides})"
+        f"variant: {variant} (DigitsConfig fields off the defaults: {changed}; "
+        f"seed_pool {run_design.seed_pool})"
         f"{' (QUICK settings: not a measurement)' if args.quick else ''}; "
         f"seeds {seeds}; {time.perf_counter() - t0:.0f} s"
     )

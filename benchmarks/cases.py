@@ -114,7 +114,7 @@ def _moe_shape(name: str, T: int, **extra) -> Dict[str, Any]:
 MOE = OpCases(
     op="moe",
     csv="moe",
-    script="benchmarks/bench_moe.py",
+    script="benchmarks/bench_moe_experts.py",
     quick=tuple(_moe_shape(n, T) for n in ("tiny", "tiny-many") for T in MOE_QUICK_T),
     gpu=tuple(_moe_shape(n, T) for n in ("mixtral", "qwen3", "olmoe") for T in MOE_GPU_T),
     target=(

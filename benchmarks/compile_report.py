@@ -1,7 +1,7 @@
 """Static sm_90a compile report of metamoe's GPU kernels, made on a CPU (no device needed).
 
 What it compiles, ahead of time for sm_90a with the installed Triton and its bundled ptxas:
-  * every MoE grouped-GEMM kernel of kernels/moe_grouped_gemm.py x every config of its autotune list
+  * every MoE grouped-GEMM kernel of kernels/moe_experts.py x every config of its autotune list
     (``KERNEL_CONFIGS``) x dtype (fp32 with IEEE dots, the default, and with TF32 dots; bf16; fp16) x the
     constexpr variants that change the code: gather_fwd and gather_bwd swiglu / gelu; scatter ``down``
     (weighted rows added atomically, k = 8), ``down-k1`` (plain stores, k = 1) and ``dx`` (unweighted,
@@ -59,7 +59,7 @@ DTYPES = [("fp32", "ieee"), ("fp32", "tf32"), ("bf16", "tf32"), ("fp16", "tf32")
 COLUMNS = ["kernel", "variant", "config", "dtype", "dot_prec", "num_warps", "num_stages", "registers",
            "spill_bytes", "spill_loads", "stack_bytes", "shared_bytes", "shared_estimate", "shared_limit", "kept",
            "status", "wgmma", "cp_async", "compile_s", "triton", "target"]
-MOE_MODULE = "metamoe.kernels.moe_grouped_gemm"
+MOE_MODULE = "metamoe.kernels.moe_experts"
 ROUTER_MODULE = "metamoe.kernels.router_topk"
 
 # --------------------------------------------------------------------------- compiling one Triton kernel
@@ -218,7 +218,7 @@ def _triton_version() -> str:
 
 
 def _base_row(**kw) -> dict:
-    from metamoe.kernels.moe_grouped_gemm import SHARED_MEMORY_LIMIT
+    from metamoe.kernels.moe_experts import SHARED_MEMORY_LIMIT
 
     row = {c: "" for c in COLUMNS}
     row.update(shared_limit=SHARED_MEMORY_LIMIT, triton=_triton_version(), target=TARGET)
@@ -228,7 +228,7 @@ def _base_row(**kw) -> dict:
 
 def moe_jobs(dtypes=DTYPES) -> list[dict]:
     """One job per MoE kernel x variant x dtype x autotune config; pruned configs come as finished rows."""
-    from metamoe.kernels import moe_grouped_gemm as K
+    from metamoe.kernels import moe_experts as K
 
     jobs = []
     for kernel, (fn_name, variants) in _MOE_VARIANTS.items():
@@ -254,7 +254,7 @@ def moe_jobs(dtypes=DTYPES) -> list[dict]:
 
 def act_bwd_jobs(dtypes=DTYPES) -> list[dict]:
     """The elementwise activation backward at its fixed blocks, per activation and dtype."""
-    from metamoe.kernels import moe_grouped_gemm as K
+    from metamoe.kernels import moe_experts as K
 
     jobs = []
     for variant, act in (("swiglu", 0), ("gelu", 1)):
@@ -410,7 +410,7 @@ def _worker_main(conn, env: dict, timeout: float) -> None:
     try:
         import triton  # noqa: F401
 
-        import metamoe.kernels.moe_grouped_gemm  # noqa: F401
+        import metamoe.kernels.moe_experts  # noqa: F401
         import metamoe.kernels.router_topk  # noqa: F401
     except Exception as e:  # noqa: BLE001 - reported to the parent, which fails the remaining jobs with it
         conn.send(("failed", f"{type(e).__name__}: {e}"))

@@ -24,10 +24,8 @@ runs on the CPU. In the target path an impl or peer that raises gets its row wit
 Always time a peer (at least the plain PyTorch path) in the same run and print the ratio; never write a
 number for a device the script did not run on.
 
-Each script appends the repository root to ``sys.path`` (last, not first) so that ``benchmarks.utils``
-imports: first on the path, the root's ``kernels/`` folder (the Triton kernels, installed as
-``metamoe.kernels``) would shadow the PyPI package ``kernels`` that transformers >= 5.25 imports when it
-builds a model.
+Each script puts the repository root on ``sys.path`` so that ``benchmarks.utils`` imports when it is run
+as ``python benchmarks/bench_x.py``.
 """
 
 from __future__ import annotations
@@ -49,7 +47,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Measured device ceilings (DESIGN.md section 5). Only measured numbers belong here: a device that is not
+# Measured device ceilings (docs/design.md, GPU targets). Only measured numbers belong here: a device that is not
 # listed gets no "fraction of peak" column unless --peak-gbps / --peak-tflops are given.
 MEASURED_PEAKS: Dict[str, Dict[str, float]] = {
     "H200": {"gbps": 4300.0, "tflops_bf16": 790.0},

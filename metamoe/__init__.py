@@ -10,12 +10,7 @@ import importlib
 
 from .version import __version__
 
-_SUBMODULES = ("backends", "selection", "info", "cli", "ops", "moe", "integrations", "models", "unify")
-
-# Modules that define ops (imported by metamoe.info to list every op and backend).
-OP_MODULES = ("metamoe.selection.dpp", "metamoe.ops.router_topk", "metamoe.ops.moe_experts",
-              "metamoe.selection.facility_location")
-
+_SUBMODULES = ("utils", "backends", "selection", "info", "cli", "ops", "moe", "integrations", "models", "unify")
 
 def __getattr__(name: str):
     if name in _SUBMODULES:

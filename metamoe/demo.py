@@ -30,7 +30,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-SELECTIONS = ("dpp", "facility_location", "top_relevance", "random")
+from .selection.methods import SELECTION_METHODS
+
+SELECTIONS = SELECTION_METHODS  # the rows of the selection table, canonical names
 
 # --quick: a reduced run for tests and smoke checks (seconds, not a measurement: accuracies are meaningless)
 QUICK = dict(
@@ -213,7 +215,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--methods: unknown {bad or 'empty list'}; known: {', '.join(METHOD_NAMES)}")
 
     from .info import collect
-    from .selection.result import atomic_write_text
+    from .utils.files import atomic_write_text
     from .unify.experiment import RESULTS_FILE, DigitsConfig, config_domains, run_digits_experiment
 
     overrides = dict(QUICK) if args.quick else {}

@@ -9,9 +9,13 @@ import platform
 import sys
 from typing import Any, Dict, List, Optional
 
-from . import OP_MODULES, __version__
+from .version import __version__
 from .backends import availability
 from .backends.registry import BACKENDS, all_ops
+
+# Modules that define ops (imported here to list every op and backend).
+OP_MODULES = ("metamoe.selection.dpp", "metamoe.ops.router_topk", "metamoe.ops.moe_experts", "metamoe.ops.lora_delta",
+              "metamoe.selection.facility_location")
 
 _PACKAGES = ("torch", "triton", "numpy", "faiss", "transformers", "timm", "safetensors", "cupy")
 

@@ -14,7 +14,7 @@ def test_top_relevance_matches_sorted_order_with_ties(rng):
     assert sel.indices.tolist() == ref
     np.testing.assert_array_equal(sel.gains, r[ref])
     assert sel.objective == pytest.approx(r[ref].sum())
-    assert sel.method == "topk" and sel.backend == "numpy" and sel.indices.dtype == np.int64
+    assert sel.method == "top_relevance" and sel.backend == "numpy" and sel.indices.dtype == np.int64
 
 
 def test_top_relevance_edge_cases(rng):
@@ -52,7 +52,7 @@ def test_json_roundtrip(tmp_path):
     sel = select_top_relevance(np.array([0.1, 0.9, 0.5]), 2)
     sel.save(tmp_path / "s.json")
     back = Selection.load(tmp_path / "s.json")
-    assert back.indices.tolist() == [1, 2] and back.method == "topk"
+    assert back.indices.tolist() == [1, 2] and back.method == "top_relevance"
     assert back.objective == pytest.approx(1.4)
 
 

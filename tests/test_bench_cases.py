@@ -16,7 +16,7 @@ from benchmarks import targets as tg  # noqa: E402
 
 TARGET_SCRIPTS = {
     "router_topk": "bench_router_topk",
-    "moe": "bench_moe",
+    "moe": "bench_moe_experts",
     "patch_moe": "bench_patch_moe",
     "dpp": "bench_dpp",
     "facility_location": "bench_facility_location",

@@ -135,7 +135,7 @@ def test_tiny_cases_mirror_the_target_cases():
         cases.DPP.target_shapes("huge")
 
 
-@pytest.mark.parametrize("module", ["bench_router_topk", "bench_moe", "bench_patch_moe", "bench_dpp",
+@pytest.mark.parametrize("module", ["bench_router_topk", "bench_moe_experts", "bench_patch_moe", "bench_dpp",
                                     "bench_knn_graph", "bench_facility_location"])
 def test_target_scale_flag_is_checked(module, capsys):
     import importlib

@@ -8,7 +8,9 @@ from conftest import ROOT
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "metamoe", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "metamoe", *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
 
 
 def test_help_lists_commands():
@@ -31,3 +33,17 @@ def test_console_script_installed():
     from metamoe import __version__
 
     assert out.returncode == 0 and out.stdout.strip() == __version__
+
+
+def test_select_help_names_the_canonical_methods_and_the_short_spellings():
+    out = _run("select", "--help")
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())  # argparse wraps the help
+    assert "dpp, facility_location, top_relevance, random, facility_location_private" in text
+    assert "fl = facility_location, topk = top_relevance, fl-private = facility_location_private" in text
+
+
+def test_train_expert_help_names_the_canonical_methods():
+    out = _run("train-expert", "--help")
+    assert out.returncode == 0, out.stderr
+    assert "facility_location" in out.stdout and "top_relevance" in out.stdout and "DATA =" in out.stdout

@@ -1,6 +1,6 @@
 """The shared-memory pruning of the MoE kernels' autotune configs and the static sm_90a compile report.
 
-kernels/moe_grouped_gemm.py drops, before anything compiles, the configs whose shared memory cannot fit an
+kernels/moe_experts.py drops, before anything compiles, the configs whose shared memory cannot fit an
 H200 block (232,448 bytes); benchmarks/compile_report.py compiles the kernels ahead of time for sm_90a on the
 CPU. Here: the pruning rule (``configs_for``, the autotuners' ``early_config_prune``, pinned configs), the CI
 subset of the compile (in a subprocess without TRITON_INTERPRET, which replaces jit functions at import) and
@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import compile_report as CR  # noqa: E402
 
-K = pytest.importorskip("metamoe.kernels.moe_grouped_gemm")
+K = pytest.importorskip("metamoe.kernels.moe_experts")
 LIMIT = 232448
 MOE_KERNELS = ("gather_fwd", "scatter", "gather_bwd", "weight_grad")
 
@@ -73,16 +73,16 @@ def test_configs_for_prunes_a_config_over_the_limit_with_a_reason(monkeypatch):
 def test_register_and_ieee_rules():
     half = _cfg(8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64)  # SwiGLU: 2 x 128 x 64 / 256 = 64 per thread
     full = _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)  # SwiGLU: 128 per thread; GELU: 64
-    assert K._acc_per_thread("gather_fwd", half, "swiglu") == K.ACC_REGISTERS_PER_THREAD
-    assert K._acc_per_thread("gather_fwd", full, "swiglu") == 2 * K.ACC_REGISTERS_PER_THREAD
-    assert K._acc_per_thread("gather_fwd", full, "gelu") == K.ACC_REGISTERS_PER_THREAD
-    assert K._acc_per_thread("scatter", full, "swiglu") == K.ACC_REGISTERS_PER_THREAD
+    assert K.acc_per_thread("gather_fwd", half, "swiglu") == K.ACC_REGISTERS_PER_THREAD
+    assert K.acc_per_thread("gather_fwd", full, "swiglu") == 2 * K.ACC_REGISTERS_PER_THREAD
+    assert K.acc_per_thread("gather_fwd", full, "gelu") == K.ACC_REGISTERS_PER_THREAD
+    assert K.acc_per_thread("scatter", full, "swiglu") == K.ACC_REGISTERS_PER_THREAD
     assert any("IEEE" in reason for _, _, reason in K.configs_for("scatter", "fp32", dot_prec="ieee"))
     for kernel in MOE_KERNELS:
         out = K.configs_for(kernel, "fp32", dot_prec="ieee")
         assert any(kept for _, kept, _ in out)
         for cfg, kept, reason in out:
-            (rows, _, cols), _, _ = K._DOT_TILES[kernel]
+            (rows, _, cols), _, _ = K.DOT_TILES[kernel]
             if kept:
                 assert cfg.kwargs[rows] * cfg.kwargs[cols] <= K.IEEE_MAX_TILE
             elif "IEEE" in reason:
@@ -97,7 +97,7 @@ def test_configs_for_agrees_with_the_estimate(kernel, dtype):
     assert any(kept for _, kept, _ in out), "every kernel keeps at least one config"
     for cfg, kept, reason in out:
         need = K.shared_memory_estimate(kernel, cfg, dtype)
-        acc = K._acc_per_thread(kernel, cfg, None)
+        acc = K.acc_per_thread(kernel, cfg, None)
         assert kept == (need <= LIMIT and acc <= K.ACC_REGISTERS_PER_THREAD)
         assert (reason == "") == kept
         if need > LIMIT:

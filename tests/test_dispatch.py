@@ -7,9 +7,9 @@ from metamoe.backends import (
     CallSpec,
     NoBackendError,
     Op,
+    availability,
     resolve_backend,
 )
-from metamoe.backends import availability
 
 
 def _op():
@@ -19,7 +19,8 @@ def _op():
     def t(x):
         return "torch"
 
-    @op.register("cpp", devices=("cpu",), dtypes=("float32",), check=lambda s: ["n must be <= 10"] if s["n"] > 10 else [])
+    @op.register("cpp", devices=("cpu",), dtypes=("float32",),
+                 check=lambda s: ["n must be <= 10"] if s["n"] > 10 else [])
     def c(x):
         return "cpp"
 
@@ -114,3 +115,96 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
     # the interpreter runs when asked for, but auto never picks it over torch on the CPU
     assert op.select(CallSpec("cpu", "float32"), "triton").backend == "triton"
     assert op.select(CallSpec("cpu", "float32"), "auto").backend == "torch"
+
+
+def _named_op():
+    op = Op("toy_named", names=("fast", "slow"), arg="impl")
+    op.register("fast", devices=("cpu",), dtypes=("float32",),
+                check=lambda s: ["n must be even"] if s["n"] % 2 else [])(lambda: "fast")
+    op.register("slow", devices=("cpu", "cuda"), dtypes=("float32", "float64"))(lambda: "slow")
+    return op
+
+
+def test_op_with_names_of_its_own(monkeypatch):
+    """Implementations that are strategies, not backends: same walk and errors, chosen by the op's argument."""
+    op = _named_op()
+    assert op.priority == ("fast", "slow")
+    assert op.select(CallSpec("cpu", "float32", {"n": 2})).backend == "fast"
+    assert op.select(CallSpec("cpu", "float32", {"n": 3}), "auto").backend == "slow"
+    assert op.select(CallSpec("cpu", "float64", {"n": 2})).backend == "slow"
+    with pytest.raises(BackendNotSupportedError, match=r"impl 'fast' cannot run toy_named: n must be even"):
+        op.select(CallSpec("cpu", "float32", {"n": 3}), "fast")
+    with pytest.raises(ValueError, match=r"impl must be one of auto, fast, slow; got 'torch'"):
+        op.select(CallSpec("cpu", "float32", {"n": 2}), "torch")
+    with pytest.raises(TypeError, match="impl must be a string"):
+        op.select(CallSpec("cpu", "float32", {"n": 2}), 1)
+    monkeypatch.setenv("METAMOE_BACKEND", "cuda")  # names backends, not this op's implementations
+    assert op.select(CallSpec("cpu", "float32", {"n": 2})).backend == "fast"
+    assert [row[:2] for row in op.status()] == [("fast", True), ("slow", True)]
+    with pytest.raises(ValueError, match="unknown backend 'torch'"):
+        op.register("torch", devices=("cpu",), dtypes=("float32",))
+    with pytest.raises(ValueError, match="unknown backends in priority"):
+        Op("toy_bad", priority=("cuda",), names=("fast",))
+
+
+def test_check_backend_keeps_none():
+    from metamoe.backends import check_backend
+
+    assert check_backend(None) is None
+    assert check_backend(" Torch ") == "torch"
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, triton, cpp, cuda; got 'cudnn'"):
+        check_backend("cudnn")
+
+
+def test_grouped_mm_capability_is_one_check():
+    import torch
+
+    from metamoe.backends import grouped_mm_reasons
+
+    assert grouped_mm_reasons("cpu", torch.float32, {"d": 16}) == []
+    assert grouped_mm_reasons("cpu", "bfloat16", {"d": 16, "f": 8}) == []
+    assert any("not float64" in r for r in grouped_mm_reasons("cpu", torch.float64))
+    assert grouped_mm_reasons("cpu", torch.float32, {"rank": 3}) == [
+        "rank=3 is not a multiple of 4 elements (grouped_mm needs 16-byte strides)"]
+    assert any("torch.compile" in r for r in grouped_mm_reasons("cpu", torch.float32, compiling=True))
+    assert grouped_mm_reasons("cpu", torch.bfloat16, compiling=True) == []
+    assert any("fused grouped GEMM kernel needs a CUDA device" in r
+               for r in grouped_mm_reasons("cpu", torch.bfloat16, fused=True))
+    assert any("device type 'meta'" in r for r in grouped_mm_reasons("meta", torch.float32))
+
+
+def test_cuda_grouped_mm_rule(monkeypatch):
+    """CUDA: bfloat16 on compute capability >= 8.0; the fused kernel on 9.x and 10.x only (no device needed)."""
+    import torch
+
+    from metamoe.backends import grouped_mm_reasons
+
+    caps = {0: (8, 0), 1: (9, 0), 2: (7, 5), 3: (12, 0)}
+    monkeypatch.setattr(availability, "cuda_capability", lambda i: caps[i])
+    assert grouped_mm_reasons("cuda:0", torch.bfloat16) == []
+    assert any("9.x or 10.x" in r for r in grouped_mm_reasons("cuda:0", torch.bfloat16, fused=True))
+    assert grouped_mm_reasons("cuda:1", torch.bfloat16, fused=True) == []
+    assert any(">= 8.0" in r for r in grouped_mm_reasons("cuda:2", torch.bfloat16))
+    assert any("9.x or 10.x" in r for r in grouped_mm_reasons("cuda:3", torch.bfloat16, fused=True))
+    assert any("takes bfloat16, not float32" in r for r in grouped_mm_reasons("cuda:1", torch.float32))
+
+
+def test_lora_delta_is_a_registered_op():
+    import torch
+
+    from metamoe.backends import get_op
+    from metamoe.ops import lora_delta, lora_delta_ref
+
+    op = get_op("lora_delta")
+    assert op.arg == "lora_impl" and op.priority == ("grouped", "dense")
+    assert op.impls["dense"].fn is lora_delta_ref
+    g = torch.Generator().manual_seed(0)
+    x, A, B = torch.randn(5, 16, generator=g), torch.randn(3, 4, 16, generator=g), torch.randn(3, 8, 4, generator=g)
+    ids = torch.randint(0, 3, (10,), generator=g)
+    dense = lora_delta(x, A, B, ids, 2, lora_impl="dense")
+    want = torch.stack([B[e] @ A[e] @ x[p // 2] for p, e in enumerate(ids.tolist())])
+    torch.testing.assert_close(dense, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora_delta(x, A, B, ids, 2, lora_impl="grouped"), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora_delta(x, A, B, ids, 2), want, rtol=1e-5, atol=1e-5)  # auto
+    with pytest.raises(BackendNotSupportedError, match=r"lora_impl 'grouped' cannot run lora_delta: in=15"):
+        lora_delta(x[:, :15], A[:, :, :15], B, ids, 2, lora_impl="grouped")

@@ -9,10 +9,9 @@ import torch
 
 from metamoe.unify.experiment import (
     CHART_FILE,
-    DESIGNS,
     RESULTS_FILE,
     DigitsConfig,
-    design_config,
+    config_domains,
     format_table,
     run_digits_experiment,
 )
@@ -69,6 +68,8 @@ def test_results_json_schema(run):
     assert "BREAKS PRIVACY" in on_disk["methods"]["btx_oracle"]["privacy"]
     assert on_disk["seed"] == 3 and on_disk["domains"] == ["upright", "rotated", "inverted"]
     assert on_disk["config"] == TINY.to_dict()
+    # by default the seed pre-trains on the split's own public pre-training set
+    assert on_disk["sizes"]["seed_training_set"] == on_disk["sizes"]["pretrain"] == 3 * 40 + 5 * 300
     for stage, t in on_disk["timing"].items():
         assert t["wall_s"] >= 0 and t["cpu_s"] >= 0, stage
     assert {
@@ -80,7 +81,8 @@ def test_results_json_schema(run):
         "server: metamoe",
         "eval: btm",
     } <= set(on_disk["timing"])
-    assert "client: select (topk)" not in on_disk["timing"]  # only what the requested methods need
+    assert "client: select (top_relevance)" not in on_disk["timing"]  # only what the requested methods need
+    assert "client: select (random)" not in on_disk["timing"]
     assert on_disk["total_wall_s"] >= sum(t["wall_s"] for t in on_disk["timing"].values()) - 1e-6
     # routing fractions: per domain, per layer, a distribution over the experts
     for rows in on_disk["methods"]["metamoe"]["routing"].values():
@@ -149,8 +151,6 @@ def test_route_loss_reaches_every_trained_router():
 
 def test_config_domains_pool_composition():
     """public_per_client_domain sets the client domains' share of the pool; distractor_domains its other part."""
-    from metamoe.unify.experiment import config_domains
-
     cfg = DigitsConfig(
         n_private=20,
         n_test=10,
@@ -176,11 +176,9 @@ def test_config_domains_pool_composition():
     assert len(default.public_x) == 1860 >= 10 * len(default.clients[0].x_train)
     np.testing.assert_array_equal(np.bincount(default.pretrain_domain), [40] * 3 + [300] * 5)
     assert len(default.pretrain_x) == len(default.pretrain_y) == 1620
-    old = config_domains(5, design_config("outofdomain"))  # the design of stops 8-9: no pre-training set
-    np.testing.assert_array_equal(np.bincount(old.public_domain), [40] * 3 + [300] * 5)
-    assert old.pretrain_x is None and [len(c.y_test) for c in old.clients] == [150] * 3
-    balanced = config_domains(5, design_config("balanced"))
-    np.testing.assert_array_equal(np.bincount(balanced.public_domain), [300] * 6)
+    none = config_domains(5, DigitsConfig(pretrain_per_domain=0, pretrain_per_client_domain=0))
+    assert none.pretrain_x is None  # no pre-training set: the whole rest of the source images is the pool's
+    np.testing.assert_array_equal(np.bincount(none.public_domain), [120] * 3 + [300] * 5)
     with pytest.raises(ValueError, match="public_per_client_domain"):
         config_domains(5, DigitsConfig(public_per_client_domain=-1))
     with pytest.raises(ValueError, match="unknown domain"):
@@ -204,8 +202,6 @@ def test_heldoutpool_keeps_every_set_on_its_own_source_images():
     """The default split: private sets, the shared test images, the selection pool and the seed's pre-training
     set come from pairwise disjoint source images (the pool never holds what the seed was trained on, no test
     digit is in any training set); the three clients' test sets are the same digits, each under its transform."""
-    from metamoe.unify.experiment import config_domains
-
     d = config_domains(7)
     private = [set(_source_indices(c.x_train, c.domain).tolist()) for c in d.clients]
     tests = [_source_indices(c.x_test, c.domain) for c in d.clients]
@@ -224,25 +220,42 @@ def test_heldoutpool_keeps_every_set_on_its_own_source_images():
 
 
 def test_per_client_test_sets_without_sharing():
-    from metamoe.unify.experiment import config_domains
-
-    d = config_domains(7, design_config("outofdomain"))
+    d = config_domains(7, DigitsConfig(n_test=150, shared_test=False))
     tests = [set(_source_indices(c.x_test, c.domain).tolist()) for c in d.clients]
     assert all(len(t) == 150 for t in tests)
     assert not (tests[0] & tests[1]) and not (tests[0] & tests[2]) and not (tests[1] & tests[2])
 
 
 def test_split_sizes_that_do_not_fit_are_refused():
-    from metamoe.unify.experiment import config_domains
-
     with pytest.raises(ValueError, match="pre-training set"):
         config_domains(0, DigitsConfig(pretrain_per_domain=700))
     with pytest.raises(ValueError, match="public pool"):
         config_domains(0, DigitsConfig(n_test=1400))
     with pytest.raises(ValueError, match="pretrain_per_client_domain"):
         config_domains(0, DigitsConfig(pretrain_per_client_domain=-3))
-    with pytest.raises(ValueError, match="unknown design"):
-        design_config("huge")
-    assert set(DESIGNS) == {"heldoutpool", "outofdomain", "balanced"} and DESIGNS["heldoutpool"] == {}
     with pytest.raises(ValueError, match="selection_features"):
         run_digits_experiment(0, config=TINY, progress=False, selection_features="pixels")
+
+
+def test_seed_training_set():
+    """seed_training_set(data) -> (x, y) replaces what pre-trains the seed; without it the split must hold a
+    pre-training set."""
+    no_pre = dict(pretrain_per_domain=0, pretrain_per_client_domain=0)
+    with pytest.raises(ValueError, match="pass seed_training_set"):
+        run_digits_experiment(0, methods=["btm"], config=TINY, progress=False, **no_pre)
+    with pytest.raises(TypeError, match="callable"):
+        run_digits_experiment(0, methods=["btm"], config=TINY, progress=False, seed_training_set=3)
+    seen = []
+
+    def distractors_only(data):
+        seen.append(data)
+        rows = np.flatnonzero(data.public_domain >= len(data.clients))
+        return data.public_x[rows], data.public_y[rows]
+
+    r = run_digits_experiment(
+        0, methods=["btm"], config=TINY, progress=False, seed_training_set=distractors_only, **no_pre
+    )
+    assert len(seen) == 1 and seen[0].pretrain_x is None
+    assert r["sizes"]["pretrain"] is None and r["sizes"]["public_pool"] == 3 * 120 + 5 * 12
+    assert r["sizes"]["seed_training_set"] == 5 * 12
+    assert len(r["seed_model"]["loss_per_epoch"]) == TINY.seed_epochs

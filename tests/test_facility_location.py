@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import skip_unavailable
+from references import csr_to_dense, facility_location_greedy_naive, facility_location_value
 
 import metamoe.selection.facility_location as fl_mod
 from metamoe.backends import BackendNotSupportedError
 from metamoe.selection import KnnGraph, Selection, build_knn_graph, select_facility_location
-from references import csr_to_dense, facility_location_greedy_naive, facility_location_value
 
 CPU_BACKENDS = ["cpp", "torch"]
 EXACT = ["lazy", "naive"]
@@ -245,8 +245,10 @@ def _X(rng, n=12, d=3):
 @pytest.mark.parametrize(
     "make,kw,exc,match",
     [
-        (lambda r: np.array([[1.0, 2.0]] * 4 + [[np.nan, 1.0]], np.float32), {}, ValueError, r"X has NaN or inf values \(first in row 4\)"),
-        (lambda r: _X(r), {"ground": np.array([[1, 2, 3], [np.inf, 0, 0]], np.float32)}, ValueError, r"ground has NaN or inf values \(first in row 1\)"),
+        (lambda r: np.array([[1.0, 2.0]] * 4 + [[np.nan, 1.0]], np.float32), {}, ValueError,
+         r"X has NaN or inf values \(first in row 4\)"),
+        (lambda r: _X(r), {"ground": np.array([[1, 2, 3], [np.inf, 0, 0]], np.float32)}, ValueError,
+         r"ground has NaN or inf values \(first in row 1\)"),
         (lambda r: _X(r), {"k": 0}, ValueError, "k must be >= 1"),
         (lambda r: _X(r), {"k": -2}, ValueError, "k must be >= 1"),
         (lambda r: _X(r), {"k": 13}, ValueError, r"k=13 is larger than the pool \(N=12\)"),
@@ -254,21 +256,27 @@ def _X(rng, n=12, d=3):
         (lambda r: _X(r), {"ground": np.zeros((0, 3), np.float32)}, ValueError, "ground must be non-empty"),
         (lambda r: np.ones((12, 3), np.int32), {}, TypeError, "X must have a floating dtype"),
         (lambda r: _X(r), {"ground": np.ones((4, 3), np.int64)}, TypeError, "ground must have a floating dtype"),
-        (lambda r: _X(r), {"ground": np.ones((4, 5), np.float32)}, ValueError, "ground has dimension D=5, but X has D=3"),
+        (lambda r: _X(r), {"ground": np.ones((4, 5), np.float32)}, ValueError,
+         "ground has dimension D=5, but X has D=3"),
         (lambda r: _X(r), {"n_neighbors": 12}, ValueError, r"n_neighbors=12 must be smaller than the pool size N=12"),
         (lambda r: _X(r), {"n_neighbors": 0}, ValueError, "n_neighbors must be >= 1"),
         (lambda r: _X(r), {"weights": np.ones(11)}, ValueError, r"weights must have shape \(12,\)"),
-        (lambda r: _X(r), {"ground": np.ones((4, 3), np.float32), "weights": np.ones(12)}, ValueError, r"weights must have shape \(4,\)"),
+        (lambda r: _X(r), {"ground": np.ones((4, 3), np.float32), "weights": np.ones(12)}, ValueError,
+         r"weights must have shape \(4,\)"),
         (lambda r: _X(r), {"weights": -np.ones(12)}, ValueError, "weights must be >= 0"),
         (lambda r: _X(r), {"weights": np.full(12, np.nan)}, ValueError, "weights has NaN or inf"),
-        (lambda r: _X(r), {"optimizer": "greedy"}, ValueError, "optimizer must be one of 'lazy', 'stochastic', 'naive'"),
+        (lambda r: _X(r), {"optimizer": "greedy"}, ValueError,
+         "optimizer must be one of 'lazy', 'stochastic', 'naive'"),
         (lambda r: _X(r), {"graph": "sparse"}, ValueError, "graph must be one of 'knn', 'dense'"),
         (lambda r: _X(r), {"graph": 3}, TypeError, "graph must be 'knn', 'dense' or a KnnGraph"),
         (lambda r: _X(r), {"metric": "l2"}, ValueError, "metric must be one of 'cosine', 'ip'"),
-        (lambda r: _X(r), {"optimizer": "stochastic", "epsilon": 0.0}, ValueError, r"epsilon must be a number in \(0, 1\)"),
+        (lambda r: _X(r), {"optimizer": "stochastic", "epsilon": 0.0}, ValueError,
+         r"epsilon must be a number in \(0, 1\)"),
         (lambda r: _X(r), {"epsilon": 1.5}, ValueError, r"epsilon must be a number in \(0, 1\)"),
-        (lambda r: np.array([[1.0, 2.0]] * 4 + [[0.0, 0.0]], np.float32), {"graph": "dense"}, ValueError, "X row 4 is all zeros"),
-        (lambda r: np.array([[1.0, 2.0]] * 4 + [[0.0, 0.0]], np.float32), {"graph": "knn", "n_neighbors": 2}, ValueError, "X row 4 is all zeros"),
+        (lambda r: np.array([[1.0, 2.0]] * 4 + [[0.0, 0.0]], np.float32), {"graph": "dense"}, ValueError,
+         "X row 4 is all zeros"),
+        (lambda r: np.array([[1.0, 2.0]] * 4 + [[0.0, 0.0]], np.float32), {"graph": "knn", "n_neighbors": 2},
+         ValueError, "X row 4 is all zeros"),
         (lambda r: [[1.0, 2.0]], {}, TypeError, "X must be a NumPy array"),
     ],
 )
@@ -280,7 +288,7 @@ def test_bad_inputs(make, kw, exc, match, rng):
 
 
 def test_dense_above_materialise_limit_runs_on_the_fly_in_torch(rng, monkeypatch):
-    # above DENSE_MATERIALIZE_PAIRS graph="dense" no longer refuses: auto falls to torch, cpp says why
+    # above DENSE_MATERIALIZE_PAIRS graph="dense" runs on the fly: auto falls to torch, cpp says why
     monkeypatch.setattr(fl_mod, "DENSE_MATERIALIZE_PAIRS", 100)
     X = _X(rng)
     sel = select_facility_location(X, 2, graph="dense", progress=False)
@@ -330,182 +338,6 @@ def test_torch_on_gpu_matches_cpp(rng):
     ref = select_facility_location(X, 80, graph=g, backend="cpp", progress=False)
     sel = select_facility_location(torch.from_numpy(X).cuda(), 80, graph=g, backend="torch", progress=False)
     np.testing.assert_array_equal(sel.indices, ref.indices)
-
-
-# --------------------------------------------------------------------------- graph="dense" on the fly
-# DENSE_MATERIALIZE_PAIRS = 0 forces the on-the-fly path at test sizes; DENSE_BLOCKS = 16 x 16 forces
-# several candidate tiles and ground blocks (and a padded last tile / block) on small problems.
-
-
-@pytest.fixture
-def on_the_fly(monkeypatch):
-    monkeypatch.setattr(fl_mod, "DENSE_MATERIALIZE_PAIRS", 0)
-
-
-@pytest.fixture
-def tiny_blocks(monkeypatch):
-    monkeypatch.setattr(fl_mod, "DENSE_BLOCKS", {"cpu": (16, 16), "cuda": (16, 16)})
-
-
-@pytest.mark.parametrize("optimizer", EXACT)
-@pytest.mark.parametrize("ground", [False, True])
-@pytest.mark.parametrize("blocks", ["default", "tiny"])
-def test_dense_on_the_fly_matches_float64_reference(optimizer, ground, blocks, on_the_fly, rng, request):
-    if blocks == "tiny":
-        request.getfixturevalue("tiny_blocks")
-    X = rng.standard_normal((101, 6)).astype(np.float32)
-    P = rng.standard_normal((53, 6)).astype(np.float32) if ground else None
-    w = rng.uniform(0.0, 2.0, 53 if ground else 101)
-    w[::5] = 0.0
-    sel = select_facility_location(X, 15, ground=P, weights=w, graph="dense", optimizer=optimizer, progress=False)
-    assert sel.backend == "torch" and sel.info["graph"] == "dense (on the fly)"
-    if blocks == "tiny":
-        assert (sel.info["tile"], sel.info["block"]) == (16, 16)
-    S = _cosine(X if P is None else P, X)  # independent float64 similarities
-    ref_idx, ref_gains, ref_obj = facility_location_greedy_naive(S, 15, w)
-    np.testing.assert_array_equal(sel.indices, ref_idx)
-    np.testing.assert_allclose(sel.gains, ref_gains, rtol=1e-5, atol=1e-6)
-    assert sel.objective == pytest.approx(ref_obj, rel=1e-6)
-    assert sel.objective == pytest.approx(facility_location_value(S, sel.indices, w), rel=1e-6)
-
-
-@pytest.mark.parametrize("ground", [False, True])
-def test_dense_on_the_fly_lazy_is_bitwise_naive(ground, on_the_fly, tiny_blocks, rng):
-    # the stale-bound argument is exact in floating point: same picks and the very same float64 gains
-    X = rng.standard_normal((150, 7)).astype(np.float32)
-    P = rng.standard_normal((70, 7)).astype(np.float32) if ground else None
-    w = rng.uniform(0.2, 1.0, 70 if ground else 150)
-    a = select_facility_location(X, 40, ground=P, weights=w, graph="dense", optimizer="lazy", progress=False)
-    b = select_facility_location(X, 40, ground=P, weights=w, graph="dense", optimizer="naive", progress=False)
-    np.testing.assert_array_equal(a.indices, b.indices)
-    np.testing.assert_array_equal(a.gains, b.gains)
-    assert a.objective == b.objective
-    # lazy evaluated far fewer candidates than naive's k passes over the pool
-    assert a.info["candidate_evaluations"] < b.info["candidate_evaluations"]
-
-
-@pytest.mark.parametrize("ground", [False, True])
-def test_dense_on_the_fly_ties_from_duplicated_rows_and_k_equals_n(ground, on_the_fly, tiny_blocks, rng):
-    # 70 pool rows drawn (with repeats) from 20 distinct ones: duplicates sit in different tiles and at
-    # different positions; their gains tie exactly and the lowest index must win, down to k = N
-    A = rng.standard_normal((20, 6)).astype(np.float32)
-    idx = rng.integers(0, 20, 70)
-    X = A[idx]
-    Sa = _cosine(A, A)
-    if ground:
-        B = rng.standard_normal((9, 6)).astype(np.float32)
-        gi = rng.integers(0, 9, 37)
-        P = B[gi]
-        S = _cosine(B, A)[np.ix_(gi, idx)]
-    else:
-        P = None
-        S = Sa[np.ix_(idx, idx)]  # duplicated columns are bitwise equal in the reference too
-    w = rng.choice([0.5, 1.0, 2.0], size=S.shape[0])
-    for optimizer in EXACT:
-        sel = select_facility_location(X, 70, ground=P, weights=w, graph="dense", optimizer=optimizer, progress=False)
-        ref_idx, ref_gains, ref_obj = facility_location_greedy_naive(S, 70, w)
-        np.testing.assert_array_equal(sel.indices, ref_idx)
-        np.testing.assert_allclose(sel.gains, ref_gains, rtol=1e-5, atol=1e-5)
-        assert sel.objective == pytest.approx(ref_obj, rel=1e-6)
-
-
-def test_dense_on_the_fly_orthogonal_ties(on_the_fly, tiny_blocks):
-    X = np.concatenate([np.eye(4, dtype=np.float32)] * 9)  # 36 rows, exact similarities 0 / 1
-    for optimizer in EXACT:
-        sel = select_facility_location(X, 36, graph="dense", optimizer=optimizer, progress=False)
-        np.testing.assert_array_equal(sel.indices, np.arange(36))
-        np.testing.assert_array_equal(sel.gains, [9.0] * 4 + [0.0] * 32)
-        assert sel.objective == 36.0
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("ground", [False, True])
-@pytest.mark.parametrize("blocks", ["default", "tiny"])
-def test_dense_on_the_fly_equals_materialised(backend, ground, blocks, rng, monkeypatch, request):
-    skip_unavailable(backend)
-    if blocks == "tiny":
-        request.getfixturevalue("tiny_blocks")
-    X = rng.standard_normal((260, 12)).astype(np.float32)
-    P = rng.standard_normal((90, 12)).astype(np.float32) if ground else None
-    w = rng.uniform(0.0, 1.5, 90 if ground else 260)
-    kw = dict(ground=P, weights=w, graph="dense", progress=False)
-    mat = select_facility_location(X, 60, backend=backend, **kw)
-    assert mat.info["graph"] == "dense" and mat.backend == backend
-    monkeypatch.setattr(fl_mod, "DENSE_MATERIALIZE_PAIRS", 0)
-    otf = select_facility_location(X, 60, **kw)
-    assert otf.info["graph"] == "dense (on the fly)" and otf.backend == "torch"
-    np.testing.assert_array_equal(otf.indices, mat.indices)
-    # the same float32 similarities on both paths: only the float64 summation order differs
-    np.testing.assert_allclose(otf.gains, mat.gains, rtol=1e-12, atol=1e-12)
-    assert otf.objective == pytest.approx(mat.objective, rel=1e-12)
-
-
-def test_dense_on_the_fly_inner_product_and_half_input(on_the_fly, tiny_blocks, rng):
-    X = rng.standard_normal((90, 5)).astype(np.float32)
-    sel = select_facility_location(X, 8, graph="dense", metric="ip", progress=False)
-    S = X.astype(np.float64) @ X.T.astype(np.float64)
-    ref_idx, _, ref_obj = facility_location_greedy_naive(S, 8)
-    np.testing.assert_array_equal(sel.indices, ref_idx)
-    assert sel.objective == pytest.approx(ref_obj, rel=1e-5)
-    Xh = torch.from_numpy(X).to(torch.bfloat16)
-    a = select_facility_location(Xh, 8, graph="dense", progress=False)
-    b = select_facility_location(Xh.float().numpy(), 8, graph="dense", progress=False)
-    np.testing.assert_array_equal(a.indices, b.indices)
-    assert a.objective == b.objective
-
-
-def test_dense_on_the_fly_stochastic(on_the_fly, tiny_blocks, rng):
-    X = rng.standard_normal((240, 6)).astype(np.float32)
-    k = 20
-    a = select_facility_location(X, k, graph="dense", optimizer="stochastic", seed=5, progress=False)
-    b = select_facility_location(X, k, graph="dense", optimizer="stochastic", seed=5, progress=False)
-    lazy = select_facility_location(X, k, graph="dense", progress=False)
-    np.testing.assert_array_equal(a.indices, b.indices)
-    assert len(set(a.indices.tolist())) == k
-    S = _cosine(X, X)
-    prefix = [facility_location_value(S, a.indices[:t]) for t in range(k + 1)]
-    np.testing.assert_allclose(a.gains, np.diff(prefix), rtol=1e-5, atol=1e-6)  # true marginal gains
-    assert (1 - 1 / math.e - 0.01) * lazy.objective <= a.objective <= lazy.objective * 1.05
-    full = select_facility_location(X, k, graph="dense", optimizer="stochastic", epsilon=1e-300, progress=False)
-    np.testing.assert_array_equal(full.indices, lazy.indices)  # a full sample is exact greedy
-
-
-def test_dense_memory_checked_up_front(rng, monkeypatch):
-    monkeypatch.setattr(fl_mod, "available_bytes", lambda device: (1000, "host memory"))
-    X = _X(rng, n=40, d=4)
-    P = _X(rng, n=30, d=4)
-    for limit in (0, 10**9):  # on the fly, materialised
-        monkeypatch.setattr(fl_mod, "DENSE_MATERIALIZE_PAIRS", limit)
-        with pytest.raises(MemoryError, match=r"graph='dense' needs about .* \(\d+ bytes\) for N=40 pool rows, "
-                                              r"M=30 ground points, D=4 .*only 0.00 GiB \(1000 bytes\).*graph='knn'"):
-            select_facility_location(X, 3, ground=P, graph="dense", progress=False)
-    # the estimate is what the on-the-fly path allocates, and it is O((N + M) D), not O(N M)
-    need = fl_mod.dense_on_the_fly_bytes(100_000, 100_000, 64, 32, 4096)
-    assert 50e6 < need < 150e6
-
-
-def test_dense_blocks_config_is_validated(rng, monkeypatch):
-    monkeypatch.setattr(fl_mod, "DENSE_BLOCKS", {"cpu": (24, 16), "cuda": (16, 16)})
-    with pytest.raises(ValueError, match=r"DENSE_BLOCKS\['cpu'\] tile must be a positive multiple of 16, got 24"):
-        select_facility_location(_X(rng), 2, graph="dense", progress=False)
-
-
-def test_dense_on_the_fly_clustered_data_many_bound_updates(on_the_fly, tiny_blocks, rng):
-    # clustered pool, ground = a separate clustered set with weights: every pick lowers many gains a
-    # little (the case the incremental bounds are for); lazy must still equal naive bit for bit and the
-    # float64 reference pick for pick
-    centers = rng.standard_normal((6, 8)).astype(np.float32) * 2
-    X = (centers[rng.integers(0, 6, 300)] + rng.standard_normal((300, 8))).astype(np.float32)
-    P = (centers[rng.integers(0, 6, 120)] + rng.standard_normal((120, 8))).astype(np.float32)
-    w = rng.uniform(0.1, 1.0, 120)
-    a = select_facility_location(X, 45, ground=P, weights=w, graph="dense", progress=False)
-    b = select_facility_location(X, 45, ground=P, weights=w, graph="dense", optimizer="naive", progress=False)
-    np.testing.assert_array_equal(a.indices, b.indices)
-    np.testing.assert_array_equal(a.gains, b.gains)
-    ref_idx, ref_gains, ref_obj = facility_location_greedy_naive(_cosine(P, X), 45, w)
-    np.testing.assert_array_equal(a.indices, ref_idx)
-    assert a.objective == pytest.approx(ref_obj, rel=1e-6)
-    assert a.info["candidate_evaluations"] < 0.5 * b.info["candidate_evaluations"]
 
 
 # --------------------------------------------------------------------------- cpp transpose (built once per graph)

@@ -1,6 +1,6 @@
 """Every autotune config of every MoE grouped-GEMM kernel, pinned one at a time, against float64 references.
 
-Each launcher of ``metamoe.kernels.moe_grouped_gemm`` (gather forward, scatter, gather backward, weight
+Each launcher of ``metamoe.kernels.moe_experts`` (gather forward, scatter, gather backward, weight
 gradient) runs with one config of its autotune list pinned (``config=``), in float32, bfloat16 and float16,
 on routings with an empty expert and with every token on one expert, and at ragged sizes. The reference is
 the launcher's contract computed in float64 torch, row by row, from the same (rounded) inputs. A config the
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-K = pytest.importorskip("metamoe.kernels.moe_grouped_gemm")
+K = pytest.importorskip("metamoe.kernels.moe_experts")
 
 from metamoe.backends import availability  # noqa: E402
 from metamoe.ops import moe_routing  # noqa: E402

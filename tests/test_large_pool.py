@@ -179,11 +179,11 @@ _CHILD = textwrap.dedent(
     from metamoe.selection import (relevance_scores, select_dpp, select_facility_location,
                                    select_top_relevance)
     from metamoe.selection.knn_graph import build_knn_graph
-    import metamoe.selection.facility_location as fl_mod
+    import metamoe.selection.facility_location_dense as dense_mod
 
     # graph="dense" keeps pools up to DENSE_POOL_COPY_BYTES (256 MiB) as one float32 copy; this pool
     # stands in for a larger one, so lower the limit to what it is relative to the real one
-    fl_mod.DENSE_POOL_COPY_BYTES = 1 << 26
+    dense_mod.DENSE_POOL_COPY_BYTES = 1 << 26
     rng = np.random.default_rng(0)
     X = np.load(path, mmap_mode="r")
     P = (np.asarray(X[:m], dtype=np.float32) + 0.1 * rng.standard_normal((m, d))).astype(np.float32)
@@ -268,11 +268,11 @@ def test_peak_memory_stays_far_below_the_pool(tmp_path):
 def test_dense_streamed_pool_equals_copied_pool(pools, monkeypatch, optimizer):
     """graph='dense' reading the pool tile by tile (as for a pool above DENSE_POOL_COPY_BYTES) gives the
     picks and gains of the float32 copy, bit for bit (the same float32 rows reach the same fixed-shape calls)."""
-    import metamoe.selection.facility_location as fl_mod
+    import metamoe.selection.facility_location_dense as dense_mod
 
     kw = dict(ground=pools["P"], graph="dense", optimizer=optimizer, progress=False)
     copied = select_facility_location(pools["mm"][:5003], 25, **kw)
-    monkeypatch.setattr(fl_mod, "DENSE_POOL_COPY_BYTES", 0)
+    monkeypatch.setattr(dense_mod, "DENSE_POOL_COPY_BYTES", 0)
     streamed = select_facility_location(pools["mm"][:5003], 25, **kw)
     np.testing.assert_array_equal(streamed.indices, copied.indices)
     np.testing.assert_array_equal(streamed.gains, copied.gains)

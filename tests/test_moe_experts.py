@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from metamoe.backends import BackendNotSupportedError, availability
-from metamoe.ops import moe_experts, moe_experts_torch, moe_routing
+from metamoe.ops import moe_experts, moe_experts_ref, moe_routing
 
 ACTS = ("swiglu", "gelu", "gelu_tanh")
 EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-52}
@@ -188,7 +188,7 @@ def test_small_tiles_multi_tile_loops(monkeypatch, dtype):
     several row tiles per expert, with ragged edges everywhere (the tiling logic does not depend on the dtype;
     bfloat16 also covers the interpreter's widened dot)."""
     _need_triton()
-    from metamoe.kernels import moe_grouped_gemm as K
+    from metamoe.kernels import moe_experts as K
 
     monkeypatch.setattr(K, "INTERPRET_BLOCKS", {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16})
     monkeypatch.setattr(K, "INTERPRET_WGRAD_BLOCKS", {"BLOCK_M": 16, "BLOCK_N1": 16, "BLOCK_N2": 16})
@@ -340,13 +340,24 @@ def test_torch_grouped_mm_forward_path_when_it_runs():
     x, tw, ids, wgu, wd, _ = make_inputs(30, 32, 16, 4, 2, dtype=torch.bfloat16)
     try:
         with torch.no_grad():
-            y = moe_experts_torch(x, tw, ids, wgu, wd, "swiglu", grouped_mm=True)
+            y = moe_experts_ref(x, tw, ids, wgu, wd, "swiglu", grouped_mm=True)
     except RuntimeError as exc:  # CPU kernels of _grouped_mm are recent
         pytest.skip(f"torch._grouped_mm does not run here: {exc}")
-    y_loop = moe_experts_torch(x, tw, ids, wgu, wd, "swiglu", grouped_mm=False)
+    y_loop = moe_experts_ref(x, tw, ids, wgu, wd, "swiglu", grouped_mm=False)
     y_ref = reference(x, tw, ids, wgu, wd, "swiglu")
     tol = 2 * _max_err(y_loop, y_ref) + 4 * EPS[torch.bfloat16] * y_ref.abs().max().item()
     assert_close_to_ref("y (_grouped_mm)", y, y_ref, tol)
+
+
+def test_torch_grouped_mm_forced_where_it_cannot_run_names_the_reason():
+    """moe_experts_ref(grouped_mm=True) asks torch's grouped_mm through the one capability check."""
+    x, tw, ids, wgu, wd, _ = make_inputs(6, 16, 8, 3, 2, dtype=torch.float64)
+    with pytest.raises(BackendNotSupportedError, match=r"grouped_mm=True, but torch's grouped_mm cannot run this "
+                                                       r"call: .*not float64"):
+        moe_experts_ref(x, tw, ids, wgu, wd, "swiglu", grouped_mm=True)
+    # None: the fused kernel only (CUDA 9.x/10.x); on the CPU that is the per-expert loop
+    if x.device.type == "cpu":
+        assert availability.grouped_mm_reasons(x.device, torch.bfloat16, {"d": 16, "f": 8}, fused=True)
 
 
 # --------------------------------------------------------------------------- dispatch and bad input
@@ -479,7 +490,7 @@ def test_deterministic_mode_matches_reference_and_repeats(dtype, monkeypatch):
         assert torch.equal(a, b), f"{name}: deterministic runs differ"
         tol = 2.0 * _max_err(pt, ref) + 4.0 * EPS[dtype] * ref.abs().max().item()
         assert_close_to_ref(name, a, ref, tol)
-    from metamoe.kernels import moe_grouped_gemm as K
+    from metamoe.kernels import moe_experts as K
 
     calls = []
     monkeypatch.setattr(K, "weight_grad_split", lambda M, E, N1, N2, det: calls.append(det) or 1)

@@ -642,7 +642,7 @@ def test_torch_compile_traces_the_layer_through_the_custom_ops():
 
 def test_lora_grouped_refuses_what_grouped_mm_cannot_run():
     layer = LoRAMoELayer(16, 32, 4, 2, rank=3, lora_impl="grouped", backend="torch")  # rank 3: 12-byte rows
-    with pytest.raises(ValueError, match=r"lora_impl='grouped' cannot run this call: rank=3"):
+    with pytest.raises(ValueError, match=r"lora_impl 'grouped' cannot run lora_delta: rank=3 is not a multiple"):
         layer(torch.randn(5, 16))
     layer.lora_impl = "auto"
     assert layer.resolved_lora_impl(torch.randn(5, 16)) == "dense"
@@ -702,3 +702,131 @@ def test_layers_deepcopy_and_pickle_after_a_forward():
         for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
             assert clone.aux_loss is None
             torch.testing.assert_close(clone(x), y)
+
+
+# ------------------------------------------------------------------ RouterConfig, one vocabulary, dispatch
+
+
+def test_router_config_validates_each_field_by_name():
+    from metamoe.moe import RouterConfig
+
+    cfg = RouterConfig()
+    assert (cfg.top_k, cfg.order, cfg.renormalize, cfg.context_routing) == (None, "softmax_then_topk", True, False)
+    with pytest.raises(ValueError, match=r"RouterConfig\.top_k must be >= 1"):
+        RouterConfig(top_k=0)
+    with pytest.raises(TypeError, match=r"RouterConfig\.top_k must be an integer"):
+        RouterConfig(top_k=1.5)
+    with pytest.raises(TypeError, match=r"RouterConfig\.top_k"):
+        RouterConfig(top_k=True)
+    with pytest.raises(ValueError, match=r"RouterConfig\.order \(the layers' router_order\) must be one of"):
+        RouterConfig(order="sideways")
+    with pytest.raises(TypeError, match=r"RouterConfig\.renormalize must be a bool"):
+        RouterConfig(renormalize=1)
+    with pytest.raises(TypeError, match=r"RouterConfig\.context_routing must be a bool"):
+        RouterConfig(context_routing="yes")
+    with pytest.raises(ValueError, match=r"RouterConfig\.aux_loss_coef must be >= 0"):
+        RouterConfig(aux_loss_coef=-1.0)
+    with pytest.raises(ValueError, match=r"RouterConfig\.z_loss_coef must be finite"):
+        RouterConfig(z_loss_coef=float("nan"))
+    with pytest.raises(TypeError, match=r"RouterConfig\.z_loss_coef must be a number"):
+        RouterConfig(z_loss_coef="0.1")
+    for lam in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"RouterConfig\.context_lambda_init must lie strictly inside \(0, 1\)"):
+            RouterConfig(context_lambda_init=lam)
+    # frozen, and replace() validates again
+    with pytest.raises(AttributeError):
+        cfg.top_k = 3
+    assert cfg.replace(top_k=np.int64(3)).top_k == 3 and type(cfg.replace(top_k=np.int64(3)).top_k) is int
+    with pytest.raises(ValueError, match=r"RouterConfig\.top_k"):
+        cfg.replace(top_k=-2)
+
+
+ROUTER_KWARGS = dict(router_order="topk_then_softmax", renormalize=False, aux_loss_coef=0.05, z_loss_coef=0.0,
+                     context_routing=True, context_lambda_init=0.25)
+ROUTER_FIELDS = dict(order="topk_then_softmax", renormalize=False, aux_loss_coef=0.05, z_loss_coef=0.0,
+                     context_routing=True, context_lambda_init=0.25)
+
+
+def _same_layers(a, b, x, ctx):
+    assert a.router_config == b.router_config
+    assert (a.top_k, a.router_order, a.renormalize, a.aux_loss_coef, a.z_loss_coef, a.context_routing) == (
+        b.top_k, b.router_order, b.renormalize, b.aux_loss_coef, b.z_loss_coef, b.context_routing)
+    assert repr(a) == repr(b)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(a(x, context=ctx), b(x, context=ctx), rtol=0, atol=0)
+    torch.testing.assert_close(a.router_loss, b.router_loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["moe", "lora"])
+def test_layers_from_router_config_equal_layers_from_keyword_arguments(kind):
+    from metamoe.moe import RouterConfig
+
+    def build(**kw):
+        torch.manual_seed(30)
+        if kind == "moe":
+            return MoELayer(16, 24, 4, backend="torch", **kw)
+        return LoRAMoELayer(16, 32, 4, rank=4, backend="torch", **kw)
+
+    by_kwargs = build(top_k=2, **ROUTER_KWARGS)
+    by_config = build(router=RouterConfig(top_k=2, **ROUTER_FIELDS))
+    top_k_apart = build(top_k=2, router=RouterConfig(**ROUTER_FIELDS))  # top_k from the layer, the rest from it
+    torch.manual_seed(31)
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 16)
+    _same_layers(by_kwargs, by_config, x, ctx)
+    _same_layers(by_kwargs, top_k_apart, x, ctx)
+    assert by_config.router_config == RouterConfig(top_k=2, **ROUTER_FIELDS)
+    # defaults: no router options at all is RouterConfig()'s defaults
+    assert build(top_k=1).router_config == RouterConfig(top_k=1)
+
+
+def test_router_config_and_keyword_arguments_do_not_mix():
+    from metamoe.moe import RouterConfig
+
+    with pytest.raises(TypeError, match=r"router options given twice: .*\['renormalize'\]"):
+        MoELayer(8, 12, 4, 2, router=RouterConfig(), renormalize=False)
+    with pytest.raises(ValueError, match=r"top_k=2 but router=RouterConfig\(top_k=3\)"):
+        MoELayer(8, 12, 4, 2, router=RouterConfig(top_k=3))
+    with pytest.raises(TypeError, match="top_k is required"):
+        MoELayer(8, 12, 4)
+    with pytest.raises(TypeError, match="router must be a RouterConfig"):
+        LoRAMoELayer(8, 12, 4, 2, rank=2, router={"top_k": 2})
+    with pytest.raises(ValueError, match=r"top_k must be <= num_experts \(4\)"):
+        MoELayer(8, 12, 4, router=RouterConfig(top_k=5))
+    # the layer classmethods take router= too
+    wr, wgu, wd = torch.randn(4, 8), torch.randn(4, 24, 8), torch.randn(4, 8, 12)
+    layer = MoELayer.from_parameters(wr, wgu, wd, router=RouterConfig(top_k=2, context_routing=True,
+                                                                      context_lambda_init=0.25))
+    assert layer.top_k == 2 and math.isclose(layer.context_lambda.item(), 0.25, rel_tol=1e-6)
+
+
+def test_moe_layer_takes_the_ops_activations():
+    """One list of activations: the layer takes every activation of moe_experts (gelu_tanh included)."""
+    import importlib
+
+    import metamoe.moe as moe
+
+    assert moe.ACTIVATIONS is importlib.import_module("metamoe.ops.moe_experts").ACTIVATIONS
+    layer = make_layer(16, 24, 4, 2, activation="gelu_tanh")
+    x = torch.randn(7, 16)
+    wr, wgu, wd = (t.detach().to(F64) for t in (layer.router.weight, layer.w_gate_up, layer.w_down))
+    routes, *_ = ref_route(x.to(F64) @ wr.t(), 2)
+    y_ref = torch.stack([sum(w[j] * (wd[e] @ F.gelu(wgu[e] @ x[t].to(F64), approximate="tanh"))
+                             for j, e in enumerate(idx)) for t, (w, idx) in enumerate(routes)])
+    assert_close(layer(x), y_ref, 2e-5, what="gelu_tanh y")
+
+
+def test_lora_explicit_impl_that_cannot_run_raises_naming_the_reason():
+    from metamoe.backends import BackendNotSupportedError
+
+    layer = LoRAMoELayer(16, 32, 4, 2, rank=4, lora_impl="grouped", backend="torch", dtype=F64)
+    with pytest.raises(BackendNotSupportedError, match=r"lora_impl 'grouped' cannot run lora_delta: dtype float64 "
+                                                       r"is not supported"):
+        layer(torch.randn(3, 16, dtype=F64))
+    layer.lora_impl = "auto"  # auto falls back to dense, which takes float64
+    assert layer.resolved_lora_impl(torch.randn(3, 16, dtype=F64)) == "dense"
+    assert layer(torch.randn(3, 16, dtype=F64)).shape == (3, 16)
+    with pytest.raises(ValueError, match=r"lora_impl must be one of 'auto', 'grouped', 'dense'"):
+        LoRAMoELayer(16, 32, 4, 2, rank=4, lora_impl="fast")

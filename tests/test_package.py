@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import metamoe.unify.package as package_mod
+import metamoe.unify.package_write as package_write_mod
 from metamoe.data.digits import make_digits_domains
 from metamoe.models import create_seed_model, ffn_input_hooks, has_lora, weight_hash
 from metamoe.unify import (
@@ -156,9 +157,35 @@ def test_selection_object_and_overwrite(tmp_path, expert, digits, proxy_idx):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a"]  # no temporary folders left behind
 
 
+def test_method_names_written_canonical_and_old_spellings_load(tmp_path, expert, digits, proxy_idx, seed_model):
+    """Manifests record canonical method names; a short spelling is accepted on write and in old manifests."""
+    from metamoe.selection import SELECTION_METHODS, Selection
+
+    n = len(digits.public_x)
+    for spelling, canon in (("topk", "top_relevance"), ("fl", "facility_location"), ("random", "random")):
+        p = write_expert_package(tmp_path / spelling, expert, proxy_indices=proxy_idx, public_pool_size=n,
+                                 method=spelling)
+        assert _manifest(p)["selection"]["method"] == canon and load_expert_package(p).method == canon
+    old_selection = Selection(indices=proxy_idx, gains=np.zeros(len(proxy_idx)), objective=0.0, backend="numpy",
+                              seconds=0.0, method="topk")  # a selection JSON may record the short spelling
+    p = write_expert_package(tmp_path / "sel", expert, proxy_indices=old_selection, public_pool_size=n)
+    assert _manifest(p)["selection"]["method"] == "top_relevance"
+    # a manifest that records the short spelling "topk" loads, read as top_relevance
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "topk", old)
+    m = _manifest(old)
+    m["selection"]["method"] = "topk"
+    _write_manifest(old, m)
+    pkg = load_expert_package(old, public_pool_size=n, seed_model=seed_model)
+    assert pkg.manifest["selection"]["method"] == "topk" and pkg.method == "top_relevance"
+    assert load_expert_packages([old], seed_model=seed_model)[0].method == "top_relevance"
+    assert package_mod.SELECTION_METHODS == SELECTION_METHODS == ("dpp", "facility_location", "top_relevance",
+                                                                  "random")
+
+
 def test_failed_write_leaves_nothing(tmp_path, expert, digits, proxy_idx, monkeypatch):
     calls = []
-    real = package_mod._save_tensors
+    real = package_write_mod._save_tensors
 
     def crash_second(tensors, path):
         calls.append(path)
@@ -166,7 +193,7 @@ def test_failed_write_leaves_nothing(tmp_path, expert, digits, proxy_idx, monkey
             raise OSError("disk full")
         real(tensors, path)
 
-    monkeypatch.setattr(package_mod, "_save_tensors", crash_second)
+    monkeypatch.setattr(package_write_mod, "_save_tensors", crash_second)
     with pytest.raises(OSError, match="disk full"):
         write_expert_package(
             tmp_path / "p",
@@ -189,7 +216,7 @@ def test_no_pickle(pkg):
             assert f.name == "manifest.json"
             json.loads(data)
         assert not data.startswith(b"\x80") and b"PK\x03\x04" not in data[:4]  # no pickle, no torch zip
-    for mod in ("package.py", "client.py"):
+    for mod in ("package.py", "package_format.py", "package_read.py", "package_write.py", "client.py"):
         src = (Path(package_mod.__file__).parent / mod).read_text()
         assert "import pickle" not in src and "torch.save" not in src and "torch.load" not in src
 
@@ -279,7 +306,10 @@ def test_shapes_checked_beyond_hashes(pkg):
         (lambda m: m["selection"].update(proxy_indices=[3, 3]), "proxy_indices has duplicates"),
         (lambda m: m["selection"].update(proxy_indices=[3, 4.5]), "proxy_indices must be integers"),
         (lambda m: m["selection"].update(k=1), "exceed k=1"),
-        (lambda m: m["selection"].update(method="magic"), "selection method 'magic' is not one of"),
+        (
+            lambda m: m["selection"].update(method="magic"),
+            "selection.method must be one of dpp, facility_location, top_relevance, random .*got 'magic'",
+        ),
         (lambda m: m.update(format_version=99), "format_version 99 is not supported"),
         (lambda m: m.pop("files"), "manifest.json lacks files"),
         (lambda m: m.update(secret=[1, 2]), "unexpected keys \\['secret'\\]"),
@@ -345,8 +375,15 @@ def test_wrong_seed_model(pkg, seed_model):
         (dict(proxy_indices=np.arange(10.0)), TypeError, "must be integers"),
         (dict(proxy_indices=np.arange(9)), ValueError, "trained with 10 proxies but 9 proxy_indices"),
         (dict(k=5), ValueError, "10 proxy_indices for k=5"),
-        (dict(method="similarity"), ValueError, "method must be one of dpp, facility_location, topk, random"),
-        (dict(public_pool_size=0), ValueError, "public_pool_size must be a positive int"),
+        (
+            dict(method="similarity"),
+            ValueError,
+            r"method must be one of dpp, facility_location, top_relevance, random \(short spellings: "
+            r"fl = facility_location, topk = top_relevance\), got 'similarity'",
+        ),
+        (dict(method="fl-private"), ValueError, "method must be one of"),  # not a package's method
+        (dict(public_pool_size=0), ValueError, "public_pool_size must be >= 1"),
+        (dict(public_pool_size=12.5), TypeError, "public_pool_size must be an integer"),
     ],
 )
 def test_write_errors(tmp_path, expert, proxy_idx, kwargs, exc, message):
@@ -574,6 +611,7 @@ def test_language_model_package_round_trip(tmp_path):
     priv, prox = torch.randint(0, 30, (6, 7), generator=g), torch.randint(0, 30, (3, 7), generator=g)
     ex = train_expert(seed, priv, prox, None, lora_rank=2, epochs=1, batch_size=4, lr=1e-2)
     p = write_expert_package(tmp_path / "lm", ex, proxy_indices=[4, 0, 9], public_pool_size=10, method="topk")
+    assert _manifest(p)["selection"]["method"] == "top_relevance"
     assert sorted(x.name for x in p.iterdir()) == [
         "lora.safetensors",
         "manifest.json",

@@ -394,6 +394,33 @@ def test_dispatch_falls_back_and_explains(monkeypatch):
     assert router_topk(torch.randn(3, 4), 2)[0].dtype == torch.float32
 
 
+
+@pytest.mark.parametrize("order,renorm", MODES, ids=MODE_IDS)
+def test_dispatch_runs_the_registered_torch_backend(monkeypatch, order, renorm):
+    """router_topk reaches its reference through the registry: the implementation registered as ``torch``."""
+    impl = router_topk_op.impls["torch"]
+    assert impl.backend == "torch" and router_topk_op.status()[-1][:2] == ("torch", True)
+    calls = []
+    registered = impl.fn
+
+    def spy(*args):
+        calls.append(args[1:])
+        return registered(*args)
+
+    monkeypatch.setattr(impl, "fn", spy)
+    x = torch.randn(6, 8, requires_grad=True)
+    w, i, st = router_topk(x, 3, renormalize=renorm, order=order, return_stats=True, backend="torch")
+    assert calls == [(3, renorm, order, True)]
+    rw, ri, rst = router_topk_ref(x, 3, renormalize=renorm, order=order, return_stats=True)
+    assert torch.equal(i, ri) and torch.equal(w, rw) and torch.equal(st.prob_sum, rst.prob_sum)
+    (w.sum() + st.lse.sum()).backward()  # plain autograd through the registered implementation
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    router_topk(torch.randn(4, 600), 17)  # auto beyond the Triton kernel's limits: torch again
+    monkeypatch.setenv("METAMOE_BACKEND", "torch")  # and through the environment
+    router_topk(torch.randn(4, 8), 2)
+    assert [c[0] for c in calls] == [3, 17, 2]
+
+
 @pytest.mark.parametrize(
     "logits,k,kw,exc,match",
     [

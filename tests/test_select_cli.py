@@ -10,6 +10,12 @@ from conftest import ROOT
 
 from metamoe.cli import main as metamoe_main
 from metamoe.selection import relevance_scores, select_dpp, select_random, select_top_relevance
+from metamoe.selection.methods import (
+    METHOD_ALIASES,
+    SELECT_COMMAND_METHODS,
+    SELECTION_METHODS,
+    canonical_method,
+)
 
 N, M, D, K = 300, 60, 8, 6
 
@@ -42,7 +48,8 @@ def _cmd(path, *args):
     ]
 
 
-METHODS = ["dpp", "topk", "random", "fl", "fl-private"]
+# --method: every canonical name and every short spelling (the JSON records the canonical name)
+SPELLINGS = list(SELECT_COMMAND_METHODS) + list(METHOD_ALIASES)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +57,7 @@ def runs(data):
     """Every method through `python -m metamoe select`; the subprocesses start together (start-up)."""
     path, _, _ = data
     procs = {}
-    for method in METHODS:
+    for method in SPELLINGS:
         extra = ["--ridge", "0.01", "--candidates", "100"] if method == "dpp" else []
         out = path / f"sel_{method}.json"
         procs[method] = (
@@ -87,21 +94,21 @@ def _check_json(out, method, k=K):
     return d
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_each_method_in_a_subprocess(method, data, runs, relevance):
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_each_method_in_a_subprocess(spelling, data, runs, relevance):
     path, P, X = data
-    rc, stdout, stderr, out = runs[method]
-    if rc != 0 and method.startswith("fl") and "select_facility_location" in stderr:
-        pytest.skip("facility location is not importable yet: " + stderr.strip().splitlines()[-1])
+    rc, stdout, stderr, out = runs[spelling]
     assert rc == 0, stderr
     assert "objective" in stdout and " s" in stdout
+    method = canonical_method(spelling, "--method", SELECT_COMMAND_METHODS)
+    assert f"by {method}," in stdout
     d = _check_json(out, method)
     # the same stage through the library gives the same picks (relevance is deterministic on the CPU)
-    rel = relevance if method in ("dpp", "topk", "fl") else None
+    rel = relevance if method in ("dpp", "top_relevance", "facility_location") else None
     if method == "dpp":
         ref = select_dpp(X, K, rel, ridge=0.01, candidates=100, progress=False)
         assert d["info"]["candidates"] == 100
-    elif method == "topk":
+    elif method == "top_relevance":
         ref = select_top_relevance(rel, K)
         assert d["indices"][0] < 40  # the most relevant sample comes from the private-like part
     elif method == "random":
@@ -110,7 +117,7 @@ def test_each_method_in_a_subprocess(method, data, runs, relevance):
     else:
         from metamoe.selection import select_facility_location
 
-        ground = P if method == "fl-private" else None
+        ground = P if method == "facility_location_private" else None
         ref = select_facility_location(X, K, ground=ground, weights=rel, n_neighbors=20, progress=False)
     assert d["indices"] == ref.indices.tolist()
     assert d["objective"] == pytest.approx(ref.objective, rel=1e-9, abs=1e-12)
@@ -227,3 +234,32 @@ def test_bad_files(tmp_path, capsys):
     assert "same embedding dimension D" in capsys.readouterr().err
     assert metamoe_main(base + ["--public", str(tmp_path / "xi.npy")]) == 2
     assert "public must have a floating dtype" in capsys.readouterr().err
+
+
+def test_method_vocabulary():
+    assert SELECTION_METHODS == ("dpp", "facility_location", "top_relevance", "random")
+    assert SELECT_COMMAND_METHODS == SELECTION_METHODS + ("facility_location_private",)
+    for name in SELECT_COMMAND_METHODS:
+        assert canonical_method(name, "--method", SELECT_COMMAND_METHODS) == name
+    assert canonical_method("fl", "m") == "facility_location"
+    assert canonical_method("topk", "m") == "top_relevance"
+    assert canonical_method("fl-private", "--method", SELECT_COMMAND_METHODS) == "facility_location_private"
+    with pytest.raises(ValueError, match=r"selection.method must be one of dpp, facility_location, top_relevance, "
+                                         r"random \(short spellings: fl = facility_location, topk = top_relevance\), "
+                                         r"got 'fl-private'"):
+        canonical_method("fl-private", "selection.method")  # not one of a package's methods
+    for bad in ("greedy", "", None, 3, "TOPK"):
+        with pytest.raises(ValueError, match="must be one of"):
+            canonical_method(bad, "m", SELECT_COMMAND_METHODS)
+
+
+def test_unknown_method_is_refused_with_the_list(data, capsys):
+    path, _, _ = data
+    with pytest.raises(SystemExit) as exc:
+        metamoe_main(["select", "--private", str(path / "p.npy"), "--public", str(path / "x.npy"), "--k", "3",
+                      "--method", "greedy", "--out", str(path / "never.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--method must be one of dpp, facility_location, top_relevance, random, facility_location_private" in err
+    assert "fl-private = facility_location_private" in err and "got 'greedy'" in err
+    assert not (path / "never.json").exists()

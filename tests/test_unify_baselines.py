@@ -48,13 +48,21 @@ def test_method_names_are_exactly_the_papers():
     assert method_spec("btx_oracle").to_dict()["privacy"] == PRIVACY_NOTE
     assert "BREAKS PRIVACY" in PRIVACY_NOTE
     assert method_spec("metamoe").selection == "dpp" and method_spec("metamoe").context_routing
-    assert method_spec("flexolmo").selection == "topk" and not method_spec("flexolmo").context_routing
+    assert method_spec("flexolmo").selection == "top_relevance" and not method_spec("flexolmo").context_routing
     assert method_spec("random_proxy").selection == "random"
     assert not method_spec("no_alignment").aligned and not method_spec("no_context").context_routing
     # experts shared where methods agree on the proxies and the alignment
     shared = {m for m in METHOD_NAMES if expert_set_key(method_spec(m)) == "dpp"}
     assert shared == {"metamoe", "model_soup", "btm", "btx_oracle", "no_context"}
     assert len({expert_set_key(method_spec(m)) for m in METHOD_NAMES}) == 4
+
+
+def test_selections_use_the_selection_vocabulary():
+    from metamoe.selection.methods import SELECTION_METHODS
+
+    assert all(method_spec(m).selection in SELECTION_METHODS for m in METHOD_NAMES)
+    assert expert_set_key(method_spec("flexolmo")) == "top_relevance"
+    assert expert_set_key(method_spec("no_alignment")) == "dpp_unaligned"
 
 
 def test_method_name_errors():

@@ -1,4 +1,5 @@
-"""metamoe.unify.claims: paired statistics against independent computations, claim verdicts, the bench script."""
+"""The claims benchmark: its paired statistics (benchmarks/claims_stats.py) against independent computations,
+claim verdicts, its designs (benchmarks/digits_designs.py) and the bench script."""
 
 import csv
 import itertools
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from metamoe.unify.claims import evaluate_claims, format_claims, paired_comparison
+from benchmarks.claims_stats import evaluate_claims, format_claims, paired_comparison
+from benchmarks.digits_designs import DESIGNS, design, design_name
+from metamoe.unify.experiment import DigitsConfig, config_domains
 
 
 def _wilcoxon_exact_greater(d):
@@ -95,7 +98,7 @@ def test_verdicts():
 
 
 def test_bench_script_quick():
-    # the diagnostic variant's path (seed pre-trained on the distractor domains only) runs too
+    # a design with another seed pool runs too: the seed pre-trained on the selection pool
     r = subprocess.run(
         [
             sys.executable,
@@ -105,7 +108,7 @@ def test_bench_script_quick():
             "0,1",
             "--no-csv",
             "--seed-pool",
-            "distractors",
+            "public",
         ],
         capture_output=True,
         text=True,
@@ -114,7 +117,8 @@ def test_bench_script_quick():
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "metamoe vs" in r.stdout and "btx_oracle" in r.stdout and "QUICK" in r.stdout
-    assert "variant: heldoutpool_seedpool-distractors_quick" in r.stdout and "'seed_pool': 'distractors'" in r.stdout
+    assert "variant: heldoutpool_seedpool-public_quick" in r.stdout and "seed_pool public" in r.stdout
+    assert "'pretrain_per_domain': 0" in r.stdout and "'k': 12" in r.stdout  # the --quick settings ran
     assert "per-run check (metamoe >= random_proxy and > model_soup):" in r.stdout
     assert "relevance AUC" in r.stdout and "own-domain proxies, dpp" in r.stdout
     assert "mean accuracy over the seeds, per client domain:" in r.stdout
@@ -156,27 +160,49 @@ def test_bench_from_csv_reproduces_a_live_run():
     assert r.returncode != 0 and "no rows of variant 'outofdomain' for seeds [900, 901]" in r.stderr
 
 
-def test_seed_pool_is_checked():
-    from metamoe.unify.experiment import run_digits_experiment
-
+def test_designs():
+    """Each design is a DigitsConfig plus the seed's pool; the public seed pool leaves the split without a
+    pre-training set, and the seed then trains on the whole selection pool."""
+    assert list(DESIGNS) == ["heldoutpool", "outofdomain", "balanced"] and DESIGNS["heldoutpool"] == {}
+    default = design()
+    assert default.config == DigitsConfig() and default.seed_pool == "pretrain"
+    assert default.seed_training_set() is None  # run_digits_experiment's own default
+    ood = design("outofdomain")
+    assert ood.seed_pool == "public" and ood.config.route_loss == 0.0 and ood.config.expert_epochs == 10
+    d = config_domains(5, ood.config)
+    np.testing.assert_array_equal(np.bincount(d.public_domain), [40] * 3 + [300] * 5)
+    assert d.pretrain_x is None and [len(c.y_test) for c in d.clients] == [150] * 3
+    x, y = ood.seed_training_set()(d)
+    assert x is d.public_x and y is d.public_y
+    balanced = config_domains(5, design("balanced").config)
+    np.testing.assert_array_equal(np.bincount(balanced.public_domain), [300] * 6)
+    assert design("outofdomain", seed_pool="pretrain").config.pretrain_per_domain == 300
+    assert design("heldoutpool", seed_pool="public", k=7).config.k == 7
+    with pytest.raises(ValueError, match="unknown design"):
+        design("huge")
     with pytest.raises(ValueError, match="seed_pool"):
-        run_digits_experiment(0, methods=["metamoe"], progress=False, seed_pool="clients")
+        design(seed_pool="clients")
+    with pytest.raises(ValueError, match="unknown DigitsConfig field"):
+        design(kk=3)
 
 
 def test_design_names_of_the_bench():
-    """Each design's config gets its own log/CSV name; a changed knob is spelled out, so rows of different
-    designs never mix (the earlier designs' rows in unify_claims.csv keep their names)."""
-    if ROOT not in sys.path:
-        sys.path.append(ROOT)  # last: first, the root's kernels/ folder would shadow the PyPI `kernels` package
-    from benchmarks.bench_unify_claims import design_name
-    from metamoe.unify.experiment import DigitsConfig, design_config
-
-    assert design_name(DigitsConfig()) == "heldoutpool"
-    assert design_name(design_config("outofdomain")) == "outofdomain"
-    assert design_name(design_config("balanced")) == "balanced"
-    assert design_name(design_config("outofdomain", routed_head=False)) == "outofdomain_plainhead"
-    assert design_name(design_config("balanced", seed_pool="distractors", routed_head=False)) == (
-        "balanced_seedpool-distractors_plainhead"
+    """Each design gets its own log/CSV name; a changed knob is spelled out, so rows of different designs never
+    mix (the names of the rows in unify_claims.csv)."""
+    assert design_name(design()) == "heldoutpool"
+    assert design_name(design("outofdomain")) == "outofdomain"
+    assert design_name(design("balanced")) == "balanced"
+    assert design_name(design("outofdomain", routed_head=False)) == "outofdomain_plainhead"
+    assert design_name(design("balanced", seed_pool="pretrain", routed_head=False)) == (
+        "balanced_seedpool-pretrain_plainhead"
     )
-    assert design_name(DigitsConfig(route_loss=0.0)) == "heldoutpool_route_loss0.0"
-    assert design_name(DigitsConfig(seed_pool="public")) == "heldoutpool_seedpool-public"
+    assert design_name(design(route_loss=0.0)) == "heldoutpool_route_loss0.0"
+    assert design_name(design(seed_pool="public")) == "heldoutpool_seedpool-public"
+    assert design_name(design(public_per_client_domain=40)) == "heldoutpool_public_per_client_domain40"
+    assert design_name(design(selection_features="pooled")) == "heldoutpool_selection_featurespooled"
+    # the names these designs make are those of the committed CSV rows (so --from-csv finds them)
+    text = (Path(ROOT) / "benchmarks" / "results" / "unify_claims.csv").read_text().splitlines()
+    in_csv = {row["variant"] for row in csv.DictReader(text)}
+    made = {design_name(design(n, routed_head=h)) for n in DESIGNS for h in (True, False) if n != "heldoutpool" or h}
+    made |= {design_name(design(seed_pool="public")), design_name(design(route_loss=0.0))}
+    assert made <= in_csv, made - in_csv

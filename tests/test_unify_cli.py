@@ -13,6 +13,8 @@ from conftest import ROOT
 from metamoe.data.digits import make_digits_domains
 from metamoe.models import create_seed_model, save_seed_model
 from metamoe.unify import cli as ucli
+from metamoe.unify.config import ConfigError
+from metamoe.unify.data_loading import load_data
 from metamoe.unify.evaluate import accuracy
 
 VIT = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=1, num_heads=2, num_classes=10)
@@ -123,14 +125,14 @@ def test_evaluate_prints_accuracy_matching_an_independent_computation(work):
 
 def test_image_folder_loader(work):
     t, data = work
-    x, y, names = ucli.load_data({"path": "b_images"}, str(t))
+    x, y, names = load_data({"path": "b_images"}, str(t))
     b = data.clients[1]
     assert names == [str(j) for j in range(10)] and x.shape == (30, 8, 8) and x.dtype == np.float32
     # folder order is by class then file name: compare as multisets of (label, rounded image)
-    got = sorted((int(l), tuple(np.rint(im * 255).astype(int).ravel())) for im, l in zip(x, y))
+    got = sorted((int(lab), tuple(np.rint(im * 255).astype(int).ravel())) for im, lab in zip(x, y))
     ref = sorted(
-        (int(l), tuple(np.clip(np.rint(im * 255), 0, 255).astype(int).ravel()))
-        for im, l in zip(b.x_train, b.y_train)
+        (int(lab), tuple(np.clip(np.rint(im * 255), 0, 255).astype(int).ravel()))
+        for im, lab in zip(b.x_train, b.y_train)
     )
     assert got == ref
 
@@ -152,7 +154,13 @@ def test_bad_configs(work, tmp_path, capsys):
     rc, err = run({**base, "selection": {"k": 10_000}})
     assert rc == 2 and "exceeds the public pool" in err
     rc, err = run({**base, "selection": {"method": "greedy"}})
-    assert rc == 2 and "selection.method" in err
+    assert rc == 2 and "selection.method must be one of dpp, facility_location, top_relevance, random" in err
+    rc, err = run({**base, "training": {"epochs": 0}})
+    assert rc == 2 and "training.epochs must be >= 1" in err
+    rc, err = run({**base, "training": {"lr": "fast"}})
+    assert rc == 2 and "training.lr must be a number" in err
+    rc, err = run({**base, "training": {"lr": 0}})
+    assert rc == 2 and "training.lr must be > 0" in err
     rc, err = run({**base, "selection": {"features": "pixels"}})
     assert rc == 2 and "selection.features" in err
     rc, err = run({**base, "private": "nope.npz"})
@@ -174,6 +182,27 @@ def test_bad_configs(work, tmp_path, capsys):
     assert rc == 2 and "moe.routed_head must be true or false" in err
     rc, err = run({**srv, "training": {"route_loss": -1}}, ucli.main_unify)
     assert rc == 2 and "training.route_loss" in err
+
+
+def test_selection_method_spellings(work, tmp_path):
+    """selection.method: a canonical name or its short spelling; the package records the canonical name."""
+    t, _ = work
+    base = yaml.safe_load((t / "a.yaml").read_text())
+    picked = {}
+    for spelling, canon in (("topk", "top_relevance"), ("top_relevance", "top_relevance"), ("fl", "facility_location")):
+        cfg = {
+            **base,
+            "selection": {"method": spelling, "k": 5, "relevance_epochs": 1},
+            "training": {**base["training"], "epochs": 1},
+        }
+        (t / f"method_{spelling}.yaml").write_text(yaml.safe_dump(cfg))
+        out = tmp_path / spelling
+        argv = ["--config", str(t / f"method_{spelling}.yaml"), "--quiet", "--out", str(out)]
+        assert ucli.main_train_expert(argv) == 0
+        sel = json.loads((out / "manifest.json").read_text())["selection"]
+        assert sel["method"] == canon and len(sel["proxy_indices"]) == 5
+        picked[spelling] = sel["proxy_indices"]
+    assert picked["topk"] == picked["top_relevance"]
 
 
 def test_train_expert_selects_on_the_chosen_features(work, tmp_path):
@@ -208,7 +237,8 @@ def test_unify_with_route_loss(work, tmp_path):
     metrics = json.loads((tmp_path / "u" / "unified.json").read_text())["metrics"]
     assert len(metrics["route_loss_per_epoch"]) == 2 and all(v > 0 for v in metrics["route_loss_per_epoch"])
     default = json.loads((t / "unified" / "unified.json").read_text())["metrics"]  # no route_loss key: 1.0
-    assert len(default["route_loss_per_epoch"]) == 2 and default["route_loss_per_epoch"] != metrics["route_loss_per_epoch"]
+    assert len(default["route_loss_per_epoch"]) == 2
+    assert default["route_loss_per_epoch"] != metrics["route_loss_per_epoch"]
     srv["training"]["route_loss"] = 0
     (t / "plain.yaml").write_text(yaml.safe_dump(srv))
     assert ucli.main_unify(["--config", str(t / "plain.yaml"), "--quiet", "--out", str(tmp_path / "p")]) == 0
@@ -261,8 +291,8 @@ def test_datasets_folder_without_datasets(tmp_path):
         pytest.skip("datasets is installed: the 'not installed' message does not apply")
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "dataset_info.json").write_text("{}")
-    with pytest.raises(ucli.ConfigError, match="datasets"):
-        ucli.load_data(str(tmp_path / "ds"))
+    with pytest.raises(ConfigError, match="datasets"):
+        load_data(str(tmp_path / "ds"))
 
 
 def test_help_lists_every_option():

@@ -103,7 +103,7 @@ def test_router_topk(benchmark, device, shape, impl, mode, torch_threads):
 def moe_inputs(device, E, k, d, f, T):
     import torch
 
-    from metamoe.ops.moe_experts import moe_experts_torch
+    from metamoe.ops.moe_experts import moe_experts_ref
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
@@ -114,7 +114,7 @@ def moe_inputs(device, E, k, d, f, T):
     wd = (torch.randn(E, d, f, device=device, generator=g) / f**0.5).to(dtype)
     gy = torch.randn(T, d, device=device, dtype=dtype, generator=g)
     xr = x.detach().clone().requires_grad_()
-    y_ref = moe_experts_torch(xr, tw, ids, wgu, wd, grouped_mm=False)
+    y_ref = moe_experts_ref(xr, tw, ids, wgu, wd, grouped_mm=False)
     y_ref.backward(gy)
     return x, tw, ids, wgu, wd, gy, y_ref.detach().float(), xr.grad.float()
 
@@ -125,7 +125,7 @@ def test_moe_experts(benchmark, device, shape, impl, mode, torch_threads):
     need(device)
     import torch
 
-    from benchmarks.bench_moe import make_impls, rel_tolerance
+    from benchmarks.bench_moe_experts import make_impls, rel_tolerance
 
     E, k, d, f, T = shape["E"], shape["k"], shape["d"], shape["f"], shape["T"]
     x, tw, ids, wgu, wd, gy, y_ref, dx_ref = moe_inputs(device, E, k, d, f, T)

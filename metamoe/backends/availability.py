@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..version import __version__
 
@@ -143,6 +143,89 @@ def build_info() -> Dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+# --------------------------------------------------------------------------- torch's grouped_mm
+
+
+@_memo
+def cuda_capability(index: int) -> Tuple[int, int]:
+    """Compute capability ``(major, minor)`` of CUDA device ``index``."""
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def grouped_mm_reasons(
+    device: Any,
+    dtype: Any,
+    sizes: Optional[Mapping[str, int]] = None,
+    *,
+    fused: bool = False,
+    compiling: bool = False,
+) -> List[str]:
+    """Every reason torch's grouped GEMM (``torch.nn.functional.grouped_mm`` / ``torch._grouped_mm``) cannot
+    take operands on ``device`` in ``dtype``; empty when it can. The one capability check of metamoe for it.
+
+    Args:
+        device: a ``torch.device`` or its string (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        dtype: a ``torch.dtype`` or its short name (``"bfloat16"``).
+        sizes: ``{name: n}``, the inner sizes of the operands (row lengths): each must span a multiple of 16
+            bytes (grouped_mm's stride rule).
+        fused: also require torch's fused grouped GEMM kernel (CUDA, compute capability 9.x or 10.x). Elsewhere
+            torch runs its own loop over the groups, which reads the group sizes on the host; a caller that
+            uses grouped_mm to avoid exactly that host synchronisation asks for ``fused``.
+        compiling: the call is traced by ``torch.compile``, whose fake-tensor rule for grouped_mm takes
+            bfloat16 and float16 only.
+
+    What runs where (torch 2.14): the CPU takes float32, bfloat16 and float16 (torch's loop); CUDA takes
+    bfloat16 on compute capability >= 8.0 (the fused kernel on 9.x / 10.x, the loop on the others).
+    """
+    import torch
+
+    reasons: List[str] = []
+    if not (hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")):
+        return [f"torch {torch.__version__} has no grouped_mm"]
+    dev = torch.device(device)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if dtype else None
+    if not isinstance(dtype, torch.dtype):
+        return [f"grouped_mm needs a torch dtype, got {dtype!r}"]
+    name = str(dtype).replace("torch.", "")
+    if compiling and dtype not in (torch.bfloat16, torch.float16):
+        reasons.append(f"torch.compile traces grouped_mm for bfloat16/float16 only, not {name}")
+    if dev.type == "cpu":
+        if fused:
+            reasons.append("torch's fused grouped GEMM kernel needs a CUDA device (on the CPU torch loops over "
+                           "the groups)")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            reasons.append(f"grouped_mm on the CPU takes float32/bfloat16/float16, not {name}")
+    elif dev.type == "cuda":
+        if dtype != torch.bfloat16:
+            reasons.append(f"grouped_mm on CUDA takes bfloat16, not {name}")
+        cap = cuda_capability(dev.index if dev.index is not None else torch.cuda.current_device())
+        if cap < (8, 0):
+            reasons.append(f"grouped_mm on CUDA needs compute capability >= 8.0, this device has {cap[0]}.{cap[1]}")
+        elif fused and cap[0] not in (9, 10):
+            reasons.append(f"torch's fused grouped GEMM kernel needs compute capability 9.x or 10.x, this device "
+                           f"has {cap[0]}.{cap[1]} (torch loops over the groups there)")
+    else:
+        reasons.append(f"grouped_mm does not run on device type {dev.type!r}")
+    step = max(16 // dtype.itemsize, 1)
+    for key, n in (sizes or {}).items():
+        if n % step:
+            reasons.append(f"{key}={n} is not a multiple of {step} elements (grouped_mm needs 16-byte strides)")
+    return reasons
+
+
+def grouped_mm(a, b, offs):
+    """torch's grouped GEMM of ``a`` (rows grouped by ``offs``) with ``b`` (one matrix per group)."""
+    import torch
+
+    fn = getattr(torch.nn.functional, "grouped_mm", None)
+    if fn is not None:
+        return fn(a, b, offs=offs)
+    return torch._grouped_mm(a, b, offs=offs)
 
 
 def reset_cache() -> None:

@@ -8,6 +8,11 @@ and answers :meth:`Implementation.not_supported_reasons` in words.
 ``backend="auto"`` walks the op's implementations from fastest to slowest and takes the first that
 can run the call. An explicit backend (argument, or the ``METAMOE_BACKEND`` environment variable)
 that cannot run raises :class:`BackendNotSupportedError` naming the backend and every reason.
+
+An op whose implementations are strategies of one backend rather than backends (the LoRA experts' low-rank
+deltas: ``grouped`` on torch's grouped GEMM, or ``dense``, both plain PyTorch) names them itself
+(``define_op(..., names=("grouped", "dense"), arg="lora_impl")``): the same declared capabilities, the same
+``"auto"`` walk and the same errors, chosen by the op's own argument ``arg``, never by ``METAMOE_BACKEND``.
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ class Implementation:
 
     def unavailable_reason(self) -> Optional[str]:
         """Why this backend cannot run at all on this machine (None if it can)."""
+        if self.backend not in BACKENDS:  # an op's own implementation name: its ``check`` says what it needs
+            return None
         return availability.backend_unavailable_reason(self.backend)
 
     def devices_now(self) -> Tuple[str, ...]:
@@ -98,13 +105,33 @@ class Implementation:
 
 
 class Op:
-    """An op and its implementations; ``Op.register`` is a decorator, ``Op.select`` picks one per call."""
+    """An op and its implementations; ``Op.register`` is a decorator, ``Op.select`` picks one per call.
 
-    def __init__(self, name: str, priority: Sequence[str] = DEFAULT_PRIORITY, doc: str = ""):
-        unknown = [b for b in priority if b not in BACKENDS]
+    ``names``: what its implementations are called, the four :data:`BACKENDS` by default; an op with names of
+    its own is chosen through the argument ``arg`` (named in its errors) and ignores ``METAMOE_BACKEND``.
+    ``priority``: fastest first; default :data:`DEFAULT_PRIORITY`, or ``names`` in order for an op's own names.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        priority: Optional[Sequence[str]] = None,
+        doc: str = "",
+        *,
+        names: Sequence[str] = BACKENDS,
+        arg: str = "backend",
+    ):
+        names = tuple(names)
+        if not names or "auto" in names:
+            raise ValueError(f"op {name!r}: names must be non-empty and may not contain 'auto', got {names}")
+        if priority is None:
+            priority = DEFAULT_PRIORITY if names == BACKENDS else names
+        unknown = [b for b in priority if b not in names]
         if unknown:
-            raise ValueError(f"op {name!r}: unknown backends in priority {unknown}; known: {BACKENDS}")
+            raise ValueError(f"op {name!r}: unknown backends in priority {unknown}; known: {names}")
         self.name = name
+        self.names = names
+        self.arg = arg
         self.priority = tuple(priority)
         self.doc = doc
         self.impls: Dict[str, Implementation] = {}
@@ -118,8 +145,8 @@ class Op:
         check: Optional[Callable[[CallSpec], Iterable[str]]] = None,
         doc: str = "",
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        if backend not in BACKENDS:
-            raise ValueError(f"op {self.name!r}: unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+        if backend not in self.names:
+            raise ValueError(f"op {self.name!r}: unknown backend {backend!r}; known: {', '.join(self.names)}")
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.impls[backend] = Implementation(
@@ -134,21 +161,36 @@ class Op:
         order += [b for b in self.impls if b not in order]
         return [self.impls[b] for b in order]
 
+    def resolve(self, backend: Optional[str]) -> str:
+        """The implementation a call asks for, or ``"auto"``: :func:`resolve_backend` for an op of backends;
+        for an op with names of its own, ``backend`` itself (None means ``"auto"``), checked against them."""
+        if self.names == BACKENDS:
+            return resolve_backend(backend)
+        if backend is None:
+            return "auto"
+        choices = ", ".join(("auto",) + self.names)
+        if not isinstance(backend, str):
+            raise TypeError(f"{self.arg} must be a string, one of {choices}; got {type(backend).__name__}")
+        requested = backend.strip().lower()
+        if requested != "auto" and requested not in self.names:
+            raise ValueError(f"{self.arg} must be one of {choices}; got {backend!r}")
+        return requested
+
     def select(self, spec: CallSpec, backend: Optional[str] = None) -> Implementation:
         """The implementation that runs ``spec``: the requested one, or the fastest that can."""
-        requested = resolve_backend(backend)
+        requested = self.resolve(backend)
         if requested != "auto":
             impl = self.impls.get(requested)
             if impl is None:
                 have = ", ".join(i.backend for i in self.ordered())
                 raise BackendNotSupportedError(
-                    f"backend '{requested}' has no implementation of {self.name} (it has: {have})"
+                    f"{self.arg} '{requested}' has no implementation of {self.name} (it has: {have})"
                 )
             reasons = impl.not_supported_reasons(spec)  # the availability reason, if any, comes first
             if reasons:
                 head = f"{requested} is not available here: " if impl.unavailable_reason() else ""
                 raise BackendNotSupportedError(
-                    f"backend '{requested}' cannot run {self.name}: {head}" + "; ".join(reasons)
+                    f"{self.arg} '{requested}' cannot run {self.name}: {head}" + "; ".join(reasons)
                 )
             return impl
         all_reasons = []
@@ -162,7 +204,8 @@ class Op:
                 return impl
             all_reasons.append(f"  {impl.backend}: " + "; ".join(reasons))
         raise NoBackendError(
-            f"no backend can run {self.name} on device={spec.device}, dtype={spec.dtype}:\n" + "\n".join(all_reasons)
+            f"no {self.arg} can run {self.name} on device={spec.device}, dtype={spec.dtype}:\n"
+            + "\n".join(all_reasons)
         )
 
     def status(self, spec: Optional[CallSpec] = None) -> List[Tuple[str, bool, str]]:
@@ -174,18 +217,26 @@ class Op:
             if reasons:
                 rows.append((impl.backend, False, "; ".join(reasons)))
             else:
-                rows.append((impl.backend, True, f"devices {'/'.join(impl.devices_now())}; dtypes {', '.join(impl.dtypes)}"))
+                detail = f"devices {'/'.join(impl.devices_now())}; dtypes {', '.join(impl.dtypes)}"
+                rows.append((impl.backend, True, detail))
         return rows
 
 
 _OPS: Dict[str, Op] = {}
 
 
-def define_op(name: str, priority: Sequence[str] = DEFAULT_PRIORITY, doc: str = "") -> Op:
-    """Create (once) and return the op named ``name``."""
+def define_op(
+    name: str,
+    priority: Optional[Sequence[str]] = None,
+    doc: str = "",
+    *,
+    names: Sequence[str] = BACKENDS,
+    arg: str = "backend",
+) -> Op:
+    """Create (once) and return the op named ``name`` (arguments as for :class:`Op`)."""
     if name in _OPS:
         return _OPS[name]
-    op = Op(name, priority, doc)
+    op = Op(name, priority, doc, names=names, arg=arg)
     _OPS[name] = op
     return op
 
@@ -200,6 +251,12 @@ def get_op(name: str) -> Op:
 def all_ops() -> Dict[str, Op]:
     """Every op defined so far (importing :mod:`metamoe` defines them all)."""
     return dict(sorted(_OPS.items()))
+
+
+def check_backend(backend: Optional[str]) -> Optional[str]:
+    """A backend argument checked (``"auto"`` or one of :data:`BACKENDS`, normalised) but not resolved: None
+    stays None, so that each call reads ``METAMOE_BACKEND`` then (what layers and patched blocks store)."""
+    return None if backend is None else resolve_backend(backend)
 
 
 def resolve_backend(backend: Optional[str]) -> str:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backends.registry import check_backend
 from ..moe.losses import load_balancing_loss, z_loss
 
 __all__ = [
@@ -398,10 +399,7 @@ def patch_moe(model: nn.Module, *, backend: Optional[str] = None, register_exper
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if backend is not None:
-        from ..moe.layer import _check_backend
-
-        backend = _check_backend(backend)
+    backend = check_backend(backend)
     if register_experts:
         register_experts_implementation()
     block_types: Dict[type, MoEArchitecture] = {}

@@ -16,76 +16,42 @@ traces with ``torch.compile``. After each forward the layer exposes ``aux_loss``
 
 Options the MetaMoE unification needs (DESIGN.md section 1) live in the shared base class
 :class:`RoutedMoEBase`: context-aware routing (router input ``(1 - lambda) * token + lambda * context``) and
-router rows initialised from expert prototypes. LoRA experts over one frozen shared FFN are
+router rows initialised from expert prototypes. The router's options are one :class:`RouterConfig`
+(``router=RouterConfig(...)``, or the same options as keyword arguments). LoRA experts over one frozen shared FFN are
 :class:`metamoe.moe.LoRAMoELayer` (``lora_experts.py``).
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..backends.registry import BACKENDS
+from ..backends.registry import check_backend
+from ..ops.moe_experts import ACTIVATIONS
+from ..utils.checks import check_choice, check_float, check_int
 from .losses import load_balancing_loss, z_loss
+from .router_config import (
+    DEFAULT_AUX_LOSS_COEF,
+    DEFAULT_CONTEXT_LAMBDA,
+    DEFAULT_Z_LOSS_COEF,
+    ROUTER_ORDERS,
+    RouterConfig,
+    router_config_from,
+)
 
-__all__ = ["ACTIVATIONS", "ROUTER_ORDERS", "MoELayer", "RoutedMoEBase", "RouterOutput"]
-
-ACTIVATIONS = ("swiglu", "gelu")
-ROUTER_ORDERS = ("softmax_then_topk", "topk_then_softmax")
-DEFAULT_AUX_LOSS_COEF = 1e-2  # Switch Transformer's alpha
-DEFAULT_Z_LOSS_COEF = 1e-3  # ST-MoE's router z-loss coefficient
-DEFAULT_CONTEXT_LAMBDA = 0.5  # sigmoid(0): the middle of [0, 1], where the gradient of lambda is largest
-
-
-# --------------------------------------------------------------------------- validation helpers
-
-
-def _check_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_float(value: Any, name: str, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < minimum:
-        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value}")
-    return value
-
-
-def _check_choice(value: Any, name: str, choices) -> str:
-    if not isinstance(value, str):
-        raise TypeError(
-            f"{name} must be a string, one of {', '.join(map(repr, choices))}; got {type(value).__name__}"
-        )
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
-def _check_backend(backend: Any) -> Optional[str]:
-    if backend is None:
-        return None
-    return _check_choice(backend, "backend", ("auto",) + tuple(BACKENDS))
-
-
-def _check_top_k(top_k: Any, num_experts: int) -> int:
-    top_k = _check_int(top_k, "top_k", 1)
-    if top_k > num_experts:
-        raise ValueError(f"top_k must be <= num_experts ({num_experts}), got top_k={top_k}")
-    return top_k
+__all__ = [
+    "ACTIVATIONS",
+    "DEFAULT_AUX_LOSS_COEF",
+    "DEFAULT_CONTEXT_LAMBDA",
+    "DEFAULT_Z_LOSS_COEF",
+    "ROUTER_ORDERS",
+    "MoELayer",
+    "RoutedMoEBase",
+    "RouterOutput",
+]
 
 
 class RouterOutput(NamedTuple):
@@ -112,6 +78,9 @@ class RoutedMoEBase(nn.Module):
 
     Subclasses provide the experts by implementing ``_experts(x, weights, indices) -> y``.
 
+    The router's options are ``router_config`` (a :class:`RouterConfig`); ``top_k``, ``router_order``,
+    ``renormalize``, ``aux_loss_coef``, ``z_loss_coef`` and ``context_routing`` read it.
+
     Attributes set by each forward (None before the first):
         aux_loss: 0-d tensor, Switch load-balancing loss ``E * sum_e f_e * P_e`` (f_e = fraction of the T*k
             routed (token, slot) pairs sent to expert e, P_e = mean router probability of e; 1 when uniform).
@@ -125,42 +94,42 @@ class RoutedMoEBase(nn.Module):
         self,
         hidden: int,
         num_experts: int,
-        top_k: int,
+        top_k: Optional[int] = None,
         *,
+        router: Optional[RouterConfig] = None,
         backend: Optional[str] = "auto",
-        router_order: str = "softmax_then_topk",
-        renormalize: bool = True,
-        aux_loss_coef: float = DEFAULT_AUX_LOSS_COEF,
-        z_loss_coef: float = DEFAULT_Z_LOSS_COEF,
-        context_routing: bool = False,
-        context_lambda_init: float = DEFAULT_CONTEXT_LAMBDA,
+        router_order: Optional[str] = None,
+        renormalize: Optional[bool] = None,
+        aux_loss_coef: Optional[float] = None,
+        z_loss_coef: Optional[float] = None,
+        context_routing: Optional[bool] = None,
+        context_lambda_init: Optional[float] = None,
         dtype: Optional[torch.dtype] = None,
         device: Optional[Any] = None,
     ):
         super().__init__()
-        self.hidden = _check_int(hidden, "hidden")
-        self.num_experts = _check_int(num_experts, "num_experts")
-        self.top_k = _check_top_k(top_k, self.num_experts)
-        self.backend = _check_backend(backend)
-        self.router_order = _check_choice(router_order, "router_order", ROUTER_ORDERS)
-        if not isinstance(renormalize, bool):
-            raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
-        self.renormalize = renormalize
-        self.aux_loss_coef = _check_float(aux_loss_coef, "aux_loss_coef")
-        self.z_loss_coef = _check_float(z_loss_coef, "z_loss_coef")
+        self.hidden = check_int(hidden, "hidden")
+        self.num_experts = check_int(num_experts, "num_experts")
+        cfg = router_config_from(
+            router,
+            top_k,
+            router_order=router_order,
+            renormalize=renormalize,
+            aux_loss_coef=aux_loss_coef,
+            z_loss_coef=z_loss_coef,
+            context_routing=context_routing,
+            context_lambda_init=context_lambda_init,
+        )
+        if cfg.top_k > self.num_experts:
+            raise ValueError(f"top_k must be <= num_experts ({self.num_experts}), got top_k={cfg.top_k}")
+        self.router_config = cfg
+        self.backend = check_backend(backend)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         factory = {"dtype": dtype, "device": device}
         self.router = nn.Linear(self.hidden, self.num_experts, bias=False, **factory)
-        if not isinstance(context_routing, bool):
-            raise TypeError(f"context_routing must be a bool, got {type(context_routing).__name__}")
-        self.context_routing = context_routing
-        if context_routing:
-            lam = _check_float(context_lambda_init, "context_lambda_init")
-            if not 0.0 < lam < 1.0:
-                raise ValueError(
-                    f"context_lambda_init must lie strictly inside (0, 1) (lambda = sigmoid(raw)), got {lam}"
-                )
+        if cfg.context_routing:
+            lam = cfg.context_lambda_init
             # lambda = sigmoid(context_lambda_logit) stays in [0, 1] whatever the optimiser does.
             self.context_lambda_logit = nn.Parameter(torch.full((), math.log(lam / (1.0 - lam)), **factory))
         else:
@@ -176,6 +145,32 @@ class RoutedMoEBase(nn.Module):
         return state
 
     # ------------------------------------------------------------------ properties
+
+    @property
+    def top_k(self) -> int:
+        """Experts per token (``router_config.top_k``)."""
+        return self.router_config.top_k
+
+    @property
+    def router_order(self) -> str:
+        """``router_config.order``: ``"softmax_then_topk"`` or ``"topk_then_softmax"``."""
+        return self.router_config.order
+
+    @property
+    def renormalize(self) -> bool:
+        return self.router_config.renormalize
+
+    @property
+    def aux_loss_coef(self) -> float:
+        return self.router_config.aux_loss_coef
+
+    @property
+    def z_loss_coef(self) -> float:
+        return self.router_config.z_loss_coef
+
+    @property
+    def context_routing(self) -> bool:
+        return self.router_config.context_routing
 
     @property
     def context_lambda(self) -> Optional[Tensor]:
@@ -338,7 +333,7 @@ class RoutedMoEBase(nn.Module):
             )
         if not p.dtype.is_floating_point:
             raise TypeError(f"prototypes must be floating point, got {p.dtype}")
-        scale = _check_float(scale, "scale")
+        scale = check_float(scale, "scale")
         if scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale}")
         p = p.detach().to(device=self.router.weight.device, dtype=torch.float64)
@@ -363,10 +358,13 @@ class MoELayer(RoutedMoEBase):
         hidden: model width d.
         ffn_hidden: expert FFN width f.
         num_experts: E >= 1.
-        top_k: experts per token, 1 <= top_k <= num_experts.
-        activation: ``"swiglu"`` (``silu(x W_g^T) * (x W_u^T)``, then ``W_d``) or ``"gelu"`` (exact GELU).
+        top_k: experts per token, 1 <= top_k <= num_experts (or ``router.top_k``).
+        activation: one of :data:`metamoe.ops.moe_experts.ACTIVATIONS`: ``"swiglu"`` (``silu(x W_g^T) *
+            (x W_u^T)``, then ``W_d``), ``"gelu"`` (exact GELU) or ``"gelu_tanh"`` (tanh-approximated GELU).
         backend: ``"auto"`` (fastest available per call, or ``METAMOE_BACKEND``), ``"triton"``, ``"torch"``;
             passed to the router and experts ops.
+        router: a :class:`RouterConfig` with the router's options; or, instead, the keyword arguments below
+            (None = RouterConfig's default), which build one:
         router_order: ``"softmax_then_topk"`` (Mixtral, Qwen-MoE, OLMoE) or ``"topk_then_softmax"``.
         renormalize: divide the k selected probabilities by their sum (softmax_then_topk only).
         aux_loss_coef, z_loss_coef: weights of the two losses in ``router_loss``.
@@ -389,16 +387,17 @@ class MoELayer(RoutedMoEBase):
         hidden: int,
         ffn_hidden: int,
         num_experts: int,
-        top_k: int,
+        top_k: Optional[int] = None,
         *,
         activation: str = "swiglu",
+        router: Optional[RouterConfig] = None,
         backend: Optional[str] = "auto",
-        router_order: str = "softmax_then_topk",
-        renormalize: bool = True,
-        aux_loss_coef: float = DEFAULT_AUX_LOSS_COEF,
-        z_loss_coef: float = DEFAULT_Z_LOSS_COEF,
-        context_routing: bool = False,
-        context_lambda_init: float = DEFAULT_CONTEXT_LAMBDA,
+        router_order: Optional[str] = None,
+        renormalize: Optional[bool] = None,
+        aux_loss_coef: Optional[float] = None,
+        z_loss_coef: Optional[float] = None,
+        context_routing: Optional[bool] = None,
+        context_lambda_init: Optional[float] = None,
         dtype: Optional[torch.dtype] = None,
         device: Optional[Any] = None,
     ):
@@ -406,6 +405,7 @@ class MoELayer(RoutedMoEBase):
             hidden,
             num_experts,
             top_k,
+            router=router,
             backend=backend,
             router_order=router_order,
             renormalize=renormalize,
@@ -416,8 +416,8 @@ class MoELayer(RoutedMoEBase):
             dtype=dtype,
             device=device,
         )
-        self.ffn_hidden = _check_int(ffn_hidden, "ffn_hidden")
-        self.activation = _check_choice(activation, "activation", ACTIVATIONS)
+        self.ffn_hidden = check_int(ffn_hidden, "ffn_hidden")
+        self.activation = check_choice(activation, "activation", ACTIVATIONS)
         rows = 2 * self.ffn_hidden if self.activation == "swiglu" else self.ffn_hidden
         factory = {"dtype": self.router.weight.dtype, "device": self.router.weight.device}
         self.w_gate_up = nn.Parameter(torch.empty(self.num_experts, rows, self.hidden, **factory))
@@ -438,7 +438,7 @@ class MoELayer(RoutedMoEBase):
         router_weight: Tensor,
         w_gate_up: Tensor,
         w_down: Tensor,
-        top_k: int,
+        top_k: Optional[int] = None,
         *,
         activation: str = "swiglu",
         **kwargs: Any,
@@ -452,7 +452,8 @@ class MoELayer(RoutedMoEBase):
             router_weight: (E, hidden).
             w_gate_up: (E, 2f, hidden) for SwiGLU, (E, f, hidden) for GELU.
             w_down: (E, hidden, f).
-            top_k, activation, **kwargs: as for :class:`MoELayer` (dtype and device come from the tensors).
+            top_k, activation, **kwargs: as for :class:`MoELayer`, ``router=`` included (dtype and device come
+                from the tensors).
         """
         for name, t in (("router_weight", router_weight), ("w_gate_up", w_gate_up), ("w_down", w_down)):
             if not isinstance(t, torch.Tensor):
@@ -463,7 +464,7 @@ class MoELayer(RoutedMoEBase):
         if w_down.dim() != 3 or w_down.shape[:2] != (E, d):
             raise ValueError(f"w_down must have shape (E={E}, hidden={d}, f), got {tuple(w_down.shape)}")
         f = w_down.shape[2]
-        activation = _check_choice(activation, "activation", ACTIVATIONS)
+        activation = check_choice(activation, "activation", ACTIVATIONS)
         rows = 2 * f if activation == "swiglu" else f
         if tuple(w_gate_up.shape) != (E, rows, d):
             raise ValueError(
@@ -487,7 +488,7 @@ class MoELayer(RoutedMoEBase):
         layer.w_gate_up = as_param(w_gate_up)
         layer.w_down = as_param(w_down)
         if layer.context_lambda_logit is not None:
-            lam = kwargs.get("context_lambda_init", DEFAULT_CONTEXT_LAMBDA)
+            lam = layer.router_config.context_lambda_init
             layer.context_lambda_logit = nn.Parameter(
                 torch.full(
                     (), math.log(lam / (1 - lam)), dtype=router_weight.dtype, device=router_weight.device

@@ -11,19 +11,20 @@ k routed (token, slot) pairs each:
 
 The base down projection runs once per token on the routing-weighted sum of the hidden activations: exact by
 linearity (a down bias contributes ``b_d * sum_j w_tj``). GELU FFNs (ViT's fc1/fc2) work the same way with one
-first projection. The low-rank deltas run either
+first projection. The low-rank deltas are the op :func:`metamoe.ops.lora_delta.lora_delta`, whose
+implementations the backend registry chooses from ``lora_impl``:
 
-- ``"grouped"``: the pairs sorted by expert (:func:`metamoe.ops.moe_routing`) and two grouped GEMMs per
-  projection (``torch.nn.functional.grouped_mm``): ``P (in + out) r`` multiply-adds, no per-expert copy of
-  any weight. Needs a dtype and alignment ``grouped_mm`` takes (float32/bfloat16/float16, every inner size a
-  multiple of 16 bytes) on the CPU, or bfloat16 on a CUDA device of compute capability >= 8.0; under
-  ``torch.compile`` bfloat16/float16 only (torch's fake-tensor rule for grouped_mm).
-- ``"dense"``: one GEMM against all E experts' A (``P E r in``), a mask that keeps each pair's own expert
-  block, one GEMM against all B (``P E r out``). E times the useful work, but any dtype, device and size;
-  cheap while E * r stays well below f (the MetaMoE regime: a handful of clients, r <= 16).
+- ``"grouped"``: the pairs sorted by expert and two grouped GEMMs per projection (torch's ``grouped_mm``),
+  where :func:`metamoe.backends.grouped_mm_reasons` finds nothing against it (float32/bfloat16/float16 on the
+  CPU, bfloat16 on CUDA of compute capability >= 8.0, hidden, ffn_hidden and rank multiples of 16 bytes;
+  bfloat16/float16 under ``torch.compile``).
+- ``"dense"``: one GEMM against all E experts' A, a mask, one GEMM against all B. E times the useful work, but
+  any dtype, device and size; cheap while E * r stays well below f (the MetaMoE regime: a handful of
+  clients, r <= 16).
 
-``lora_impl="auto"`` takes ``"grouped"`` where it can run and ``"dense"`` elsewhere; the choice depends only
-on dtypes, devices and sizes, never on routed values, so neither path synchronises with the host.
+``lora_impl="auto"`` takes ``"grouped"`` where it can run and ``"dense"`` elsewhere; an explicit ``lora_impl``
+that cannot run raises :class:`~metamoe.backends.BackendNotSupportedError` naming the reasons. The choice
+depends only on dtypes, devices and sizes, never on routed values, so neither path synchronises with the host.
 """
 
 from __future__ import annotations
@@ -36,19 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layer import (
-    DEFAULT_AUX_LOSS_COEF,
-    DEFAULT_CONTEXT_LAMBDA,
-    DEFAULT_Z_LOSS_COEF,
-    RoutedMoEBase,
-    _check_choice,
-    _check_float,
-    _check_int,
-)
+from ..ops.lora_delta import LORA_IMPLS, lora_delta_op, select_lora_impl
+from ..utils.checks import check_choice, check_float, check_int
+from .layer import RoutedMoEBase
+from .router_config import RouterConfig
 
 __all__ = ["LORA_IMPLS", "LORA_KEY_ALIASES", "PROJECTIONS", "LoRAMoELayer"]
-
-LORA_IMPLS = ("auto", "grouped", "dense")
 
 # The projections of each FFN kind, in forward order: (name, input is "model" or "ffn" width).
 PROJECTIONS: Dict[str, Tuple[Tuple[str, str], ...]] = {
@@ -66,13 +60,6 @@ LORA_KEY_ALIASES: Dict[str, Tuple[str, ...]] = {
 }
 
 
-def _grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-    fn = getattr(F, "grouped_mm", None)
-    if fn is not None:
-        return fn(a, b, offs=offs)
-    return torch._grouped_mm(a, b, offs=offs)
-
-
 class LoRAMoELayer(RoutedMoEBase):
     """Top-k MoE whose experts are rank-r LoRAs over ONE frozen shared FFN.
 
@@ -86,13 +73,15 @@ class LoRAMoELayer(RoutedMoEBase):
         activation: ``"swiglu"`` (projections gate, up, down) or ``"gelu"`` (fc1, fc2; ViT MLP).
         bias: whether the base projections have biases (ViT MLPs do, LLaMA-style SwiGLU MLPs do not).
         gelu_approximate: ``"none"`` (exact, ``nn.GELU()``'s default, timm's ViT) or ``"tanh"``.
-        lora_impl: ``"auto"``, ``"grouped"`` or ``"dense"`` (module docstring).
+        lora_impl: ``"auto"``, ``"grouped"`` or ``"dense"`` (module docstring), resolved per call through the
+            backend registry (op ``lora_delta``).
         base_weights: optional mapping ``{"gate": (f, d), "up": (f, d), "down": (d, f)}`` (SwiGLU) or
             ``{"fc1": (f, d), "fc2": (d, f)}`` (GELU), plus ``"<name>_bias"`` entries when ``bias``: used as
             the frozen base FFN without copying (Parameters are registered as they are; their
             ``requires_grad`` is set to False). Random base weights when None.
-        backend, router_order, renormalize, aux_loss_coef, z_loss_coef, context_routing,
-        context_lambda_init, dtype, device: as for :class:`metamoe.moe.MoELayer`.
+        router, backend, router_order, renormalize, aux_loss_coef, z_loss_coef, context_routing,
+        context_lambda_init, dtype, device: as for :class:`metamoe.moe.MoELayer` (``router=RouterConfig(...)``
+        or the keyword arguments).
 
     Parameters:
         ``<p>_weight`` (out, in) and ``<p>_bias`` (out,) for each projection p: the frozen base FFN.
@@ -106,7 +95,7 @@ class LoRAMoELayer(RoutedMoEBase):
         hidden: int,
         ffn_hidden: int,
         num_experts: int,
-        top_k: int,
+        top_k: Optional[int] = None,
         *,
         rank: int,
         alpha: Optional[float] = None,
@@ -115,13 +104,14 @@ class LoRAMoELayer(RoutedMoEBase):
         gelu_approximate: str = "none",
         lora_impl: str = "auto",
         base_weights: Optional[Mapping[str, Tensor]] = None,
+        router: Optional[RouterConfig] = None,
         backend: Optional[str] = "auto",
-        router_order: str = "softmax_then_topk",
-        renormalize: bool = True,
-        aux_loss_coef: float = DEFAULT_AUX_LOSS_COEF,
-        z_loss_coef: float = DEFAULT_Z_LOSS_COEF,
-        context_routing: bool = False,
-        context_lambda_init: float = DEFAULT_CONTEXT_LAMBDA,
+        router_order: Optional[str] = None,
+        renormalize: Optional[bool] = None,
+        aux_loss_coef: Optional[float] = None,
+        z_loss_coef: Optional[float] = None,
+        context_routing: Optional[bool] = None,
+        context_lambda_init: Optional[float] = None,
         dtype: Optional[torch.dtype] = None,
         device: Optional[Any] = None,
     ):
@@ -133,6 +123,7 @@ class LoRAMoELayer(RoutedMoEBase):
             hidden,
             num_experts,
             top_k,
+            router=router,
             backend=backend,
             router_order=router_order,
             renormalize=renormalize,
@@ -143,16 +134,16 @@ class LoRAMoELayer(RoutedMoEBase):
             dtype=dtype,
             device=device,
         )
-        self.ffn_hidden = _check_int(ffn_hidden, "ffn_hidden")
-        self.rank = _check_int(rank, "rank")
-        self.alpha = float(self.rank) if alpha is None else _check_float(alpha, "alpha")
+        self.ffn_hidden = check_int(ffn_hidden, "ffn_hidden")
+        self.rank = check_int(rank, "rank")
+        self.alpha = float(self.rank) if alpha is None else check_float(alpha, "alpha")
         self.scaling = self.alpha / self.rank
-        self.activation = _check_choice(activation, "activation", tuple(PROJECTIONS))
+        self.activation = check_choice(activation, "activation", tuple(PROJECTIONS))
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
         self.bias = bias
-        self.gelu_approximate = _check_choice(gelu_approximate, "gelu_approximate", ("none", "tanh"))
-        self.lora_impl = _check_choice(lora_impl, "lora_impl", LORA_IMPLS)
+        self.gelu_approximate = check_choice(gelu_approximate, "gelu_approximate", ("none", "tanh"))
+        self.lora_impl = check_choice(lora_impl, "lora_impl", LORA_IMPLS)
         self.projections = tuple(p for p, _ in PROJECTIONS[self.activation])
         factory = {"dtype": self.router.weight.dtype, "device": self.router.weight.device}
         dims = {"model": self.hidden, "ffn": self.ffn_hidden}
@@ -231,7 +222,7 @@ class LoRAMoELayer(RoutedMoEBase):
         base: Any,
         lora_state_dicts: Optional[Sequence[Mapping[str, Tensor]]] = None,
         *,
-        top_k: int,
+        top_k: Optional[int] = None,
         num_experts: Optional[int] = None,
         rank: Optional[int] = None,
         alpha: Optional[float] = None,
@@ -255,7 +246,7 @@ class LoRAMoELayer(RoutedMoEBase):
                 :mod:`metamoe.models.lora` writes them), keep only the keys of layer ``i``.
             lora_key_names: ``{projection: native name}`` overriding the aliases, e.g.
                 ``{"fc1": "intermediate.dense", "fc2": "output.dense"}`` for a BERT FFN.
-            top_k: experts per token.
+            top_k: experts per token (or ``router=RouterConfig(top_k=...)`` in ``kwargs``).
             num_experts: required when ``lora_state_dicts`` is None; else must equal its length if given.
             rank: LoRA rank; inferred from the state dicts when they are given.
             alpha: LoRA alpha (scale alpha / rank); default alpha = rank.
@@ -283,7 +274,7 @@ class LoRAMoELayer(RoutedMoEBase):
             num_experts = len(lora_state_dicts)
             projs = [p for p, _ in PROJECTIONS[activation]]
             if layer_index is not None:
-                layer_index = _check_int(layer_index, "layer_index", 0)
+                layer_index = check_int(layer_index, "layer_index", 0)
             if lora_key_names is not None:
                 unknown = sorted(set(lora_key_names) - set(projs))
                 if unknown:
@@ -360,68 +351,21 @@ class LoRAMoELayer(RoutedMoEBase):
         return self._base("fc2", self._act(self._base("fc1", x)))
 
     def resolved_lora_impl(self, x: Tensor) -> str:
-        """``"grouped"`` or ``"dense"``: what ``lora_impl`` resolves to for inputs like ``x``."""
-        if self.lora_impl == "dense":
-            return "dense"
-        reasons = self._grouped_unsupported(x)
-        if self.lora_impl == "grouped" and reasons:
-            raise ValueError(
-                "lora_impl='grouped' cannot run this call: " + "; ".join(reasons) + " (use 'auto' or 'dense')"
-            )
-        return "dense" if reasons else "grouped"
+        """``"grouped"`` or ``"dense"``: what ``lora_impl`` resolves to for inputs like ``x``, through the
+        backend registry (op ``lora_delta``). An explicit ``lora_impl`` that cannot run raises
+        :class:`~metamoe.backends.BackendNotSupportedError` (a ValueError) naming every reason."""
+        sizes = {"hidden": self.hidden, "ffn_hidden": self.ffn_hidden, "rank": self.rank}
+        return select_lora_impl(x, sizes, self.lora_impl)
 
-    def _grouped_unsupported(self, x: Tensor) -> List[str]:
-        reasons = []
-        if not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")):
-            reasons.append(f"torch {torch.__version__} has no grouped_mm")
-            return reasons
-        dev = x.device.type
-        if torch.compiler.is_compiling() and x.dtype not in (torch.bfloat16, torch.float16):
-            reasons.append(f"torch.compile traces grouped_mm for bfloat16/float16 only, not {x.dtype}")
-        if dev == "cpu":
-            if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                reasons.append(f"grouped_mm on the CPU takes float32/bfloat16/float16, not {x.dtype}")
-        elif dev == "cuda":
-            if x.dtype != torch.bfloat16:
-                reasons.append(f"grouped_mm on CUDA is used for bfloat16 only, not {x.dtype}")
-            elif torch.cuda.get_device_capability(x.device) < (8, 0):
-                reasons.append("grouped_mm on CUDA needs compute capability >= 8.0")
-        else:
-            reasons.append(f"grouped_mm is not used on device type {dev!r}")
-        step = 16 // x.element_size() if x.element_size() <= 16 else 1
-        for name, n in (("hidden", self.hidden), ("ffn_hidden", self.ffn_hidden), ("rank", self.rank)):
-            if n % step:
-                reasons.append(
-                    f"{name}={n} is not a multiple of {step} elements (grouped_mm needs 16-byte strides)"
-                )
-        return reasons
-
-    def _delta(self, p: str, inp: Tensor, per_token: bool, eids: Tensor, routing: Any) -> Tensor:
-        """``scaling * B[e] A[e] inp`` for every routed pair, in pair order (P, out).
+    def _delta(self, p: str, inp: Tensor, per_token: bool, eids: Tensor, impl: str, routing: Any) -> Tensor:
+        """``scaling * B[e] A[e] inp`` for every routed pair, in pair order (P, out), by implementation ``impl``.
 
         ``inp`` is (T, in) (one row per token, shared by its k pairs) when ``per_token``, else (P, in).
         """
+        fn = lora_delta_op.impls[impl].fn
         A = getattr(self, f"lora_A_{p}")  # (E, r, in)
         B = getattr(self, f"lora_B_{p}")  # (E, out, r)
-        E, r, fan_in = A.shape
-        fan_out = B.shape[1]
-        P = eids.shape[0]
-        k = self.top_k
-        if routing is not None:  # grouped: pairs sorted by expert, two grouped GEMMs
-            rows = routing.sorted_pairs // k if per_token else routing.sorted_pairs
-            xs = inp.index_select(0, rows)  # (P, in) in expert order
-            offs = routing.offsets[1:].to(torch.int32)
-            z = _grouped_mm(xs, A.transpose(1, 2), offs)  # (P, r)
-            out = _grouped_mm(z, B.transpose(1, 2), offs)  # (P, out)
-            out = out.index_select(0, routing.inverse)  # back to pair order
-        else:  # dense: every expert's A, keep each pair's own block, every expert's B
-            z = inp @ A.reshape(E * r, fan_in).t()  # (T or P, E*r)
-            if per_token:
-                z = z.repeat_interleave(k, dim=0)  # (P, E*r)
-            mask = F.one_hot(eids, E).to(z.dtype)  # (P, E)
-            z = (z.view(P, E, r) * mask.unsqueeze(-1)).reshape(P, E * r)
-            out = z @ B.transpose(1, 2).reshape(E * r, fan_out)  # (P, out)
-        return out * self.scaling
+        return fn(inp, A, B, eids, self.top_k, per_token=per_token, routing=routing) * self.scaling
 
     def _experts(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
         T = x.shape[0]
@@ -429,22 +373,22 @@ class LoRAMoELayer(RoutedMoEBase):
         P = T * k
         eids = indices.reshape(P)
         w = weights.to(x.dtype).reshape(P, 1)
+        impl = self.resolved_lora_impl(x)
         routing = None
-        # zero tokens: the dense path handles the empty shapes
-        if self.resolved_lora_impl(x) == "grouped" and T > 0:
+        if impl == "grouped" and T > 0:  # one expert order shared by every projection
             from ..ops.moe_routing import moe_routing
 
             routing = moe_routing(indices, self.num_experts)
         if self.activation == "swiglu":
             g = self._base("gate", x).repeat_interleave(k, dim=0) + self._delta(
-                "gate", x, True, eids, routing
+                "gate", x, True, eids, impl, routing
             )
-            u = self._base("up", x).repeat_interleave(k, dim=0) + self._delta("up", x, True, eids, routing)
+            u = self._base("up", x).repeat_interleave(k, dim=0) + self._delta("up", x, True, eids, impl, routing)
             h = F.silu(g) * u  # (P, f)
             last = "down"
         else:
             pre = self._base("fc1", x).repeat_interleave(k, dim=0) + self._delta(
-                "fc1", x, True, eids, routing
+                "fc1", x, True, eids, impl, routing
             )
             h = self._act(pre)
             last = "fc2"
@@ -454,7 +398,7 @@ class LoRAMoELayer(RoutedMoEBase):
         b = getattr(self, f"{last}_bias")
         if b is not None:
             y = y + w.view(T, k).sum(dim=1, keepdim=True) * b
-        dy = self._delta(last, h, False, eids, routing) * w
+        dy = self._delta(last, h, False, eids, impl, routing) * w
         return y + dy.view(T, k, self.hidden).sum(dim=1)
 
     def extra_repr(self) -> str:

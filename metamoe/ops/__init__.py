@@ -1,8 +1,10 @@
-"""Differentiable MoE ops, each dispatched per call to its fastest available backend (triton, torch)."""
+"""Differentiable MoE ops, each dispatched per call through the backend registry (triton, torch; the LoRA
+deltas: grouped, dense). The pure-PyTorch reference of each op is ``<op>_ref``."""
 
-from .router_topk import RouterStats, router_topk, router_topk_ref
+from .lora_delta import LORA_IMPLS, lora_delta, lora_delta_ref
+from .moe_experts import ACTIVATIONS, moe_experts, moe_experts_ref
 from .moe_routing import MoERouting, moe_routing
-from .moe_experts import moe_experts, moe_experts_torch
+from .router_topk import RouterStats, router_topk, router_topk_ref
 
-__all__ = ["RouterStats", "router_topk", "router_topk_ref", "MoERouting", "moe_routing", "moe_experts",
-           "moe_experts_torch"]
+__all__ = ["ACTIVATIONS", "LORA_IMPLS", "RouterStats", "router_topk", "router_topk_ref", "MoERouting", "moe_routing",
+           "moe_experts", "moe_experts_ref", "lora_delta", "lora_delta_ref"]

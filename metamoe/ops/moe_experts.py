@@ -2,15 +2,16 @@
 
 Op ``moe_experts`` (backend registry), implementations:
 
-- ``triton`` (CUDA; CPU under ``TRITON_INTERPRET=1``): the grouped GEMMs of ``kernels/moe_grouped_gemm.py``.
+- ``triton`` (CUDA; CPU under ``TRITON_INTERPRET=1``): the grouped GEMMs of ``kernels/moe_experts.py``.
   Token rows are gathered inside the first GEMM and the weighted scatter-add happens inside the second, so
   no (T*k, d) permuted copy is written, forward or backward; no host synchronisation. Forward and backward
   are ``torch.library`` custom ops (``metamoe::moe_experts_fwd`` / ``metamoe::moe_experts_bwd``) with fake
   implementations, so ``torch.compile`` traces through them.
-- ``torch`` (any device): sort by expert, gather, then one matmul pair per expert (a Python loop; it
-  reads the per-expert counts on the host, so it synchronises), or ``torch._grouped_mm`` where it runs
-  (CUDA, compute capability >= 9.0, bfloat16, 16-byte aligned rows): plain autograd. It is the reference
-  the kernels are tested against and what runs where Triton cannot.
+- ``torch`` (:func:`moe_experts_ref`, any device): sort by expert, gather, then one matmul pair per expert (a
+  Python loop; it reads the per-expert counts on the host, so it synchronises), or torch's fused grouped GEMM
+  where it runs (:func:`metamoe.backends.grouped_mm_reasons` with ``fused=True``: CUDA, compute capability
+  9.x/10.x, bfloat16, 16-byte aligned rows): plain autograd. It is the reference the kernels are tested
+  against and what runs where Triton cannot.
 
 Weights use transformers' ``MixtralExperts`` layout, so a drop-in reuses the parameters with no copy:
 ``w_gate_up`` (E, 2f, d) for SwiGLU (gate = rows [0, f), up = rows [f, 2f)), (E, f, d) for GELU;
@@ -24,12 +25,15 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F_nn
 
-from ..backends import CallSpec, define_op
+from ..backends import CallSpec, availability, define_op
+from ..backends.registry import BackendNotSupportedError
 from ..backends.tensors import dtype_name
 from .moe_routing import MoERouting, check_topk_ids, moe_routing
 
-__all__ = ["moe_experts", "moe_experts_torch", "moe_experts_triton", "ACTIVATIONS", "grouped_mm_supported"]
+__all__ = ["moe_experts", "moe_experts_ref", "moe_experts_triton", "ACTIVATIONS"]
 
+# The experts' activations, metamoe's one list of them (MoELayer takes these too): SwiGLU (gate and up rows),
+# exact (erf) GELU, GELU with the tanh approximation.
 ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -114,31 +118,18 @@ def _activation(a: torch.Tensor, activation: str) -> torch.Tensor:
     return F_nn.gelu(a, approximate="tanh")
 
 
-def grouped_mm_supported(x: torch.Tensor, d: int, f: int) -> Tuple[bool, str]:
-    """Whether ``torch._grouped_mm`` can run this call: CUDA, sm >= 9.0, bfloat16, 16-byte aligned rows."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False, f"torch {torch.__version__} has no torch._grouped_mm"
-    if x.device.type != "cuda":
-        return False, "torch._grouped_mm (with backward) needs a CUDA device"
-    if torch.cuda.get_device_capability(x.device) < (9, 0):
-        return False, "torch._grouped_mm needs compute capability >= 9.0"
-    if x.dtype != torch.bfloat16:
-        return False, "torch._grouped_mm needs bfloat16"
-    if d % 8 or f % 8:
-        return False, "torch._grouped_mm needs d and f multiples of 8 (16-byte aligned rows)"
-    return True, ""
+# --------------------------------------------------------------------------- torch reference
 
 
-# --------------------------------------------------------------------------- torch
-
-
-def moe_experts_torch(x, topk_weights, topk_ids, w_gate_up, w_down, activation="swiglu",
-                      routing: Optional[MoERouting] = None, grouped_mm: Optional[bool] = None) -> torch.Tensor:
+def moe_experts_ref(x, topk_weights, topk_ids, w_gate_up, w_down, activation="swiglu",
+                    routing: Optional[MoERouting] = None, grouped_mm: Optional[bool] = None) -> torch.Tensor:
     """Pure PyTorch experts (plain autograd): gather by expert, matmuls per expert, weighted index_add.
 
-    ``grouped_mm``: None = use ``torch._grouped_mm`` when :func:`grouped_mm_supported`, else the per-expert
-    loop (which reads the counts on the host: one synchronisation); True forces it (errors where it cannot
-    run), False forces the loop. Matmuls run in the input dtype, the weighted sum over the k slots in float32.
+    ``grouped_mm``: None = torch's grouped GEMM where its fused kernel runs
+    (:func:`metamoe.backends.grouped_mm_reasons` with ``fused=True``), else the per-expert loop (which reads
+    the counts on the host: one synchronisation); True forces grouped_mm (BackendNotSupportedError naming the
+    reason where it cannot run at all), False forces the loop. Matmuls run in the input dtype, the weighted
+    sum over the k slots in float32. Arguments are not validated (:func:`moe_experts` does that).
     """
     T, d = x.shape
     E, _, _ = w_gate_up.shape
@@ -149,11 +140,22 @@ def moe_experts_torch(x, topk_weights, topk_ids, w_gate_up, w_down, activation="
     tok = routing.sorted_pairs // k
     ws = topk_weights.reshape(-1).index_select(0, routing.sorted_pairs)
     xs = x.index_select(0, tok)
-    use_gmm = grouped_mm_supported(x, d, f)[0] if grouped_mm is None else bool(grouped_mm)
+    compiling = torch.compiler.is_compiling()
+    if grouped_mm is None:
+        use_gmm = not availability.grouped_mm_reasons(x.device, x.dtype, {"d": d, "f": f}, fused=True,
+                                                      compiling=compiling)
+    elif grouped_mm:
+        reasons = availability.grouped_mm_reasons(x.device, x.dtype, {"d": d, "f": f}, compiling=compiling)
+        if reasons:
+            raise BackendNotSupportedError("grouped_mm=True, but torch's grouped_mm cannot run this call: "
+                                           + "; ".join(reasons))
+        use_gmm = True
+    else:
+        use_gmm = False
     if use_gmm:
         offs = routing.offsets[1:].to(torch.int32)
-        a = torch._grouped_mm(xs, w_gate_up.transpose(1, 2), offs=offs)
-        out = torch._grouped_mm(_activation(a, activation), w_down.transpose(1, 2), offs=offs)
+        a = availability.grouped_mm(xs, w_gate_up.transpose(1, 2), offs)
+        out = availability.grouped_mm(_activation(a, activation), w_down.transpose(1, 2), offs)
     else:
         counts = routing.counts.tolist()  # host sync: the loop needs the sizes
         outs = []
@@ -171,9 +173,9 @@ def moe_experts_torch(x, topk_weights, topk_ids, w_gate_up, w_down, activation="
 
 
 def _kernels():
-    from ..kernels import moe_grouped_gemm
+    from ..kernels import moe_experts as K
 
-    return moe_grouped_gemm
+    return K
 
 
 @torch.library.custom_op("metamoe::moe_experts_fwd", mutates_args=())
@@ -280,8 +282,8 @@ def _triton_check(spec: CallSpec):
 
 
 moe_experts_op.register("torch", devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16", "float64"),
-                        doc="sort + per-expert matmuls (or torch._grouped_mm on sm90 bf16), plain autograd")(
-    moe_experts_torch)
+                        doc="sort + per-expert matmuls (or torch's fused grouped_mm, sm90/sm100 bf16), plain autograd")(
+    moe_experts_ref)
 moe_experts_op.register("triton", devices=("cuda",), dtypes=("float32", "float16", "bfloat16"), check=_triton_check,
                         doc="gather/scatter-fused grouped GEMMs, forward and backward, no host sync")(
     moe_experts_triton)
@@ -338,8 +340,8 @@ def moe_experts(
 
     Notes:
         The triton backend sums the k slots of a token with float32 atomics (order-nondeterministic in the
-        last bits when k > 1) unless ``deterministic``, and never synchronises with the host; the torch backend's per-expert loop reads
-        the per-expert counts on the host once per call (``torch._grouped_mm`` does not).
+        last bits when k > 1) unless ``deterministic``, and never synchronises with the host; the torch backend's
+        per-expert loop reads the per-expert counts on the host once per call (torch's fused grouped_mm does not).
     """
     T, d, f, E, k = _check_inputs(x, topk_weights, topk_ids, w_gate_up, w_down, activation, routing)
     spec = CallSpec(device=x.device.type, dtype=dtype_name(x),

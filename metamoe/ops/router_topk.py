@@ -145,8 +145,15 @@ def router_topk_ref(
 
     Same contract as :func:`router_topk` (see there); arithmetic in float32 (float64 for float64 logits).
     Ties go to the lowest expert index (an exact tie-free top-k key for float32, a stable sort for float64).
+    It is the op's ``torch`` backend, which :func:`router_topk` reaches through the registry.
     """
     k = _check_args(logits, k, renormalize, order, return_stats)
+    return _router_topk_torch(logits, k, renormalize, order, return_stats)
+
+
+@router_topk_op.register("torch", devices=_TORCH_DEVICES, dtypes=_FLOAT_DTYPES)
+def _router_topk_torch(logits: Tensor, k: int, renormalize: bool, order: str, return_stats: bool):
+    """Pure PyTorch (router_topk_ref on checked arguments); any device, any E and k."""
     x = logits if logits.dtype == torch.float64 else logits.float()
     T, E = x.shape
     idx = _topk_lowest_index(x.detach(), k)
@@ -162,12 +169,6 @@ def router_topk_ref(
     counts = torch.zeros(E, dtype=torch.int64, device=x.device)
     counts.scatter_add_(0, idx.reshape(-1), torch.ones(T * k, dtype=torch.int64, device=x.device))
     return w, idx, _stats(counts, probs.sum(dim=0), torch.logsumexp(x, dim=-1))
-
-
-@router_topk_op.register("torch", devices=_TORCH_DEVICES, dtypes=_FLOAT_DTYPES)
-def _router_topk_torch(logits: Tensor, k: int, normalize: bool, stats: bool):
-    """Pure PyTorch (router_topk_ref); any device, any E and k."""
-    return router_topk_ref(logits, k, renormalize=normalize, return_stats=stats)
 
 
 # --------------------------------------------------------------------------- triton, as a custom op
@@ -285,8 +286,11 @@ def _triton_check(spec: CallSpec):
 @router_topk_op.register(
     "triton", devices=("cuda",), dtypes=("float32", "float16", "bfloat16"), check=_triton_check
 )
-def _router_topk_triton(logits: Tensor, k: int, normalize: bool, stats: bool):
+def _router_topk_triton(logits: Tensor, k: int, renormalize: bool, order: str, return_stats: bool):
     """Fused Triton forward and backward kernels (metamoe::router_topk); E <= 512, k <= 16."""
+    # top-k then softmax over the k logits is the renormalised softmax-then-top-k, which the kernel computes
+    normalize = renormalize or order == "topk_then_softmax"
+    stats = return_stats
     if torch.compiler.is_compiling():
         out = torch.ops.metamoe.router_topk(logits, k, normalize, stats)
     elif logits.requires_grad and torch.is_grad_enabled():
@@ -335,11 +339,8 @@ def router_topk(
     """
     k = _check_args(logits, k, renormalize, order, return_stats)
     E = logits.shape[1]
-    normalize = renormalize or order == "topk_then_softmax"
     chosen = _select_backend(logits.device.type, dtype_name(logits), int(E), k, backend)
-    if chosen == "torch":
-        return router_topk_ref(logits, k, renormalize=renormalize, order=order, return_stats=return_stats)
-    return router_topk_op.impls[chosen].fn(logits, k, normalize, return_stats)
+    return router_topk_op.impls[chosen].fn(logits, k, renormalize, order, return_stats)
 
 
 @torch.compiler.assume_constant_result

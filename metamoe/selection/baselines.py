@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 import time
 from typing import Any
 
 import numpy as np
 
+from ..utils.checks import check_int
 from .result import Selection
 from .validation import check_k, check_relevance
 
@@ -23,7 +23,7 @@ def select_top_relevance(relevance: Any, k: int) -> Selection:
     Returns:
         :class:`Selection` with ``indices`` (int64, (k,)) in decreasing relevance, ties to the lower
         index; ``gains`` = the picks' relevance (float64), so ``objective`` = the sum of the selected
-        relevance; ``backend`` ``"numpy"``; ``method`` ``"topk"``.
+        relevance; ``backend`` ``"numpy"``; ``method`` ``"top_relevance"``.
     """
     t0 = time.perf_counter()
     shape = getattr(relevance, "shape", None)
@@ -46,7 +46,7 @@ def select_top_relevance(relevance: Any, k: int) -> Selection:
         objective=float(gains.sum()),
         backend="numpy",
         seconds=time.perf_counter() - t0,
-        method="topk",
+        method="top_relevance",
         info={"n": n, "objective": "sum of the selected relevance"},
     )
 
@@ -65,17 +65,10 @@ def select_random(n: int, k: int, seed: int = 0) -> Selection:
         ``method`` ``"random"``.
     """
     t0 = time.perf_counter()
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"n must be an integer, got {type(n).__name__}")
-    if int(n) < 1:
-        raise ValueError(f"n must be >= 1 (the pool size), got {int(n)}")
-    n = int(n)
+    n = check_int(n, "n", lo=1)
     k = check_k(k, n)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
-    if int(seed) < 0:
-        raise ValueError(f"seed must be >= 0, got {int(seed)}")
-    idx = np.random.default_rng(int(seed)).choice(n, size=k, replace=False)
+    seed = check_int(seed, "seed", lo=0)
+    idx = np.random.default_rng(seed).choice(n, size=k, replace=False)
     return Selection(
         indices=idx.astype(np.int64),
         gains=np.zeros(k),
@@ -83,7 +76,7 @@ def select_random(n: int, k: int, seed: int = 0) -> Selection:
         backend="numpy",
         seconds=time.perf_counter() - t0,
         method="random",
-        info={"n": n, "seed": int(seed)},
+        info={"n": n, "seed": seed},
     )
 
 

@@ -2,17 +2,21 @@
 
     metamoe select --private P.npy --public X.npy --k 500 --method dpp --candidates 2000 --out sel.json
 
-The .npy files are opened with ``mmap_mode="r"`` (pools larger than memory are streamed). Methods:
+The .npy files are opened with ``mmap_mode="r"`` (pools larger than memory are streamed). Methods
+(:mod:`metamoe.selection.methods`; the short spelling in brackets is accepted too):
 
-* ``dpp``        relevance-weighted DPP (:func:`select_dpp`; ``--kernel --ridge --gamma --candidates``)
-* ``fl``         facility location over the pool, weights = relevance (:func:`select_facility_location`)
-* ``fl-private`` facility location covering the private set (ground=P, uniform weights; no relevance needed)
-* ``topk``       the most relevant samples (similarity only, FlexOlmo-style)
-* ``random``     uniform random proxies (``--seed``; no relevance needed)
+* ``dpp``: relevance-weighted DPP (:func:`select_dpp`; ``--kernel --ridge --gamma --candidates``)
+* ``facility_location`` (``fl``): facility location over the pool, weights = relevance
+  (:func:`select_facility_location`)
+* ``facility_location_private`` (``fl-private``): facility location covering the private set (ground=P,
+  uniform weights; no relevance needed)
+* ``top_relevance`` (``topk``): the most relevant samples (similarity only, FlexOlmo-style)
+* ``random``: uniform random proxies (``--seed``; no relevance needed)
 
 The JSON is :meth:`Selection.save`'s (``indices``, ``gains``, ``objective``, ``method``, ``backend``,
-``seconds``, ``info``); ``method`` is the method named here, ``seconds`` the selection step alone and
-``info.relevance_seconds`` / ``info.total_seconds`` the rest. Only the indices need to leave the client.
+``seconds``, ``info``); ``method`` is the canonical name of the method run, ``seconds`` the selection step
+alone and ``info.relevance_seconds`` / ``info.total_seconds`` the rest. Only the indices need to leave the
+client.
 
 ``--public`` is a .npy or a pool written by ``metamoe embed-pool`` (``manifest.json`` or its folder;
 :mod:`metamoe.utils.pool_format`).
@@ -22,8 +26,9 @@ opens the .npy as a memmap (or the pool's shards) and takes its contiguous rows
 (:func:`metamoe.selection.distributed.pool_shard_range`: with a pool embedded by N ranks, exactly one shard
 file); relevance: the pool's feature moments are summed from every rank's chunks (one all_reduce, the
 single-process bits), the classifier trains identically on every rank (seeded samples of the whole pool)
-and scores only the rank's rows, so no rank reads the whole pool; dpp (cosine) and fl-private
-(``--graph dense``) give the single-process picks, fl runs GreeDi; rank 0 alone writes ``--out``.
+and scores only the rank's rows, so no rank reads the whole pool; dpp (cosine) and facility_location_private
+(``--graph dense``) give the single-process picks, facility_location runs GreeDi; rank 0 alone writes
+``--out``.
 ``--timeout`` bounds every collective, so a dead rank makes the others exit with code 2.
 """
 
@@ -39,8 +44,18 @@ from typing import List, Optional
 
 import numpy as np
 
-METHODS = ("dpp", "fl", "fl-private", "topk", "random")
-NEEDS_RELEVANCE = ("dpp", "fl", "topk")
+from .methods import FACILITY_LOCATION_PRIVATE, METHOD_ALIASES, SELECT_COMMAND_METHODS, canonical_method
+
+NEEDS_RELEVANCE = ("dpp", "facility_location", "top_relevance")
+SHARDED_METHODS = ("dpp", "facility_location", FACILITY_LOCATION_PRIVATE)
+
+
+def _method_arg(value: str) -> str:
+    """``--method``: a canonical name or a short spelling, returned canonical."""
+    try:
+        return canonical_method(value, "--method", SELECT_COMMAND_METHODS)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(its manifest.json or folder; shards memmapped, sha256-checked)",
     )
     p.add_argument("--k", required=True, type=int, help="number of proxies to select")
-    p.add_argument("--method", default="dpp", choices=METHODS, help="selection criterion (default: dpp)")
+    p.add_argument(
+        "--method", default="dpp", type=_method_arg, metavar="METHOD",
+        help=f"selection criterion: {', '.join(SELECT_COMMAND_METHODS)} (short spellings: "
+        f"{', '.join(f'{a} = {c}' for a, c in METHOD_ALIASES.items())}; default: dpp)",
+    )
     p.add_argument(
         "--candidates",
         type=int,
@@ -63,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dpp only: keep the top-M by relevance first (the paper: 2000)",
     )
     p.add_argument(
-        "--neighbors", type=int, default=20, help="fl/fl-private: kNN graph neighbours (default: 20)"
+        "--neighbors", type=int, default=20, help="facility_location(_private): kNN graph neighbours (default: 20)"
     )
     p.add_argument("--ridge", type=float, default=0.0, help="dpp: ridge of the kernel (default: 0)")
     p.add_argument(
@@ -80,13 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--graph", default="knn", choices=("knn", "dense"),
-        help="fl/fl-private: similarity graph, kNN (--neighbors) or dense (default: knn)",
+        help="facility_location(_private): similarity graph, kNN (--neighbors) or dense (default: knn)",
     )
     p.add_argument(
         "--distributed", action="store_true",
         help="sharded over torch.distributed: run under `torchrun --nproc_per_node=N -m metamoe select ...`; "
-        "each rank slices its shard of --public; dpp (cosine, exact), fl-private (--graph dense, exact), "
-        "fl (GreeDi); rank 0 writes --out",
+        "each rank slices its shard of --public; dpp (cosine, exact), facility_location_private (--graph dense, "
+        "exact), facility_location (GreeDi); rank 0 writes --out",
     )
     p.add_argument(
         "--timeout", type=float, default=600.0,
@@ -117,8 +136,8 @@ def _load_public(path: str, distributed: bool):
     when it takes at most half of the memory available, else streamed into a temporary .npy in the pool
     folder that is memmapped and unlinked at once (its disk space is freed when the process exits)."""
     if os.path.isdir(path) or path.endswith(".json"):
-        from ..utils.pool_format import open_pool_embeddings
         from ..utils import memory
+        from ..utils.pool_format import open_pool_embeddings
 
         pool = open_pool_embeddings(path, verify=not distributed)
         if distributed or len(pool.shard_ranges) == 1:
@@ -168,6 +187,7 @@ def run(args: argparse.Namespace):
     from .validation import check_k
 
     t0 = time.perf_counter()
+    args.method = canonical_method(args.method, "--method", SELECT_COMMAND_METHODS)
     progress = not args.no_progress
     P = _load(args.private, "private")
     X = _load_public(args.public, getattr(args, "distributed", False))
@@ -192,7 +212,7 @@ def run(args: argparse.Namespace):
 
         cli_check(args)  # unsupported combinations fail before the relevance step
         cli_init(args)
-    sharded = getattr(args, "distributed", False) and args.method in ("dpp", "fl", "fl-private")
+    sharded = getattr(args, "distributed", False) and args.method in SHARDED_METHODS
     rows = None
     if sharded:  # this rank's rows. Relevance: the pool's moments are gathered from the ranks' chunks, the
         # classifier trains on seeded samples of the whole pool (identically on every rank), scores these rows
@@ -231,13 +251,13 @@ def run(args: argparse.Namespace):
             backend=args.backend,
             progress=progress,
         )
-    elif args.method == "fl":
+    elif args.method == "facility_location":
         sel = _facility_location(X, args.k, None, relevance, args, progress)
-    elif args.method == "fl-private":
+    elif args.method == FACILITY_LOCATION_PRIVATE:
         if P.ndim != 2 or P.shape[1:] != X.shape[1:]:
             raise ValueError(f"--private must be (M, D) with the pool's D={X.shape[1]}, got shape {P.shape}")
         sel = _facility_location(X, args.k, P, None, args, progress)
-    elif args.method == "topk":
+    elif args.method == "top_relevance":
         sel = select_top_relevance(relevance, args.k)
     else:
         sel = select_random(X.shape[0], args.k, seed=args.seed)

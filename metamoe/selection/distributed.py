@@ -16,7 +16,7 @@ sizes may differ and are exchanged once (all_gather), so global index = rank off
 * :func:`select_facility_location_private_sharded` -- exact sharded facility location whose ground set
   is a small set P replicated on every rank (the client's private embeddings). Each rank holds its
   candidates' float32 similarities to P, computed with the same fixed-shape matmuls as
-  :class:`metamoe.selection.facility_location.DenseSimilarities`, and their gains, summed in increasing
+  :class:`metamoe.selection.facility_location_dense.DenseSimilarities`, and their gains, summed in increasing
   ground index without FMA like the C++ backend; lazy greedy finds each rank's exact best, one
   all_gather picks the global argmax (ties to the lowest global index), the owner broadcasts the
   winner's similarity column (M float32) and every rank raises its coverage. The picks are those of
@@ -58,10 +58,18 @@ from ..utils.distributed import (
     shard_offsets,
     shard_range,
 )
-from .dpp import DEFAULT_EPS, DppRankWarning, _matvec_blocks, add_direction, matvec_rows
-from .facility_location import DenseSimilarities, _check_weights, _dense_blocks
+from .dpp import DEFAULT_EPS, DppRankWarning, add_direction, matvec_blocks, matvec_rows
+from .facility_location_dense import DenseSimilarities, dense_blocks
 from .result import Selection
-from .validation import check_embeddings, check_k, check_nonnegative, check_relevance, first_zero_row, row_norms
+from .validation import (
+    check_embeddings,
+    check_k,
+    check_nonnegative,
+    check_relevance,
+    check_weights,
+    first_zero_row,
+    row_norms,
+)
 
 # --------------------------------------------------------------------------- DPP
 
@@ -154,7 +162,7 @@ def select_dpp_sharded(
         picks.append(j)
         resid.append(dj2)
         add_direction(Qd, Qe, t, vd, rj, ridge, dj2)  # the arithmetic of dpp_greedy_torch
-        e = _matvec_blocks(Xt, Qd[t].to(work), work, rows) * scale
+        e = matvec_blocks(Xt, Qd[t].to(work), work, rows) * scale
         d2 = d2 - e * e
         if owner == dist.get_rank(group):
             d2[j - offset] = neg_inf
@@ -164,7 +172,8 @@ def select_dpp_sharded(
             "world_size": len(sizes), "shard_sizes": sizes}
     if len(idx) < k:
         if ridge == 0:
-            why, hint = f"the cosine kernel with ridge=0 has rank <= D={d}", "pass ridge > 0 (e.g. 1e-3) for a full-rank kernel"
+            why = f"the cosine kernel with ridge=0 has rank <= D={d}"
+            hint = "pass ridge > 0 (e.g. 1e-3) for a full-rank kernel"
         else:
             why, hint = ("the remaining candidates are (near-)duplicates of the picks or have relevance ~0",
                          "raise ridge, or drop duplicate rows")
@@ -242,12 +251,12 @@ def select_facility_location_private_sharded(
     if Gt.shape[1] != d:
         raise ValueError(f"P has dimension D={Gt.shape[1]}, but X_shard has D={d}")
     m = Gt.shape[0]
-    w_np = _check_weights(weights, m)
+    w_np = check_weights(weights, m)
     offset, n, sizes = shard_offsets(n_local, group, cdev)
     k = check_k(k, n)
     # the single process's fixed matmul shapes (tile from the whole pool's N), so that every similarity
     # has the bits of select_facility_location(..., graph="dense")
-    tile, block = _dense_blocks("cpu", n, m)
+    tile, block = dense_blocks("cpu", n, m)
     sims = DenseSimilarities.build(Xt.cpu(), Gt.cpu(), w_np, metric, tile, block)
     ST = torch.empty(m, n_local, dtype=torch.float32)
     for c in range(sims.n_tiles):
@@ -332,8 +341,9 @@ def select_facility_location_greedi(
         The same :class:`Selection` on every rank: ``indices`` int64 (k,) global indices in pick order,
         ``gains`` float64 (k,), ``objective`` = f(A) on the whole pool with dense similarities (comparable
         with ``select_facility_location(X, k, weights=w, graph="dense").objective``). Memory per rank:
-        N_rank x |U| float32 up to ``max_dense_bytes``, then O(block x |U|). Guarantee (Mirzasoleiman et al. 2013): a constant fraction of the greedy
-        objective in the worst case; close to it on data whose shards look alike (the benchmark reports it).
+        N_rank x |U| float32 up to ``max_dense_bytes``, then O(block x |U|). Guarantee (Mirzasoleiman et al.
+        2013): a constant fraction of the greedy objective in the worst case; close to it on data whose shards
+        look alike (the benchmark reports it).
     """
     import torch
     import torch.distributed as dist
@@ -346,7 +356,7 @@ def select_facility_location_greedi(
     cdev = comm_device(group)
     Xt = check_embeddings(X_shard, "X_shard", zero_copy_readonly=True)
     n_local, d = Xt.shape
-    w_local = torch.as_tensor(_check_weights(weights_shard, n_local))
+    w_local = torch.as_tensor(check_weights(weights_shard, n_local))
     offset, n, sizes = shard_offsets(n_local, group, cdev)
     k = check_k(k, n)
     world = len(sizes)
@@ -452,9 +462,9 @@ def cli_check(args) -> None:
     if args.method == "dpp" and args.candidates is not None:
         raise ValueError("--distributed with --candidates: the top-M candidates fit one process; "
                          "drop --distributed (or --candidates)")
-    if args.method == "fl-private" and args.graph != "dense":
-        raise ValueError("--distributed --method fl-private is the exact sharded greedy on dense similarities: "
-                         "pass --graph dense (the kNN graph of the private set is not sharded)")
+    if args.method == "facility_location_private" and args.graph != "dense":
+        raise ValueError("--distributed --method facility_location_private is the exact sharded greedy on dense "
+                         "similarities: pass --graph dense (the kNN graph of the private set is not sharded)")
     if not args.timeout > 0:
         raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
 
@@ -494,7 +504,7 @@ def cli_select(args, P, X, relevance_shard, rows: Tuple[int, int]) -> Selection:
     with collective_errors(args.timeout):
         if args.method == "dpp":
             return select_dpp_sharded(Xs, args.k, rel, ridge=args.ridge)
-        if args.method == "fl-private":
+        if args.method == "facility_location_private":
             return select_facility_location_private_sharded(Xs, P, args.k)
         return select_facility_location_greedi(Xs, args.k, weights_shard=rel, graph=args.graph,
                                                n_neighbors=args.neighbors, backend=args.backend)
@@ -507,7 +517,7 @@ def pool_moments(X: Any, chunk_size: Optional[int] = None, group=None):
     a chunk that crosses into the next rank's rows is read whole by the rank where it starts), one all_reduce
     (SUM over zero-padded (chunks, 2, D) float64: each entry has one non-zero term, so the sum is exact)
     gives every rank every chunk's sums, and every rank adds them in chunk order from zero, exactly as
-    :func:`metamoe.selection.relevance._moments` does in one process. Pass the result to
+    :func:`metamoe.selection.relevance_scores` does in one process. Pass the result to
     ``relevance_scores(..., public_moments=...)`` with the same ``chunk_size``.
 
     Args:
@@ -526,9 +536,9 @@ def pool_moments(X: Any, chunk_size: Optional[int] = None, group=None):
     import torch
     import torch.distributed as dist
 
-    from .relevance import _chunk_sums, _PoolRows, default_chunk_rows
+    from .relevance import PoolRows, chunk_sums, default_chunk_rows
 
-    Xt = _PoolRows(X) if getattr(X, "is_pool_embeddings", False) else check_embeddings(
+    Xt = PoolRows(X) if getattr(X, "is_pool_embeddings", False) else check_embeddings(
         X, "X", check_finite=False, zero_copy_readonly=True)
     n, d = Xt.shape
     chunk_size = default_chunk_rows(d) if chunk_size is None else int(chunk_size)
@@ -538,7 +548,7 @@ def pool_moments(X: Any, chunk_size: Optional[int] = None, group=None):
     n_chunks = -(-n // chunk_size)
     sums = torch.zeros(n_chunks, 2, d, dtype=torch.float64)
     for c in range(-(-start // chunk_size), -(-stop // chunk_size) if stop > start else 0):
-        sums[c, 0], sums[c, 1] = _chunk_sums(Xt, c * chunk_size, chunk_size)
+        sums[c, 0], sums[c, 1] = chunk_sums(Xt, c * chunk_size, chunk_size)
     cdev = comm_device(group)
     red = sums.to(cdev)
     dist.all_reduce(red, group=group)

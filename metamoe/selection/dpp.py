@@ -36,7 +36,15 @@ from ..backends.tensors import dtype_name
 from ..utils.memory import available_bytes
 from ..utils.progress import progress_bar, update_every
 from .result import Selection
-from .validation import block_rows, check_embeddings, check_k, check_nonnegative, check_relevance, first_zero_row, row_norms
+from .validation import (
+    block_rows,
+    check_embeddings,
+    check_k,
+    check_nonnegative,
+    check_relevance,
+    first_zero_row,
+    row_norms,
+)
 
 dpp_greedy = define_op(
     "dpp_greedy",
@@ -102,7 +110,7 @@ def matvec_rows(d: int, chunk_rows=None) -> int:
     return max(64, block_rows(d, 8) // 64 * 64)
 
 
-def _matvec_blocks(X, q, work, rows: int):
+def matvec_blocks(X, q, work, rows: int):
     """(N,) float64 ``X @ q`` with X read ``rows`` rows at a time and cast to ``work`` per block.
 
     X in ``work`` already (no conversion needed): one product. Otherwise (float16/bfloat16/float32
@@ -150,7 +158,7 @@ def dpp_greedy_torch(
             picks.append(j)
             resid.append(dj2)
             add_direction(Qd, Qe, t, scale[j] * X[j].to(work).double(), float(r[j]), ridge, dj2)
-            e = _matvec_blocks(X, Qd[t].to(work), work, rows) * scale
+            e = matvec_blocks(X, Qd[t].to(work), work, rows) * scale
             d2 = d2 - e * e
             d2[j] = neg_inf  # stays -inf: -inf - e^2 = -inf
             bar.update(1)

@@ -33,12 +33,12 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 
 from ..backends.tensors import as_torch, is_torch
-from .validation import block_rows as _rows_for_bytes
 from ..utils.checks import check_int
+from .validation import block_rows as _rows_for_bytes
 from .validation import check_embeddings, first_zero_row
 
 METRICS = ("cosine", "ip", "l2")
-METHODS = ("auto", "exact", "ivf", "torch", "faiss-gpu")
+KNN_METHODS = ("auto", "exact", "ivf", "torch", "faiss-gpu")
 
 # "auto" on the CPU switches from exact to IVF when queries x pool rows exceed this (about 1e5 x 1e5:
 # exact is then ~1e10 * D FLOP, minutes on 2 cores at D = 768, hours at 1e6).
@@ -61,7 +61,7 @@ AUTO_HNSW_MIN_NLIST = 4096
 _FORMAT = "metamoe.knn_graph/1"
 
 
-def _fingerprint(t) -> Dict[str, Any]:
+def fingerprint(t) -> Dict[str, Any]:
     """N, D and a SHA-256 of up to 64 evenly spaced rows (cast to float32), for "is this the same data?".
 
     Cheap (it never reads the whole pool), so a change confined to rows it does not sample goes unnoticed.
@@ -155,7 +155,7 @@ class KnnGraph:
 
     def check_matches(self, X: Any, queries: Any = None, *, name: str = "graph") -> None:
         """Raise ValueError unless this graph was built from ``X`` (and ``queries``; None = the pool's own graph)."""
-        fp = _fingerprint(X if isinstance(X, np.ndarray) else as_torch(X))  # NumPy/memmap: no copy
+        fp = fingerprint(X if isinstance(X, np.ndarray) else as_torch(X))  # NumPy/memmap: no copy
         if fp != self.pool_fingerprint:
             raise ValueError(
                 f"{name} was built for other data: pool fingerprint {self.pool_fingerprint} "
@@ -168,7 +168,7 @@ class KnnGraph:
                     f"but it is used as the pool's own graph (queries/ground=None)"
                 )
             return
-        qfp = _fingerprint(queries if isinstance(queries, np.ndarray) else as_torch(queries))
+        qfp = fingerprint(queries if isinstance(queries, np.ndarray) else as_torch(queries))
         if self.query_fingerprint is None:
             raise ValueError(
                 f"{name} is the pool's own kNN graph, but separate queries/ground ({qfp['n']} rows) were given; "
@@ -328,7 +328,8 @@ def _exact_faiss_sliced(Xt, Qt, K: int, metric: str, slice_rows: int, block_rows
     mt = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
     best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
     best_i = np.full((nq, 0), -1, dtype=np.int64)
-    for s0 in tqdm(range(0, n, slice_rows), desc="knn (exact, sliced)", disable=None if progress else True, leave=False):
+    slices = range(0, n, slice_rows)
+    for s0 in tqdm(slices, desc="knn (exact, sliced)", disable=None if progress else True, leave=False):
         s1 = min(n, s0 + slice_rows)
         xb = np.empty((s1 - s0, d), dtype=np.float32)  # filled block by block: one slice, one block in memory
         for b0 in range(s0, s1, block_rows):
@@ -352,9 +353,9 @@ def _faiss_search(search, Q, K: int, metric: str, q_block: int, progress: bool, 
     idx = np.empty((nq, K), dtype=np.int64)
     for qs in tqdm(range(0, nq, q_block), desc=desc, disable=None if progress else True, leave=False):
         qe = min(nq, qs + q_block)
-        D, I = search(_block_np(Q, qs, qe, metric == "cosine"), K)
-        sims[qs:qe] = -D if metric == "l2" else D  # faiss L2 returns squared distances
-        idx[qs:qe] = I
+        dist, ids = search(_block_np(Q, qs, qe, metric == "cosine"), K)
+        sims[qs:qe] = -dist if metric == "l2" else dist  # faiss L2 returns squared distances
+        idx[qs:qe] = ids
     return sims, idx
 
 
@@ -393,9 +394,9 @@ def build_knn_graph(
         metric: ``"cosine"`` (default; rows L2-normalised, similarity in [-1, 1]), ``"ip"`` (inner
             product) or ``"l2"`` (similarity = minus the squared Euclidean distance).
         method: ``"auto"`` (CPU: exact faiss Flat when Nq * N <= 1e10 — the exact torch search where
-            faiss is not installed — else IVF; GPU: faiss-gpu when importable, else ``"torch"``), ``"exact"`` (faiss Flat on CPU data, torch on GPU data),
-            ``"ivf"`` (faiss IndexIVFFlat, approximate; CPU), ``"torch"`` (exact blocked matmul + topk on
-            the data's device) or ``"faiss-gpu"``.
+            faiss is not installed — else IVF; GPU: faiss-gpu when importable, else ``"torch"``), ``"exact"``
+            (faiss Flat on CPU data, torch on GPU data), ``"ivf"`` (faiss IndexIVFFlat, approximate; CPU),
+            ``"torch"`` (exact blocked matmul + topk on the data's device) or ``"faiss-gpu"``.
         include_self: for the pool's own graph (queries=None): True (default) lists every point among
             its own neighbours (similarity 1 under cosine: the natural graph for facility location with
             ground set = pool, since a picked point covers itself); if the search misses it (more than
@@ -440,8 +441,8 @@ def build_knn_graph(
     t0 = time.perf_counter()
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method not in KNN_METHODS:
+        raise ValueError(f"method must be one of {', '.join(KNN_METHODS)}, got {method!r}")
     Xt = check_embeddings(X, "X", check_finite=check_input, zero_copy_readonly=True)
     n, d = Xt.shape
     K = check_int(n_neighbors, "n_neighbors")
@@ -478,7 +479,7 @@ def build_knn_graph(
 
     if method == "auto":
         if on_gpu:
-            method = "faiss-gpu" if _faiss_gpu_reason() is None else "torch"
+            method = "faiss-gpu" if faiss_gpu_reason() is None else "torch"
         elif nq * n > AUTO_IVF_MIN_PAIRS:
             method = "ivf"
         else:
@@ -496,7 +497,7 @@ def build_knn_graph(
     if method == "ivf" and on_gpu:
         raise ValueError("method='ivf' runs on the CPU (faiss); X is on a GPU: use method='torch' or 'faiss-gpu'")
     if method == "faiss-gpu":
-        reason = _faiss_gpu_reason()
+        reason = faiss_gpu_reason()
         if reason:
             raise ValueError(f"method='faiss-gpu' is not available: {reason}")
 
@@ -573,8 +574,8 @@ def build_knn_graph(
         metric=metric,
         n_neighbors=K,
         self_included=bool(own and include_self),
-        pool_fingerprint=_fingerprint(Xt),
-        query_fingerprint=None if own else _fingerprint(Qt),
+        pool_fingerprint=fingerprint(Xt),
+        query_fingerprint=None if own else fingerprint(Qt),
         info=info,
     )
 
@@ -636,7 +637,8 @@ def _faiss_reason() -> Optional[str]:
     return None
 
 
-def _faiss_gpu_reason() -> Optional[str]:
+def faiss_gpu_reason() -> Optional[str]:
+    """Why faiss cannot search on a GPU here (not installed, no GPU support, no GPU seen), or None."""
     try:
         import faiss
     except ImportError as exc:
@@ -651,4 +653,4 @@ def _faiss_gpu_reason() -> Optional[str]:
     return None
 
 
-__all__ = ["KnnGraph", "build_knn_graph", "METRICS", "METHODS"]
+__all__ = ["KnnGraph", "build_knn_graph", "METRICS", "KNN_METHODS", "fingerprint", "faiss_gpu_reason"]

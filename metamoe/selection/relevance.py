@@ -40,11 +40,13 @@ def _check_real(value: Any, name: str, *, positive: bool) -> float:
     return value
 
 
-class _PoolRows:
-    """A sharded pool (``is_pool_embeddings``) seen as the row-indexable tensor the code below reads: CPU
-    torch tensors for row slices and index tensors, in the pool's dtype, zero copy where the pool returns a
-    memmap slice. (Also used by :func:`metamoe.selection.distributed.pool_moments`; not to be confused with
-    facility location's ``_StreamedCandidates``, which casts, normalises and pads the rows it reads.)"""
+class PoolRows:
+    """A sharded pool (``is_pool_embeddings``) seen as a row-indexable tensor: CPU torch tensors for rows.
+
+    Row slices and index tensors give CPU torch tensors in the pool's dtype, zero copy where the pool returns
+    a memmap slice. (Also used by :func:`metamoe.selection.distributed.pool_moments`; not to be confused with
+    the streamed candidates of :mod:`metamoe.selection.facility_location_dense`, which cast, normalise and
+    pad the rows they read.)"""
 
     def __init__(self, pool):
         import torch
@@ -66,7 +68,7 @@ def _moments(X, chunk: int):
     s = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
     s2 = torch.zeros_like(s)
     for a in range(0, X.shape[0], chunk):
-        bs, bs2 = _chunk_sums(X, a, chunk)
+        bs, bs2 = chunk_sums(X, a, chunk)
         s += bs
         s2 += bs2
     n = X.shape[0]
@@ -79,9 +81,11 @@ def default_chunk_rows(d: int) -> int:
     return block_rows(d, 8)
 
 
-def _chunk_sums(X, a: int, chunk: int):
-    """(sum x, sum x^2) in float64 over rows [a, a + chunk) of X: the terms _moments adds up, in order
-    (:func:`metamoe.selection.distributed.pool_moments` computes them shard by shard and adds them the same way)."""
+def chunk_sums(X, a: int, chunk: int):
+    """(sum x, sum x^2) in float64 over rows [a, a + chunk) of X: the terms of the pool's moments.
+
+    :func:`relevance_scores` adds them up in chunk order; :func:`metamoe.selection.distributed.pool_moments`
+    computes them shard by shard and adds them the same way."""
     block = X[a : a + chunk].double()
     return block.sum(0), (block * block).sum(0)
 
@@ -205,7 +209,7 @@ def relevance_scores(
     from tqdm.auto import tqdm
 
     P = check_embeddings(private, "private", zero_copy_readonly=True)
-    X = _PoolRows(public) if getattr(public, "is_pool_embeddings", False) else check_embeddings(
+    X = PoolRows(public) if getattr(public, "is_pool_embeddings", False) else check_embeddings(
         public, "public", zero_copy_readonly=True, check_finite=public_moments is None)
     if P.shape[1] != X.shape[1]:
         raise ValueError(
@@ -274,4 +278,4 @@ def relevance_scores(
     return out
 
 
-__all__ = ["relevance_scores"]
+__all__ = ["relevance_scores", "PoolRows", "chunk_sums", "default_chunk_rows"]

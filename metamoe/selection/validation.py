@@ -152,6 +152,16 @@ def check_relevance(relevance: Optional[Any], n: int, name: str = "relevance") -
     return r
 
 
+def check_weights(weights: Optional[Any], m: int) -> np.ndarray:
+    """Facility location's ground weights: a float64 NumPy array of length m, all >= 0 (all ones when None)."""
+    if weights is None:
+        return np.ones(m, dtype=np.float64)
+    w = as_float64_vector(weights, m, "weights", ", one per ground point")
+    if w.min() < 0:
+        raise ValueError(f"weights must be >= 0, got a minimum of {w.min():.4g} at {int(np.argmin(w))}")
+    return w
+
+
 def check_nonnegative(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -161,6 +171,5 @@ def check_nonnegative(value: Any, name: str) -> float:
     return value
 
 
-__all__ = ["BLOCK_BYTES", "block_rows", "check_embeddings", "first_zero_row",
-           "readonly_from_numpy",
-           "row_norms", "check_k", "check_relevance", "check_nonnegative", "device_type", "FLOAT_DTYPES"]
+__all__ = ["BLOCK_BYTES", "block_rows", "check_embeddings", "first_zero_row", "readonly_from_numpy", "row_norms",
+           "check_k", "check_relevance", "check_weights", "check_nonnegative", "device_type", "FLOAT_DTYPES"]

@@ -1,11 +1,14 @@
-"""The methods the harness compares, named exactly as the paper's table (DESIGN.md section 1).
+"""The methods the harness compares, named exactly as the paper's table (docs/design.md, "The method").
 
-Each method is a :class:`MethodSpec`: which proxies the clients select (``dpp``, ``topk``, ``random``),
-whether the experts are trained with them (proxy alignment), how the server combines the experts (``moe``: the
-routed LoRA-expert MoE of :func:`~metamoe.unify.server.build_unified_model`; ``soup``: averaged LoRAs;
-``ensemble``:
-BTM prediction averaging), whether the router is context-aware, and on what data the router is trained
-(the union of the clients' proxies, or, for the oracle only, the clients' PRIVATE data).
+Each method is a :class:`MethodSpec`: which proxies the clients select (``dpp``, ``top_relevance``,
+``random``: names from :data:`metamoe.selection.methods.SELECTION_METHODS`), whether the experts are trained
+with them (proxy alignment), how the server combines the experts (``moe``: the routed LoRA-expert MoE of
+:func:`~metamoe.unify.server.build_unified_model`; ``soup``: averaged LoRAs; ``ensemble``: BTM prediction
+averaging), whether the router is context-aware, and on what data the router is trained (the union of the
+clients' proxies, or, for the oracle only, the clients' PRIVATE data).
+
+The names of this module: :data:`METHODS` (the compared methods, :class:`MethodSpec` objects) and
+:data:`METHOD_NAMES` (their names); the proxy-selection algorithms are ``SELECTION_METHODS``.
 
 =================  ==========  =======  ========  =======  ================  =========================
 name               proxies     aligned  combine   context  router trained on  notes
@@ -48,7 +51,7 @@ class MethodSpec:
     """One compared method (see the module table)."""
 
     name: str
-    selection: str  # "dpp", "topk", "random": the proxies the clients pick (package manifests record them)
+    selection: str  # "dpp", "top_relevance", "random": the proxies the clients pick (manifests record them)
     aligned: bool  # experts trained on private data + proxies (False: private data only)
     combine: str  # "moe", "soup", "ensemble"
     context_routing: bool
@@ -75,7 +78,7 @@ METHODS: Tuple[MethodSpec, ...] = (
     ),
     MethodSpec(
         "flexolmo",
-        "topk",
+        "top_relevance",
         True,
         "moe",
         False,
@@ -185,7 +188,7 @@ def build_method(
     :func:`~metamoe.unify.server.build_unified_model` (``top_k``, ``router_init_scale``, ...).
     """
     from .evaluate import ExpertEnsemble
-    from .server import build_soup_model, build_unified_model
+    from .unified_model import build_soup_model, build_unified_model
 
     if not isinstance(spec, MethodSpec):
         raise TypeError(f"spec must be a MethodSpec, got {type(spec).__name__}")

@@ -1,4 +1,5 @@
-"""The digits harness: the MetaMoE pipeline and its baselines on scikit-learn's bundled digits, on the CPU.
+"""The digits experiment that ``metamoe demo`` runs: the MetaMoE pipeline and its baselines on
+scikit-learn's bundled digits, on the CPU.
 
 :func:`run_digits_experiment` runs, with every stage timed (wall and CPU seconds):
 
@@ -18,10 +19,6 @@
    load-balancing loss and the routing loss that sends each proxy towards its client's expert, evaluation
    on every client's test set.
 
-:data:`DESIGNS` keeps the earlier designs (``outofdomain``: the seed pre-trained on the selection pool itself,
-40 pool samples per client domain, 150 test images per client, experts trained 10 epochs, no routing loss;
-``balanced``: the first one), so that their rows in the README can be reproduced.
-
 Work is shared where methods agree: one seed, one set of embeddings and relevance scores, and one set of
 experts per (proxies, aligned) pair (the DPP experts serve metamoe, model_soup, btm, btx_oracle and
 no_context). Accuracy is digit accuracy without knowing the test sample's domain: the probabilities over
@@ -39,15 +36,18 @@ The result is the dict written to ``results.json``::
      "total_cpu_s": ., "seed_model": {"per_domain": ..., "average": ., "loss_per_epoch": [...]},
      "local_experts": {"<set>": {"<domain>": acc}}, "relevance_auc": {"<domain>": auc},
      "proxies_from_own_domain": {"<selection>": [share per client]},
-     "sizes": {"public_pool": N, "pretrain": N_pre or None, "test_per_domain": {...}}, "versions": {...}}
+     "sizes": {"public_pool": N, "pretrain": N_pre or None, "seed_training_set": N_seed,
+               "test_per_domain": {...}}, "versions": {...}}
 
 MoE methods also report ``routing`` (per layer, the fraction of token slots each expert receives) and
 ``own_expert_weight`` (per client domain, the test samples' mean routing probability to that client's expert
 in the last MoE layer: routing quality). ``seed_model`` is the seed alone with its 10-digit head,
 ``local_experts`` each client's expert on its own domain (both references, not methods). ``relevance_auc``
 (the ROC AUC of each client's relevance scores for "public sample from the client's own domain") and
-``proxies_from_own_domain`` are diagnostics of selection that no client could compute (they use the pool's
-domain labels).
+``proxies_from_own_domain`` measure selection with the pool's domain labels, which no client sees.
+
+Other designs of this experiment (other pools, other seed pre-training) live with the claims benchmark in
+``benchmarks/``, not here.
 """
 
 from __future__ import annotations
@@ -60,76 +60,73 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from ..utils.files import atomic_write, atomic_write_text
+
 __all__ = [
-    "DESIGNS",
     "DigitsConfig",
-    "design_config",
     "config_domains",
     "RESULTS_FILE",
     "CHART_FILE",
+    "format_table",
     "plot_results",
     "pretrain_seed",
     "run_digits_experiment",
 ]
 
 RESULTS_FILE = "results.json"
-SEED_POOLS = ("pretrain", "public", "distractors")
 CHART_FILE = "results.png"
 
 
 @dataclass(frozen=True)
 class DigitsConfig:
-    """Every knob of the harness. The defaults are the real run (the ``heldoutpool`` design; under 5 minutes on
-    2 CPU cores). :data:`DESIGNS` names the earlier designs, whose results the README still reports."""
+    """Every knob of the digits experiment. The defaults are the run ``metamoe demo`` makes (under 5 minutes
+    on 2 CPU cores)."""
 
     # data (make_digits_domains)
     n_private: int = 120
-    # 300 test images per client domain, the same 300 source digits under each client's transform (shared_test),
-    # where the earlier designs had 150 of its own per client: two methods that disagree on a quarter of 450 test
-    # samples differ by about 2.4 points (binomial sd) from test sampling alone, as much as the effects the claims
-    # are about
+    # 300 test images per client domain, the same 300 source digits under each client's transform
+    # (shared_test): two methods that disagree on a quarter of 450 test samples differ by about 2.4 points
+    # (binomial sd) from test sampling alone, as much as the effects the claims are about
     n_test: int = 300
     shared_test: bool = True
     # The selection pool is mostly out-of-domain: 300 samples of each of five distractor domains, 120 of each
-    # client domain (1,860 samples, 15.5x a client's private set, 81 % distractors). A client's domain holds as
-    # many pool samples as it picks proxies (k), so that relevant proxies exist to be found: with 40 (the
-    # `outofdomain` design) two thirds of any client's proxies had to come from other domains.
+    # client domain (1,860 samples, 15.5x a client's private set, 81 % distractors). A client's domain holds
+    # as many pool samples as it picks proxies (k), so that relevant proxies exist to be found.
     public_per_domain: int = 300
     public_per_client_domain: Optional[int] = 120  # None: public_per_domain
     distractor_domains: tuple = ("mirrored", "upside_down", "transposed", "blurred", "shifted")
-    # The seed's own public pre-training set (seed_pool="pretrain"): the composition of the earlier pool (40 per
-    # client domain, 300 per distractor) drawn from source images disjoint from the selection pool's, so that the
-    # pool is not the data the seed was fitted to (with seed_pool="public" the seed has already learned every
-    # relevant pool sample with its label, and a relevant proxy tells an expert nothing new)
+    # The seed's own public pre-training set: 40 per client domain, 300 per distractor, drawn from source
+    # images disjoint from the selection pool's, so that the pool is not the data the seed was fitted to (a
+    # relevant proxy the seed has already learned with its label tells an expert nothing new)
     pretrain_per_domain: int = 300
     pretrain_per_client_domain: int = 40
     # seed model: timm ViT from its config, pre-trained on public data
     embed_dim: int = 32
     depth: int = 2
     num_heads: int = 2
-    seed_epochs: int = 80  # 20 left the seed at 0.5-0.67 test accuracy; 80 reach 0.77-0.85 (seed 0)
+    seed_epochs: int = 80  # 20 leave the seed at 0.5-0.67 test accuracy; 80 reach 0.77-0.85 (seed 0)
     seed_lr: float = 2e-3
     seed_batch_size: int = 32
     # client side
     k: int = 120
     relevance_epochs: int = 5
     # what relevance and DPP see (client.embed's ``features``): the pooled head input plus every FFN layer's
-    # mean input ("pooled+context"), or the pooled head input alone ("pooled", the earlier designs). The seed's
-    # head is trained on digit labels, so its input hardly says which transform a digit is under
+    # mean input ("pooled+context"), or the pooled head input alone ("pooled"). The seed's head is trained on
+    # digit labels, so its input hardly says which transform a digit is under
     selection_features: str = "pooled+context"
     lora_rank: int = 4
-    expert_epochs: int = 40  # 10 (the earlier designs) left the experts a few points above the seed
+    expert_epochs: int = 40  # 10 leave the experts a few points above the seed
     expert_lr: float = 3e-3
     expert_batch_size: int = 32
     # server side
     top_k: Optional[int] = None
-    # 40 (10 in the earlier designs and in the first heldoutpool run, seeds 100-139): with the routing loss the
-    # routers need the steps to learn the client domains from the proxies' owners (10 epochs are 60 steps)
+    # with the routing loss the routers need the steps to learn the client domains from the proxies' owners
+    # (10 epochs are 60 steps)
     router_epochs: int = 40
     router_lr: float = 1e-2
     router_batch_size: int = 64
@@ -141,57 +138,17 @@ class DigitsConfig:
     router_loss: str = "block"
     # > 0: train_router(route_targets=...) with this route_loss_coef: the proxies supervise the routers, each sent
     # towards the expert of the client(s) that picked it (server.proxy_owners); the oracle's private samples
-    # towards their own client's expert. 0: task + load-balancing loss only (the earlier designs)
+    # towards their own client's expert. 0: task + load-balancing loss only
     route_loss: float = 1.0
     # runtime: torch intra-op threads for the run (the previous value is restored afterwards);
     # None leaves torch's setting alone. 1 by default: these models are tiny, and on a shared 2-core machine
-    # torch's default (2 threads) made the run take 562 s wall / 425 s CPU instead of 39 s / 38 s (seed 0)
+    # torch's default (2 threads) takes 562 s wall / 425 s CPU instead of 39 s / 38 s (seed 0)
     num_threads: Optional[int] = 1
-    # what pre-trains the seed: "pretrain" (default) its own public pre-training set (above); "public" the
-    # selection pool itself (the earlier designs); "distractors" (DIAGNOSTIC) only the pool's distractor-domain
-    # samples, so that the seed has never seen a client domain
-    seed_pool: str = "pretrain"
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["distractor_domains"] = list(self.distractor_domains)  # as JSON holds it
         return d
-
-
-#: The harness designs the README reports, as DigitsConfig fields that differ from the defaults
-#: (``heldoutpool``). ``outofdomain`` is the design of the earlier sessions (stops 8 and 9), ``balanced``
-#: the first one (stop 7); each reproduces its rows in benchmarks/results/unify_claims.csv.
-DESIGNS: Dict[str, Dict[str, Any]] = {
-    "heldoutpool": {},
-    "outofdomain": dict(
-        n_test=150,
-        shared_test=False,
-        public_per_client_domain=40,
-        seed_pool="public",
-        selection_features="pooled",
-        expert_epochs=10,
-        route_loss=0.0,
-        router_epochs=10,
-    ),
-    "balanced": dict(
-        n_test=150,
-        shared_test=False,
-        public_per_client_domain=300,
-        distractor_domains=("mirrored", "transposed", "blurred"),
-        seed_pool="public",
-        selection_features="pooled",
-        expert_epochs=10,
-        route_loss=0.0,
-        router_epochs=10,
-    ),
-}
-
-
-def design_config(name: str, **overrides: Any) -> "DigitsConfig":
-    """The :class:`DigitsConfig` of design ``name`` (:data:`DESIGNS`), with ``overrides`` on top."""
-    if name not in DESIGNS:
-        raise ValueError(f"unknown design {name!r}; known: {', '.join(DESIGNS)}")
-    return DigitsConfig(**{**DESIGNS[name], **overrides})
 
 
 # --------------------------------------------------------------------------- timing
@@ -254,7 +211,7 @@ def pretrain_seed(
     x: (n, H, W) float32 images, y: (n,) int64 labels in ``[0, seed_model.num_classes)``. AdamW with a cosine
     schedule, shuffling from ``torch.Generator().manual_seed(seed)``. The model is left in eval mode.
     """
-    from ..models.registry import _seeded
+    from ..models.registry import seeded
 
     n = len(x)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y, dtype=np.int64))
@@ -269,7 +226,7 @@ def pretrain_seed(
     gen = torch.Generator().manual_seed(int(seed))
     losses = []
     seed_model.train()
-    with _seeded(int(seed)):
+    with seeded(int(seed)):
         for _ in range(epochs):
             perm = torch.randperm(n, generator=gen)
             tot = 0.0
@@ -329,16 +286,10 @@ def plot_results(results: Dict[str, Any], path: Union[str, os.PathLike]) -> Path
     ax.legend(fontsize=7, ncol=len(series))
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
@@ -367,6 +318,8 @@ def run_digits_experiment(
     out_dir: Optional[Union[str, os.PathLike]] = None,
     progress: Union[bool, Callable[[str], None]] = True,
     config: Optional[DigitsConfig] = None,
+    *,
+    seed_training_set: Optional[Callable[[Any], Tuple[np.ndarray, np.ndarray]]] = None,
     **overrides: Any,
 ) -> Dict[str, Any]:
     """Run the digits benchmark for ``methods`` and return the results dict (module docstring).
@@ -380,6 +333,10 @@ def run_digits_experiment(
             silent.
         config: a :class:`DigitsConfig`; ``overrides`` replace single fields of it (``k=40``, ...). Its
             ``num_threads`` (default 1) sets torch's intra-op threads for the run, restored afterwards.
+        seed_training_set: what pre-trains the seed: a function of the data split (the
+            :class:`~metamoe.data.digits.DigitsDomains` of :func:`config_domains`) returning ``(x, y)``,
+            (n, 8, 8) float32 images and (n,) digit labels. Default: the split's public pre-training set,
+            which then must not be empty (``pretrain_per_domain`` or ``pretrain_per_client_domain`` > 0).
 
     Returns:
         The results dict, also written to ``out_dir/results.json`` when ``out_dir`` is given.
@@ -399,8 +356,13 @@ def run_digits_experiment(
     nt = cfg.num_threads
     if nt is not None and (isinstance(nt, bool) or not isinstance(nt, int) or nt < 1):
         raise ValueError(f"num_threads must be a positive int or None, got {nt!r}")
-    if cfg.seed_pool not in SEED_POOLS:
-        raise ValueError(f"seed_pool must be one of {', '.join(SEED_POOLS)}, got {cfg.seed_pool!r}")
+    if seed_training_set is None and cfg.pretrain_per_domain == 0 and cfg.pretrain_per_client_domain == 0:
+        raise ValueError(
+            "pretrain_per_domain and pretrain_per_client_domain are both 0: the split has no pre-training "
+            "set for the seed; pass seed_training_set"
+        )
+    if seed_training_set is not None and not callable(seed_training_set):
+        raise TypeError(f"seed_training_set must be callable, got {type(seed_training_set).__name__}")
     from .client import EMBED_FEATURES
 
     if cfg.selection_features not in EMBED_FEATURES:
@@ -424,14 +386,12 @@ def run_digits_experiment(
         else:
             work = Path(out_dir)
             work.mkdir(parents=True, exist_ok=True)
-        results = _run(int(seed), specs, cfg, work, report, out_dir is not None)
+        results = _run(int(seed), specs, cfg, work, report, out_dir is not None, seed_training_set)
     finally:
         torch.set_num_threads(prev_threads)
         if tmp_ctx is not None:
             tmp_ctx.cleanup()
     if out_dir is not None:
-        from ..selection.result import atomic_write_text
-
         atomic_write_text(Path(out_dir) / RESULTS_FILE, json.dumps(results, indent=1, allow_nan=False) + "\n")
         plot_results(results, Path(out_dir) / CHART_FILE)
     return results
@@ -443,7 +403,6 @@ def config_domains(seed: int, cfg: Optional[DigitsConfig] = None):
     from ..data.digits import make_digits_domains
 
     cfg = DigitsConfig() if cfg is None else cfg
-    own = cfg.seed_pool == "pretrain"  # the seed's own pre-training set; otherwise it trains on the pool
     return make_digits_domains(
         seed,
         distractor_domains=tuple(cfg.distractor_domains),
@@ -452,21 +411,21 @@ def config_domains(seed: int, cfg: Optional[DigitsConfig] = None):
         public_per_domain=cfg.public_per_domain,
         public_per_client_domain=cfg.public_per_client_domain,
         shared_test=cfg.shared_test,
-        pretrain_per_domain=cfg.pretrain_per_domain if own else 0,
-        pretrain_per_client_domain=cfg.pretrain_per_client_domain if own else 0,
+        pretrain_per_domain=cfg.pretrain_per_domain,
+        pretrain_per_client_domain=cfg.pretrain_per_client_domain,
     )
 
 
-def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) -> Dict[str, Any]:
+def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool, seed_set) -> Dict[str, Any]:
     import shutil
+
+    from sklearn.metrics import roc_auc_score
 
     from ..models import create_seed_model
     from ..selection import relevance_scores, select_dpp, select_random, select_top_relevance
-    from .baselines import build_method, expert_set_key
+    from .baselines import expert_set_key
     from .client import embed, train_expert
-    from .evaluate import evaluate_domains
     from .package import write_expert_package
-    from .server import proxy_owners, proxy_training_set, train_router, validate_packages
 
     clock = _Clock(report)
     with clock.stage("data"):
@@ -477,29 +436,13 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
         domains = [c.domain for c in data.clients]
     with clock.stage("seed: build + pretrain on public data"):
         seed_model = create_seed_model(
-            "timm:vit_tiny_patch16_224",
-            seed=seed,
-            img_size=8,
-            patch_size=2,
-            in_chans=1,
-            embed_dim=cfg.embed_dim,
-            depth=cfg.depth,
-            num_heads=cfg.num_heads,
-            num_classes=10,
+            "timm:vit_tiny_patch16_224", seed=seed, img_size=8, patch_size=2, in_chans=1,
+            embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, num_classes=10,
         )
-        if cfg.seed_pool == "pretrain":
-            seed_x, seed_y = data.pretrain_x, data.pretrain_y
-        else:
-            rows = np.arange(N) if cfg.seed_pool == "public" else np.flatnonzero(data.public_domain >= len(domains))
-            seed_x, seed_y = data.public_x[rows], data.public_y[rows]
+        seed_x, seed_y = (data.pretrain_x, data.pretrain_y) if seed_set is None else seed_set(data)
         seed_losses = pretrain_seed(
-            seed_model,
-            seed_x,
-            seed_y,
-            epochs=cfg.seed_epochs,
-            lr=cfg.seed_lr,
-            batch_size=cfg.seed_batch_size,
-            seed=seed,
+            seed_model, seed_x, seed_y, epochs=cfg.seed_epochs, lr=cfg.seed_lr,
+            batch_size=cfg.seed_batch_size, seed=seed,
         )
     with clock.stage("client: embed (frozen seed)"):
         feats = cfg.selection_features
@@ -510,24 +453,20 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
             relevance_scores(p, pub_emb, epochs=cfg.relevance_epochs, seed=seed + i, progress=False)
             for i, p in enumerate(priv_emb)
         ]
-    needed_sel = sorted({s.selection for s in specs})
     selections: Dict[str, List[Any]] = {}
-    for sel in needed_sel:
+    for sel in sorted({s.selection for s in specs}):
         with clock.stage(f"client: select ({sel})"):
             if sel == "dpp":
-                selections[sel] = [
-                    select_dpp(pub_emb, cfg.k, r, kernel="rbf", progress=False) for r in relevance
-                ]
-            elif sel == "topk":
+                selections[sel] = [select_dpp(pub_emb, cfg.k, r, kernel="rbf", progress=False)
+                                   for r in relevance]
+            elif sel == "top_relevance":
                 selections[sel] = [select_top_relevance(r, cfg.k) for r in relevance]
+            elif sel == "random":
+                selections[sel] = [select_random(N, cfg.k, seed=seed * 100 + i) for i in range(len(domains))]
             else:
-                selections[sel] = [
-                    select_random(N, cfg.k, seed=seed * 100 + i) for i in range(len(relevance))
-                ]
-    # diagnostics of selection quality (the clients never see them): the relevance classifier's ROC AUC for
-    # "public sample from my own domain" and the share of proxies drawn from the client's own domain
-    from sklearn.metrics import roc_auc_score
-
+                raise ValueError(f"the digits experiment has no proxy selection {sel!r}")
+    # selection quality as only the pool's domain labels tell it (no client sees them): the relevance ROC AUC
+    # for "public sample from my own domain" and the share of proxies drawn from the client's own domain
     relevance_auc = {
         d: float(roc_auc_score(data.public_domain == i, r)) for i, (d, r) in enumerate(zip(domains, relevance))
     }
@@ -535,45 +474,28 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
         sel: [float(np.mean(data.public_domain[s.indices] == i)) for i, s in enumerate(ss)]
         for sel, ss in selections.items()
     }
-    spaces = [
-        {"private": [f"{d}:{j}" for j in range(10)], "public": [str(j) for j in range(10)]} for d in domains
-    ]
+    digits = [str(j) for j in range(10)]
+    spaces = [{"private": [f"{d}:{j}" for j in digits], "public": digits} for d in domains]
     package_sets: Dict[str, List[Path]] = {}
     local: Dict[str, Dict[str, float]] = {}
-    for key in sorted({expert_set_key(s) for s in specs}):
-        sel = key.split("_")[0]
-        aligned = not key.endswith("_unaligned")
+    for key, (sel, aligned) in sorted({expert_set_key(s): (s.selection, s.aligned) for s in specs}.items()):
         with clock.stage(f"client: train experts ({key})"):
-            paths = []
-            local[key] = {}
+            package_sets[key], local[key] = [], {}
             for i, c in enumerate(data.clients):
                 picked = selections[sel][i].indices
                 proxies = (data.public_x[picked], data.public_y[picked]) if aligned else None
                 ex = train_expert(
-                    seed_model,
-                    (c.x_train, c.y_train),
-                    proxies,
-                    spaces[i],
-                    lora_rank=cfg.lora_rank,
-                    epochs=cfg.expert_epochs,
-                    lr=cfg.expert_lr,
-                    batch_size=cfg.expert_batch_size,
+                    seed_model, (c.x_train, c.y_train), proxies, spaces[i], lora_rank=cfg.lora_rank,
+                    epochs=cfg.expert_epochs, lr=cfg.expert_lr, batch_size=cfg.expert_batch_size,
                     seed=seed * 100 + i,
                 )
                 local[key][c.domain] = _digit_accuracy_local(ex.model, c.x_test, c.y_test, 10)
-                method = {"dpp": "dpp", "topk": "topk", "random": "random"}[sel]
-                paths.append(
+                package_sets[key].append(
                     write_expert_package(
-                        work / "packages" / key / c.domain,
-                        ex,
-                        proxy_indices=picked,
-                        public_pool_size=N,
-                        method=method,
-                        k=cfg.k,
-                        overwrite=True,
+                        work / "packages" / key / c.domain, ex, proxy_indices=picked, public_pool_size=N,
+                        method=sel, k=cfg.k, overwrite=True,
                     )
                 )
-            package_sets[key] = paths
 
     tests = {c.domain: (c.x_test, c.y_test) for c in data.clients}
     with torch.no_grad():  # the seed alone (its own 10-digit head): the floor every method starts from
@@ -583,73 +505,9 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
         }
     out_methods: Dict[str, Any] = {}
     for spec in specs:
-        key = expert_set_key(spec)
-        with clock.stage(f"server: {spec.name}"):
-            pkgs = validate_packages(package_sets[key], seed_model=seed_model, public_pool_size=N)
-            model = (
-                build_method(
-                    spec,
-                    seed_model,
-                    pkgs,
-                    top_k=cfg.top_k,
-                    router_init_scale=cfg.router_init_scale,
-                    routed_head=cfg.routed_head,
-                    context_lambda_init=cfg.context_lambda_init,
-                )
-                if spec.combine == "moe"
-                else build_method(spec, seed_model, pkgs)
-            )
-            space = model.label_space
-            router = None
-            if spec.router_data is not None:
-                if spec.router_data == "proxies":
-                    x, y, picked = proxy_training_set(pkgs, data.public_x, data.public_y, space)
-                    owners = proxy_owners(pkgs, picked)
-                else:  # the oracle: every client's private data, labelled with its own classes
-                    x = np.concatenate([c.x_train for c in data.clients])
-                    y = np.concatenate(
-                        [c.y_train + space.private_slices[i][0] for i, c in enumerate(data.clients)]
-                    )
-                    owners = np.repeat(np.eye(len(data.clients)), [len(c.y_train) for c in data.clients], axis=0)
-                block = None
-                if cfg.router_loss == "block":
-                    block = (
-                        space.public_slice if spec.router_data == "proxies" else (0, space.public_slice[0])
-                    )
-                router = train_router(
-                    model,
-                    x,
-                    y,
-                    epochs=cfg.router_epochs,
-                    lr=cfg.router_lr,
-                    batch_size=cfg.router_batch_size,
-                    seed=seed,
-                    label_block=block,
-                    route_targets=owners if cfg.route_loss > 0 else None,
-                    route_loss_coef=cfg.route_loss if cfg.route_loss > 0 else 1.0,
-                )
-                router = {k: v for k, v in router.items() if k != "trained"}
-                router["n_train"] = int(len(y))
-        with clock.stage(f"eval: {spec.name}"):
-            targets = np.array([int(nm.rsplit(":", 1)[-1]) for nm in space.names], dtype=np.int64)
-            exact = {c.domain: c.y_test + space.private_slices[i][0] for i, c in enumerate(data.clients)}
-            ev = evaluate_domains(model, tests, targets, exact)
-            entry: Dict[str, Any] = {
-                "per_domain": ev["per_domain"],
-                "average": float(np.mean(list(ev["per_domain"].values()))),
-                "per_domain_exact": ev["per_domain_exact"],
-                "average_exact": float(np.mean(list(ev["per_domain_exact"].values()))),
-            }
-            entry.update(spec.to_dict())
-            entry.pop("name")
-            entry["router"] = router
-            if spec.combine == "moe":
-                # per client domain: the fraction of token slots each expert receives (per layer) and the
-                # routing quality, a test sample's mean routing probability to its own client's expert
-                stats = {d: model.routing_stats(x_te) for d, (x_te, _) in tests.items()}
-                entry["routing"] = {d: frac.round(4).tolist() for d, (frac, _) in stats.items()}
-                entry["own_expert_weight"] = {d: float(stats[d][1][:, i].mean()) for i, d in enumerate(tests)}
-            out_methods[spec.name] = entry
+        out_methods[spec.name] = _server_side(
+            spec, cfg, seed, seed_model, package_sets[expert_set_key(spec)], data, tests, clock
+        )
     if not keep:
         shutil.rmtree(work / "packages", ignore_errors=True)
     totals = clock.totals()
@@ -677,6 +535,7 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
         "sizes": {
             "public_pool": N,
             "pretrain": None if data.pretrain_x is None else len(data.pretrain_x),
+            "seed_training_set": len(seed_x),
             "test_per_domain": {c.domain: len(c.y_test) for c in data.clients},
         },
         "versions": {
@@ -687,3 +546,62 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool) ->
             "torch_threads": torch.get_num_threads(),
         },
     }
+
+
+def _server_side(spec, cfg: DigitsConfig, seed: int, seed_model, package_paths, data, tests, clock) -> Dict:
+    """One method on the server: package validation, the model, router training (when the method has one),
+    then evaluation on every client's test set; returns the method's entry of the results dict."""
+    from .baselines import build_method
+    from .evaluate import evaluate_domains
+    from .router_training import train_router
+    from .server import proxy_owners, proxy_training_set, validate_packages
+
+    with clock.stage(f"server: {spec.name}"):
+        pkgs = validate_packages(package_paths, seed_model=seed_model, public_pool_size=len(data.public_x))
+        moe_kw = dict(
+            top_k=cfg.top_k, router_init_scale=cfg.router_init_scale, routed_head=cfg.routed_head,
+            context_lambda_init=cfg.context_lambda_init,
+        )
+        model = build_method(spec, seed_model, pkgs, **(moe_kw if spec.combine == "moe" else {}))
+        space = model.label_space
+        router = None
+        if spec.router_data is not None:
+            if spec.router_data == "proxies":
+                x, y, picked = proxy_training_set(pkgs, data.public_x, data.public_y, space)
+                owners = proxy_owners(pkgs, picked)
+            else:  # the oracle: every client's private data, labelled with its own classes
+                x = np.concatenate([c.x_train for c in data.clients])
+                y = np.concatenate(
+                    [c.y_train + space.private_slices[i][0] for i, c in enumerate(data.clients)]
+                )
+                owners = np.repeat(np.eye(len(data.clients)), [len(c.y_train) for c in data.clients], axis=0)
+            block = None
+            if cfg.router_loss == "block":
+                block = space.public_slice if spec.router_data == "proxies" else (0, space.public_slice[0])
+            router = train_router(
+                model, x, y, epochs=cfg.router_epochs, lr=cfg.router_lr, batch_size=cfg.router_batch_size,
+                seed=seed, label_block=block, route_targets=owners if cfg.route_loss > 0 else None,
+                route_loss_coef=cfg.route_loss if cfg.route_loss > 0 else 1.0,
+            )
+            router = {k: v for k, v in router.items() if k != "trained"}
+            router["n_train"] = int(len(y))
+    with clock.stage(f"eval: {spec.name}"):
+        targets = np.array([int(nm.rsplit(":", 1)[-1]) for nm in space.names], dtype=np.int64)
+        exact = {c.domain: c.y_test + space.private_slices[i][0] for i, c in enumerate(data.clients)}
+        ev = evaluate_domains(model, tests, targets, exact)
+        entry: Dict[str, Any] = {
+            "per_domain": ev["per_domain"],
+            "average": float(np.mean(list(ev["per_domain"].values()))),
+            "per_domain_exact": ev["per_domain_exact"],
+            "average_exact": float(np.mean(list(ev["per_domain_exact"].values()))),
+        }
+        entry.update(spec.to_dict())
+        entry.pop("name")
+        entry["router"] = router
+        if spec.combine == "moe":
+            # per client domain: the fraction of token slots each expert receives (per layer) and the
+            # routing quality, a test sample's mean routing probability to its own client's expert
+            stats = {d: model.routing_stats(x_te) for d, (x_te, _) in tests.items()}
+            entry["routing"] = {d: frac.round(4).tolist() for d, (frac, _) in stats.items()}
+            entry["own_expert_weight"] = {d: float(stats[d][1][:, i].mean()) for i, d in enumerate(tests)}
+    return entry

@@ -12,8 +12,9 @@ import numpy as np
 
 from ..utils.files import read_json
 from ..utils.pool_format import DTYPES, FORMAT, MANIFEST
+from .config import ConfigError, check_keys, load_config, resolve_path, seed_model_from_config
+from .data_loading import load_data
 from .pool_embedding import embed_pool_sharded
-
 
 CONFIG_HELP = """\
 pool.yaml keys (flags override them):
@@ -25,7 +26,8 @@ pool.yaml keys (flags override them):
   num_shards: N              single-process runs only: how many shards (default: the existing manifest's, else 1)
 
 A plain .npy DATA path is opened as a read-only memmap, so each rank reads only its own rows; other DATA kinds
-(.npz, image folders, datasets save_to_disk folders) are loaded whole by metamoe.unify.cli.load_data on every rank.
+(.npz, image folders, datasets save_to_disk folders) are loaded whole by metamoe.unify.data_loading.load_data on
+every rank.
 
 Redoing a crashed rank's shard, without torchrun: the same command with --shards I (and without --distributed);
 `metamoe select --public OUT/manifest.json` (or an error from it) prints that command."""
@@ -63,7 +65,8 @@ def _parser():
     p.add_argument("--shards", default=None,
                    help="single process: embed only these shard indices, comma separated (e.g. 3,5): redoes a "
                    "crashed rank's shard without torchrun")
-    p.add_argument("--overwrite", action="store_true", help="re-embed shards whose record is valid (default: skip them)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="re-embed shards whose record is valid (default: skip them)")
     p.add_argument("--distributed", action="store_true",
                    help="one shard per rank: run under "
                    "`torchrun --nproc_per_node=N -m metamoe embed-pool --distributed ...`")
@@ -102,11 +105,9 @@ def _canonical_command(a, cfg_path: Optional[str]) -> List[str]:
 
 def _from_args(a):
     """(seed model, data, settings) from the parsed flags and the optional YAML."""
-    from . import cli as ucli
-
-    cfg: Dict[str, Any] = ucli.load_config(a.config) if a.config else {}
+    cfg: Dict[str, Any] = load_config(a.config) if a.config else {}
     base = cfg.get("_base")
-    ucli._check_keys(cfg, ("seed_model", "data", "output", "batch_size", "dtype", "num_shards"), "pool.yaml")
+    check_keys(cfg, ("seed_model", "data", "output", "batch_size", "dtype", "num_shards"), "pool.yaml")
     sm = dict(cfg.get("seed_model") or {})
     if a.model is not None:
         sm["name"] = a.model
@@ -120,35 +121,35 @@ def _from_args(a):
         try:
             conf = json.loads(a.model_config)
         except ValueError as exc:
-            raise ucli.ConfigError(f"--model-config must be a JSON object: {exc}") from None
+            raise ConfigError(f"--model-config must be a JSON object: {exc}") from None
         if not isinstance(conf, dict):
-            raise ucli.ConfigError("--model-config must be a JSON object of architecture fields")
+            raise ConfigError("--model-config must be a JSON object of architecture fields")
         sm["config"] = conf
     if "name" not in sm:
-        raise ucli.ConfigError("give the seed model: --model timm:<arch> | hf:<model_type> "
-                               "(or seed_model.name in --config)")
-    model = ucli._seed_model({"seed_model": sm}, base)
+        raise ConfigError("give the seed model: --model timm:<arch> | hf:<model_type> "
+                          "(or seed_model.name in --config)")
+    model = seed_model_from_config({"seed_model": sm}, base)
     spec = cfg.get("data") if a.data is None else {"path": os.path.abspath(a.data)}
     if spec is None:
-        raise ucli.ConfigError("give the pool's data: --data PATH (or data: in --config)")
+        raise ConfigError("give the pool's data: --data PATH (or data: in --config)")
     if isinstance(spec, (str, os.PathLike)):
         spec = {"path": spec}
     if a.x_key is not None:
         spec = dict(spec, x_key=a.x_key)
-    path = ucli._resolve(base, spec.get("path"), "data.path")
+    path = resolve_path(base, spec.get("path"), "data.path")
     if path.suffix == ".npy" and set(spec) <= {"path", "labels"}:
         if not path.is_file():
             raise FileNotFoundError(f"data.path not found: {path}")
         data = np.load(path, mmap_mode="r", allow_pickle=False)  # each rank reads only its rows
         if data.ndim < 2 or data.dtype.kind not in "fiu":
-            raise ucli.ConfigError(f"{path}: expected (n, ...) float images or integer token ids, got shape "
-                                   f"{data.shape} dtype {data.dtype}")
+            raise ConfigError(f"{path}: expected (n, ...) float images or integer token ids, got shape "
+                              f"{data.shape} dtype {data.dtype}")
     else:
-        data, _, _ = ucli.load_data(spec, base, "data")
+        data, _, _ = load_data(spec, base, "data")
     out = a.out if a.out is not None else cfg.get("output")
     if out is None:
-        raise ucli.ConfigError("give the pool folder: --out DIR (or output: in --config)")
-    a.out_resolved = str(ucli._resolve(base if a.out is None else None, out, "output"))
+        raise ConfigError("give the pool folder: --out DIR (or output: in --config)")
+    a.out_resolved = str(resolve_path(base if a.out is None else None, out, "output"))
     a.batch_size_resolved = a.batch_size if a.batch_size is not None else cfg.get("batch_size", 256)
     a.dtype_resolved = a.dtype if a.dtype is not None else cfg.get("dtype", "float16")
     a.num_shards_cfg = a.num_shards if a.num_shards is not None else cfg.get("num_shards")

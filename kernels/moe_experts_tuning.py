@@ -1,4 +1,4 @@
-"""Autotune configs of the MoE grouped GEMMs (``moe_grouped_gemm``) and the rules that prune them.
+"""Autotune configs of the MoE grouped GEMMs (``moe_experts``) and the rules that prune them.
 
 Each kernel's config list (``KERNEL_CONFIGS``) is what the autotuner tries on a GPU. Before anything compiles,
 a config is dropped when its shared memory (``shared_memory_estimate``: num_stages buffers of the operand
@@ -57,7 +57,7 @@ SHARED_MEMORY_LIMIT = 232448
 
 # Per kernel: the meta-parameters giving the main-loop dot's (rows of A, depth, columns of B) and the launch
 # argument whose tensor is A, resp. B (weight_grad's dot is trans(L) @ R over BLOCK_M rows).
-_DOT_TILES = {
+DOT_TILES = {
     "gather_fwd": (("BLOCK_M", "BLOCK_K", "BLOCK_N"), "x_ptr", "w_ptr"),
     "scatter": (("BLOCK_M", "BLOCK_K", "BLOCK_N"), "a_ptr", "w_ptr"),
     "gather_bwd": (("BLOCK_M", "BLOCK_K", "BLOCK_N"), "dy_ptr", "w_ptr"),
@@ -106,7 +106,7 @@ def shared_memory_estimate(kernel: str, config, a_dtype, b_dtype=None, activatio
     (benchmarks/compile_report.py) checks this bound against the compiler's allocation of every config.
     """
     _check_kernel(kernel)
-    (rows, depth, cols), _, _ = _DOT_TILES[kernel]
+    (rows, depth, cols), _, _ = DOT_TILES[kernel]
     meta = config.kwargs
     missing = [n for n in (rows, depth, cols) if n not in meta]
     if missing:
@@ -124,7 +124,7 @@ def _config_str(config) -> str:
     return f"{tiles} num_warps={config.num_warps} num_stages={config.num_stages}"
 
 
-def _over_limit_reason(kernel: str, config, need: int) -> str:
+def over_limit_reason(kernel: str, config, need: int) -> str:
     return (f"kernel {kernel!r} config {_config_str(config)} needs {need} bytes of shared memory per block "
             f"(estimate), over the {SHARED_MEMORY_LIMIT} an H200 allows")
 
@@ -140,9 +140,9 @@ def configs_for(kernel: str, dtype, activation=None, dot_prec=None):
     out = []
     for cfg in KERNEL_CONFIGS[kernel]:
         need = shared_memory_estimate(kernel, cfg, dtype, dtype, activation)
-        acc = _acc_per_thread(kernel, cfg, activation)
+        acc = acc_per_thread(kernel, cfg, activation)
         if need > SHARED_MEMORY_LIMIT:
-            out.append((cfg, False, _over_limit_reason(kernel, cfg, need)))
+            out.append((cfg, False, over_limit_reason(kernel, cfg, need)))
         elif acc > ACC_REGISTERS_PER_THREAD:
             out.append((cfg, False, f"kernel {kernel!r} config {_config_str(cfg)}: {acc} float32 accumulator "
                                     f"values per thread, over {ACC_REGISTERS_PER_THREAD} (it would spill)"))
@@ -163,8 +163,8 @@ def _accumulators(kernel: str, activation) -> int:
     return 2 if _two_b_tiles(kernel, activation) else 1
 
 
-def _acc_per_thread(kernel: str, config, activation) -> int:
-    (rows, _, cols), _, _ = _DOT_TILES[kernel]
+def acc_per_thread(kernel: str, config, activation) -> int:
+    (rows, _, cols), _, _ = DOT_TILES[kernel]
     return _accumulators(kernel, activation) * config.kwargs[rows] * config.kwargs[cols] // (32 * config.num_warps)
 
 
@@ -174,20 +174,20 @@ tensor cores, so large tiles gain nothing and cost long compiles and register sp
 
 
 def _too_large_for_ieee(kernel: str, config, dot_prec) -> bool:
-    (rows, _, cols), _, _ = _DOT_TILES[kernel]
+    (rows, _, cols), _, _ = DOT_TILES[kernel]
     return dot_prec == "ieee" and config.kwargs[rows] * config.kwargs[cols] > IEEE_MAX_TILE
 
 
-def _shared_memory_pruner(kernel: str):
+def shared_memory_pruner(kernel: str):
     """``early_config_prune`` for ``kernel``: drops the configs that cannot fit before any of them compiles."""
-    _, a_arg, b_arg = _DOT_TILES[kernel]
+    _, a_arg, b_arg = DOT_TILES[kernel]
 
     def prune(configs, named_args, **kwargs):
         a_dtype, b_dtype = named_args[a_arg].dtype, named_args[b_arg].dtype
         act = kwargs.get("ACT")
         kept = [c for c in configs
                 if shared_memory_estimate(kernel, c, a_dtype, b_dtype, act) <= SHARED_MEMORY_LIMIT
-                and _acc_per_thread(kernel, c, act) <= ACC_REGISTERS_PER_THREAD
+                and acc_per_thread(kernel, c, act) <= ACC_REGISTERS_PER_THREAD
                 and not _too_large_for_ieee(kernel, c, kwargs.get("DOT_PREC"))]
         if not kept:
             raise ValueError(f"no config of kernel {kernel!r} fits {SHARED_MEMORY_LIMIT} bytes of shared memory "

@@ -1,12 +1,12 @@
-"""The paper's claims as paired statistical tests over seeds, on the digits harness.
+"""The paper's claims as paired statistical tests over seeds, for the digits claims benchmark.
 
-Per seed, :func:`~metamoe.unify.experiment.run_digits_experiment` runs every method on the same data split,
-seed model and clients, so methods are compared *paired*: per seed, ``d_s = acc(metamoe) - acc(other)`` (average
-digit accuracy over the client domains). For each comparison :func:`paired_comparison` reports the per-seed
-differences, their mean and sample standard deviation, a 95 % t confidence interval of the mean, a one-sided
-paired t-test (H1: mean difference > 0), a one-sided Wilcoxon signed-rank test (exact for small n, zero
-differences dropped) and a one-sided sign test (wins vs losses, ties dropped). The claims (DESIGN.md section 1,
-issue 5):
+Per seed, the benchmark (``benchmarks/bench_unify_claims.py``) runs every method on the same data split, seed
+model and clients (:func:`metamoe.unify.experiment.run_digits_experiment`), so methods are compared *paired*:
+per seed, ``d_s = acc(metamoe) - acc(other)`` (average digit accuracy over the client domains). For each
+comparison :func:`paired_comparison` reports the per-seed differences, their mean and sample standard
+deviation, a 95 % t confidence interval of the mean, a one-sided paired t-test (H1: mean difference > 0), a
+one-sided Wilcoxon signed-rank test (exact for small n, zero differences dropped) and a one-sided sign test
+(wins vs losses, ties dropped). The claims (:data:`CLAIMS`; the method is described in docs/design.md):
 
 * ``metamoe > flexolmo``, ``metamoe > random_proxy``, ``metamoe > model_soup``: "holds" when the mean difference is
   positive and the one-sided Wilcoxon p-value is below ``alpha``; "not shown" otherwise (with 5 seeds the smallest
@@ -19,11 +19,11 @@ issue 5):
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
-__all__ = ["CLAIMS", "paired_comparison", "evaluate_claims", "format_claims", "run_claims"]
+__all__ = ["CLAIMS", "paired_comparison", "evaluate_claims", "format_claims"]
 
 # (other method, kind): "beats" = metamoe's mean accuracy is higher; "close" = within close_margin of it
 CLAIMS = (
@@ -152,23 +152,3 @@ def format_claims(per_seed: Dict[int, Dict[str, float]], claims: List[Dict[str, 
             f"{c['verdict']}: {c['claim']}"
         )
     return "\n".join(lines)
-
-
-def run_claims(
-    seeds: Sequence[int],
-    methods: Optional[Sequence[str]] = None,
-    progress: Callable[[str], None] = print,
-    **overrides: Any,
-) -> Dict[int, Dict[str, Any]]:
-    """Run the digits harness once per seed; returns ``{seed: results dict}`` (see
-    :func:`~metamoe.unify.experiment.run_digits_experiment`; ``overrides`` go to its config)."""
-    from .experiment import run_digits_experiment
-
-    seeds = [int(s) for s in seeds]
-    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be at least 2 distinct ints, got {seeds}")
-    out = {}
-    for s in seeds:
-        progress(f"== seed {s}")
-        out[s] = run_digits_experiment(s, methods=methods, progress=progress, **overrides)
-    return out

@@ -6,7 +6,7 @@ shapes and peers from benchmarks/cases.py: MOE):
   hf-grouped_mm   transformers' "grouped_mm" experts implementation (sort + torch._grouped_mm, its own
                   fallback where _grouped_mm cannot run)
   metamoe-torch   moe_experts(backend="torch") with the per-expert loop: the reference / fallback
-  torch-grouped_mm  metamoe's torch path on torch._grouped_mm (only where it runs: sm90+, bf16)
+  torch-grouped_mm  metamoe's torch path on torch's fused grouped_mm (only where it runs: sm90/sm100, bf16)
   liger           liger-kernel's LigerFusedMoEFunction, if liger_kernel imports
   metamoe-triton  moe_experts(backend="triton"): the Triton kernels (GPU; on the CPU only through
                   TRITON_INTERPRET=1, where the time is the interpreter's and says nothing about the kernel)
@@ -22,11 +22,11 @@ is checked against metamoe-torch's in the same run, before timing: ``max_err_vs_
 (over max |y|) and ``check_ok`` (max_rel_err <= 3e-2 in 16-bit dtypes, 1e-3 in float32).
 Rows are appended to <results-dir>/moe.csv.
 
-  python benchmarks/bench_moe.py                         # GPU sweep (bf16): Mixtral, Qwen3-30B-A3B, OLMoE
-  python benchmarks/bench_moe.py --quick                 # tiny CPU shapes (what runs without a GPU)
-  python benchmarks/bench_moe.py --shapes mixtral --T 16384
-  python benchmarks/bench_moe.py --target --results-dir OUT   # the issue-15 target shapes, CUDA only
-  TRITON_INTERPRET=1 python benchmarks/bench_moe.py --target --target-scale tiny --results-dir TMP
+  python benchmarks/bench_moe_experts.py                 # GPU sweep (bf16): Mixtral, Qwen3-30B-A3B, OLMoE
+  python benchmarks/bench_moe_experts.py --quick         # tiny CPU shapes (what runs without a GPU)
+  python benchmarks/bench_moe_experts.py --shapes mixtral --T 16384
+  python benchmarks/bench_moe_experts.py --target --results-dir OUT  # the issue-15 target shapes, CUDA only
+  TRITON_INTERPRET=1 python benchmarks/bench_moe_experts.py --target --target-scale tiny --results-dir TMP
       # the same --target path at the tiny shapes of cases.py target_tiny (a dry run; see benchmarks/utils.py)
 
 Targets (issue 15, H200, bf16, T = 16k; rows with target_case moe-mixtral-t16k / moe-qwen3-t16k): forward
@@ -48,9 +48,9 @@ from benchmarks.utils import (  # noqa: E402
     add_target_scale, append_csv, check_target_args, common_parser, environment, failure_note, measured_peak,
     pick_device, print_table, recover_cuda, time_fn,
 )
-from metamoe.backends import CallSpec  # noqa: E402
+from metamoe.backends import CallSpec, grouped_mm_reasons  # noqa: E402
 from metamoe.ops import moe_experts, moe_routing  # noqa: E402
-from metamoe.ops.moe_experts import grouped_mm_supported, moe_experts_op, moe_experts_torch  # noqa: E402
+from metamoe.ops.moe_experts import moe_experts_op, moe_experts_ref  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 H200_BF16_TFLOPS = 790.0
@@ -103,13 +103,12 @@ def make_impls(names, x_dev, d, f, dtype):
 
             impls[name] = factory
         elif name == "metamoe-torch":
-            impls[name] = lambda wgu, wd: (lambda x, tw, ids: moe_experts_torch(x, tw, ids, wgu, wd, grouped_mm=False))
+            impls[name] = lambda wgu, wd: (lambda x, tw, ids: moe_experts_ref(x, tw, ids, wgu, wd, grouped_mm=False))
         elif name == "torch-grouped_mm":
-            probe = torch.empty(0, device=x_dev, dtype=dtype)
-            ok, why = grouped_mm_supported(probe, d, f)
-            if ok:
-                impls[name] = lambda wgu, wd: (lambda x, tw, ids: moe_experts_torch(x, tw, ids, wgu, wd,
-                                                                                     grouped_mm=True))
+            why = "; ".join(grouped_mm_reasons(x_dev, dtype, {"d": d, "f": f}, fused=True))
+            if not why:
+                impls[name] = lambda wgu, wd: (lambda x, tw, ids: moe_experts_ref(x, tw, ids, wgu, wd,
+                                                                                   grouped_mm=True))
             else:
                 skipped[name] = why
         elif name == "liger":

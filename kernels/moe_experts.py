@@ -33,7 +33,7 @@ whole weight from HBM. Row indices and all offsets are int64 (T*k*d may pass 2^3
 the device of its tensors. The weight-gradient kernel does not split an expert's rows across programs
 (fine for the many output tiles of real layers, slow for one huge expert with a tiny weight).
 Constants: BLOCK_* are kernel parameters; on a GPU they come from ``triton.autotune`` over
-``KERNEL_CONFIGS`` (moe_grouped_gemm_tuning.py: Hopper-shaped tiles of 16-128 rows, 64-256 columns, 32-64 deep, 3-4 stages; the key
+``KERNEL_CONFIGS`` (moe_experts_tuning.py: Hopper-shaped tiles of 16-128 rows, 64-256 columns, 32-64 deep, 3-4 stages; the key
 holds the sizes, the expert count, the activation and other code variants, the dot precision and the
 token count rounded up to a power of two, so varying batch sizes do not retune every step), under the
 interpreter from fixed defaults (32 x 64 x 64: few programs, which is what costs time there) so CPU tests
@@ -62,9 +62,9 @@ from metamoe.backends.availability import triton_interpret
 
 from . import on_device
 
-from .moe_grouped_gemm_tuning import (  # noqa: F401  (re-exported: the op's configs and pruning rules)
+from .moe_experts_tuning import (  # noqa: F401  (re-exported: the op's configs and pruning rules)
     ACC_REGISTERS_PER_THREAD, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU, ACTIVATIONS, IEEE_MAX_TILE, KERNEL_CONFIGS,
-    SHARED_MEMORY_LIMIT, _acc_per_thread, _DOT_TILES, _over_limit_reason, _shared_memory_pruner, configs_for,
+    SHARED_MEMORY_LIMIT, acc_per_thread, DOT_TILES, over_limit_reason, shared_memory_pruner, configs_for,
     shared_memory_estimate,
 )
 
@@ -386,7 +386,7 @@ def _moe_weight_grad_kernel(
 
 def _autotuned(kernel: str, fn, key, **kw):
     return triton.autotune(KERNEL_CONFIGS[kernel], key=key,
-                           prune_configs_by={"early_config_prune": _shared_memory_pruner(kernel)}, **kw)(fn)
+                           prune_configs_by={"early_config_prune": shared_memory_pruner(kernel)}, **kw)(fn)
 
 
 # Autotune keys: what changes the best config. Token counts enter bucketed (M_BUCKET, a power of two), so a
@@ -445,13 +445,13 @@ def _pinned(launcher: str, kernel: str, config, a_dtype, b_dtype, activation=Non
     checking it sets exactly the kernel's tile sizes and passes the shared-memory pruning."""
     if not isinstance(config, triton.Config):
         raise TypeError(f"{launcher}: config must be a triton.Config or None, got {type(config).__name__}")
-    want = sorted(_DOT_TILES[kernel][0])
+    want = sorted(DOT_TILES[kernel][0])
     if sorted(config.kwargs) != want:
         raise ValueError(f"{launcher}: config must set exactly {want} for kernel {kernel!r}, got "
                          f"{sorted(config.kwargs)}")
     need = shared_memory_estimate(kernel, config, a_dtype, b_dtype, activation)
     if need > SHARED_MEMORY_LIMIT:
-        raise ValueError(f"{launcher}: config pruned: {_over_limit_reason(kernel, config, need)}")
+        raise ValueError(f"{launcher}: config pruned: {over_limit_reason(kernel, config, need)}")
     return config.all_kwargs()
 
 
