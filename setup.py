@@ -87,7 +87,9 @@ class CMakeBuild(build_ext):
 
     def run(self):
         if shutil.which("cmake") is None:
-            raise SystemExit("metamoe needs CMake >= 3.18 to build its extension (pip install cmake, or apt-get install cmake)")
+            raise SystemExit(
+                "metamoe needs CMake >= 3.18 to build its extension (pip install cmake, or apt-get install cmake)"
+            )
         build_dir = Path(os.environ.get("METAMOE_BUILD_DIR", ROOT / "build" / "cmake")).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
         import pybind11

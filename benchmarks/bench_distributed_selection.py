@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: import benchmarks.utils
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
@@ -66,9 +66,13 @@ def _worker(rank, world, port, path, cfg, out):
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from metamoe.selection.distributed import (init_distributed, select_dpp_sharded,
-                                               select_facility_location_greedi,
-                                               select_facility_location_private_sharded, shard_range)
+    from metamoe.selection.distributed import (
+        init_distributed,
+        select_dpp_sharded,
+        select_facility_location_greedi,
+        select_facility_location_private_sharded,
+        shard_range,
+    )
 
     init_distributed("gloo", timeout_s=1800)
     X = np.load(path["X"], mmap_mode="r")

@@ -33,16 +33,25 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: import benchmarks.utils
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.cases import DPP, clustered_torch  # noqa: E402
 from benchmarks.utils import (  # noqa: E402
-    add_target_scale, append_csv, capped_note, check_target_args, common_parser, compare_picks, environment,
-    failure_note, pick_device,
-    print_table, recover_cuda, time_fn,
+    add_target_scale,
+    append_csv,
+    capped_note,
+    check_target_args,
+    common_parser,
+    compare_picks,
+    environment,
+    failure_note,
+    pick_device,
+    print_table,
+    recover_cuda,
+    time_fn,
 )
 from metamoe.backends import availability  # noqa: E402
 from metamoe.selection import select_dpp  # noqa: E402
@@ -133,7 +142,7 @@ def run_target(args, device):
         inp = X if dev.startswith("cuda") else X_host
         out = {}
 
-        def fn(inp=inp, backend=backend, kk=k_run):
+        def fn(inp=inp, backend=backend, kk=k_run, out=out):
             out["sel"] = select_dpp(inp, kk, r, ridge=ridge, backend=backend, progress=False)
 
         try:  # a failing backend gets its row with the error in note; the others still run

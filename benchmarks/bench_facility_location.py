@@ -49,21 +49,34 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: import benchmarks.utils
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.cases import FACILITY_LOCATION, FACILITY_LOCATION_DENSE_GPU, FACILITY_LOCATION_DENSE_QUICK  # noqa: E402
-from benchmarks.cases import clustered_torch  # noqa: E402
+import metamoe.selection.facility_location as fl_mod  # noqa: E402
+from benchmarks.cases import (  # noqa: E402
+    FACILITY_LOCATION,
+    FACILITY_LOCATION_DENSE_GPU,
+    FACILITY_LOCATION_DENSE_QUICK,
+    clustered_torch,  # noqa: E402
+)
 from benchmarks.utils import (  # noqa: E402
-    add_target_scale, append_csv, capped_note, check_target_args, common_parser, compare_picks, environment,
-    failure_note, pick_device,
-    print_table, recover_cuda, time_fn,
+    add_target_scale,
+    append_csv,
+    capped_note,
+    check_target_args,
+    common_parser,
+    compare_picks,
+    environment,
+    failure_note,
+    pick_device,
+    print_table,
+    recover_cuda,
+    time_fn,
 )
 from metamoe.backends import availability  # noqa: E402
 from metamoe.selection import KnnGraph, build_knn_graph, select_facility_location  # noqa: E402
-import metamoe.selection.facility_location as fl_mod  # noqa: E402
 
 
 def blobs(n: int, d: int, clusters: int, seed: int) -> np.ndarray:
@@ -151,8 +164,8 @@ def run_dense(args, device: str) -> None:
             "time_vs_on_the_fly": round(t.median / runs["dense-on-the-fly"][0].median, 3),
             "candidate_evaluations": "", "threads": threads,
         })
-    print_table(rows, ["variant", "backend", "n", "d", "k", "median_s", "graph_s", "dense_objective", "dense_obj_vs_knn",
-                       "same_picks_as_on_the_fly", "time_vs_on_the_fly", "threads"],
+    print_table(rows, ["variant", "backend", "n", "d", "k", "median_s", "graph_s", "dense_objective",
+                       "dense_obj_vs_knn", "same_picks_as_on_the_fly", "time_vs_on_the_fly", "threads"],
                 title=f"facility location, graph='dense' on {env['device']} ({threads} torch threads; "
                       f"median of {rep} run(s); knn includes its graph build)")
     if not args.no_csv:
@@ -355,7 +368,7 @@ def main(argv=None) -> None:
             Xb = X if b == "cpp" else Xdev
             out = {}
 
-            def call(b=b, Xb=Xb, out=out):
+            def call(b=b, Xb=Xb, out=out, opt=opt):
                 out["sel"] = select_facility_location(Xb, k, graph=graph, optimizer=opt, backend=b, seed=args.seed,
                                                       progress=False)
 

@@ -20,7 +20,8 @@ What is timed (median of ``--rep`` calls after ``--warmup``):
            compared with this call's (they must be identical) and the ratio baseline / first is printed.
 
   python benchmarks/bench_facility_location_transpose.py                       # N = 1M, K = 50, k = 10,000
-  python benchmarks/bench_facility_location_transpose.py --baseline-so /tmp/fl_baseline/_C.cpython-311-x86_64-linux-gnu.so
+  python benchmarks/bench_facility_location_transpose.py \\
+      --baseline-so /tmp/fl_baseline/_C.cpython-311-x86_64-linux-gnu.so
   python benchmarks/bench_facility_location_transpose.py --n 100000 --k 1000 --rep 3   # small
 """
 
@@ -33,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: import benchmarks.utils
 
 import numpy as np  # noqa: E402
 
@@ -189,7 +190,8 @@ def main(argv=None) -> None:
         row.update(baseline_s=round(base["median_s"], 4), same_as_baseline=same_picks and same_gains and same_obj,
                    speedup_first=round(base["median_s"] / first, 2), speedup_cached=round(base["median_s"] / reuse, 2))
     if not args.no_csv:
-        print(f"appended 1 row to {append_csv('facility_location_transpose', [row], environment('cpu'), args.results_dir)}")
+        print("appended 1 row to "
+              f"{append_csv('facility_location_transpose', [row], environment('cpu'), args.results_dir)}")
     if args.baseline_so and not row["same_as_baseline"]:
         sys.exit("the current call's picks, gains or objective differ from the baseline's")
 

@@ -33,15 +33,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: import benchmarks.utils
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.cases import KNN_GRAPH, clustered_torch  # noqa: E402
 from benchmarks.utils import (  # noqa: E402
-    add_target_scale, append_csv, check_target_args, common_parser, environment, failure_note, pick_device,
-    print_table, recover_cuda, time_fn,
+    add_target_scale,
+    append_csv,
+    check_target_args,
+    common_parser,
+    environment,
+    failure_note,
+    pick_device,
+    print_table,
+    recover_cuda,
+    time_fn,
 )
 from metamoe.selection import build_knn_graph  # noqa: E402
 from metamoe.selection.knn_graph import faiss_gpu_reason  # noqa: E402
@@ -92,7 +100,7 @@ def run(N: int, D: int, K: int, device: str, warmup: int, rep: int, case: str = 
         method = METHOD_OF[peer]
         out = {}
 
-        def call(method=method):
+        def call(method=method, out=out):
             out["g"] = build_knn_graph(X, K, method=method, progress=False)
 
         try:  # a failing peer gets its row with the error in note; the others still run
@@ -140,7 +148,8 @@ def build_parser():
     p.add_argument("--check-queries", type=int, default=256,
                    help="rows whose neighbours are also found by brute force, to check the reference")
     p.add_argument("--graph-cache", default=None,
-                   help="a .npz path: save the reference graph there (bench_facility_location.py --graph-cache reads it)")
+                   help="a .npz path: save the reference graph there "
+                        "(bench_facility_location.py --graph-cache reads it)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return p
 

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: import benchmarks.utils
 
 from benchmarks.utils import add_results_dir, append_csv, environment, fmt, print_table  # noqa: E402
 
@@ -172,7 +172,11 @@ def run_method(args) -> dict:
     import torch
 
     from metamoe.selection import (
-        relevance_scores, select_dpp, select_facility_location, select_random, select_top_relevance,
+        relevance_scores,
+        select_dpp,
+        select_facility_location,
+        select_random,
+        select_top_relevance,
     )
     from metamoe.selection.knn_graph import build_knn_graph
 
@@ -229,6 +233,7 @@ def run_method(args) -> dict:
             graph_s = time.perf_counter() - tg
             sel = select_facility_location(Xs, args.k_fl, graph=g, progress=False)
             rate = m / graph_s
+            item_bytes = 4 if args.ivf_storage == "float32" else 2 if args.ivf_storage == "float16" else 1
             out.update(N=m, k=args.k_fl, backend=sel.backend, objective=sel.objective,
                        note=(f"IVF {args.ivf_storage} nlist={g.info['nlist']} nprobe={g.info['nprobe']} "
                              f"quantizer={g.info['quantizer']} "
@@ -238,7 +243,7 @@ def run_method(args) -> dict:
                              + (f"; EXTRAPOLATION, not measured: the full N={n:,} graph at this rate, lists kept "
                                 f"this size (nlist x {n / m:g}), >= {n / rate / 3600:.2f} h (the coarse quantizer "
                                 f"and training grow too), and its {args.ivf_storage} lists would hold "
-                                f"{n * d * (4 if args.ivf_storage == 'float32' else 2 if args.ivf_storage == 'float16' else 1) / 2**30:.1f} GiB"
+                                f"{n * d * item_bytes / 2**30:.1f} GiB"
                                 if m < n else "")))
         else:
             raise SystemExit(f"unknown method {method!r}")
@@ -281,7 +286,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=2000, help="picks for random / top_relevance")
     p.add_argument("--k-dpp", type=int, default=None, help="picks of the full-pool DPP, C++ (default 50; quick 100)")
-    p.add_argument("--k-dpp-torch", type=int, default=None, help="picks of the full-pool DPP, torch (default 4; quick 20)")
+    p.add_argument("--k-dpp-torch", type=int, default=None,
+                   help="picks of the full-pool DPP, torch (default 4; quick 20)")
     p.add_argument("--candidates", type=int, default=20000)
     p.add_argument("--k-cand", type=int, default=2000)
     p.add_argument("--k-fl", type=int, default=None, help="facility-location picks (default 500; quick 200)")

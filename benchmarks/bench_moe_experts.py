@@ -39,14 +39,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: import benchmarks.utils
 
 import torch  # noqa: E402
 
 from benchmarks.cases import MOE, MOE_GPU_T, MOE_LOOP_PEERS, MOE_MODES, MOE_QUICK_T, MOE_SHAPES  # noqa: E402
 from benchmarks.utils import (  # noqa: E402
-    add_target_scale, append_csv, check_target_args, common_parser, environment, failure_note, measured_peak,
-    pick_device, print_table, recover_cuda, time_fn,
+    add_target_scale,
+    append_csv,
+    check_target_args,
+    common_parser,
+    environment,
+    failure_note,
+    measured_peak,
+    pick_device,
+    print_table,
+    recover_cuda,
+    time_fn,
 )
 from metamoe.backends import CallSpec, grouped_mm_reasons  # noqa: E402
 from metamoe.ops import moe_experts, moe_routing  # noqa: E402
@@ -91,7 +100,9 @@ def make_impls(names, x_dev, d, f, dtype):
     impls, skipped = {}, {}
     for name in names:
         if name in ("hf-eager", "hf-grouped_mm"):
-            def factory(wgu, wd, impl=name.split("-", 1)[1]):
+            hf_impl = name.split("-", 1)[1]
+
+            def factory(wgu, wd, impl=hf_impl):
                 mod = hf_experts(wgu, wd, impl)
 
                 def call(x, tw, ids):

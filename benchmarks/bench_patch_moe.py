@@ -54,18 +54,27 @@ fwd and fwd+bwd, every impl, --warmup 2 --rep 5 by default.
 
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: import benchmarks.utils
 
 import torch  # noqa: E402
 
 from benchmarks.cases import PATCH_MOE, PATCH_MOE_HF_PEERS, PATCH_MOE_MODELS, PATCH_MOE_MODES  # noqa: E402
 from benchmarks.utils import (  # noqa: E402
-    add_target_scale, append_csv, check_target_args, common_parser, environment, failure_note, pick_device,
-    print_table, recover_cuda, time_fn,
+    add_target_scale,
+    append_csv,
+    check_target_args,
+    common_parser,
+    environment,
+    failure_note,
+    pick_device,
+    print_table,
+    recover_cuda,
+    time_fn,
 )
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -242,16 +251,16 @@ def run_model(shape, dtype, device, names, modes, warmup, rep, backend, case="",
                         row["grad_rel_err"] = grad_rel_err(model, ref_grads)
                     _clear_grads(model)
 
-                    def step():
+                    def step(model=model, ids=ids):
                         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
 
-                    setup = lambda: _clear_grads(model)  # noqa: E731
+                    setup = functools.partial(_clear_grads, model)
                 else:
                     model.eval()
                     with torch.no_grad():
                         logits = model(input_ids=ids, use_cache=False).logits.float()
 
-                    def step():
+                    def step(model=model, ids=ids):
                         with torch.no_grad():
                             model(input_ids=ids, use_cache=False)
 

@@ -15,7 +15,8 @@ compare like with like. This machine has 2 cores: 4 processes oversubscribe it (
 Times: medians over --rep runs (after --warmup), between two barriers on rank 0. Appends rows to
 <results-dir>/pool_embedding.csv.
 
-  python benchmarks/bench_pool_embedding.py            # embed N = 8192 (3x32x32, ViT d=192, depth 6); relevance N = 2M, D = 128
+  python benchmarks/bench_pool_embedding.py            # embed N = 8192 (3x32x32, ViT d=192, depth 6);
+                                                       # relevance N = 2M, D = 128
   python benchmarks/bench_pool_embedding.py --quick    # embed N = 1024 (d=96, depth 2); relevance N = 200k, D = 64
 """
 
@@ -28,14 +29,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: import benchmarks.utils
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.utils import (  # noqa: E402
-    append_csv, common_parser, environment, print_table, time_fn,
+    append_csv,
+    common_parser,
+    environment,
+    print_table,
+    time_fn,
 )
 
 VIT = "timm:vit_tiny_patch16_224"

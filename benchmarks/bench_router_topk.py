@@ -35,14 +35,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: import benchmarks.utils
 
 import torch  # noqa: E402
 
 from benchmarks.cases import ROUTER, ROUTER_GPU_GRID, ROUTER_MODES, ROUTER_QUICK_GRID, ROUTER_TARGET_MODES  # noqa: E402
 from benchmarks.utils import (  # noqa: E402
-    add_target_scale, append_csv, check_target_args, common_parser, environment, failure_note, measured_peak,
-    pick_device, print_table, recover_cuda, time_fn,
+    add_target_scale,
+    append_csv,
+    check_target_args,
+    common_parser,
+    environment,
+    failure_note,
+    measured_peak,
+    pick_device,
+    print_table,
+    recover_cuda,
+    time_fn,
 )
 from metamoe.backends import CallSpec  # noqa: E402
 from metamoe.ops import router_topk  # noqa: E402

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: see benchmarks/utils.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: import benchmarks.utils
 
 from benchmarks.claims_stats import CLAIMS, evaluate_claims, format_claims, paired_comparison
 from benchmarks.digits_designs import DESIGNS, SEED_POOLS, design, design_name, run_seeds
@@ -269,7 +269,8 @@ def main(argv=None) -> int:
         say(f"  own-domain proxies, {sel:<7}" + " ".join(f"{x:.3f}" for x in per) + f"   mean {_mean(per):.3f}")
     for key in first["local_experts"]:
         per = [_mean(runs[s]["local_experts"][key].values()) for s in seeds]
-        say(f"  local expert on own domain, {key:<15}" + " ".join(f"{x:.3f}" for x in per) + f"   mean {_mean(per):.3f}")
+        say(f"  local expert on own domain, {key:<15}" + " ".join(f"{x:.3f}" for x in per)
+            + f"   mean {_mean(per):.3f}")
     if args.no_csv:
         return 0
     env = environment("cpu")

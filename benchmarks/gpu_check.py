@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.append(str(REPO))  # last: see benchmarks/utils.py
+sys.path.insert(0, str(REPO))  # the repository root: import benchmarks
 MAX_FILES = 8
 SUMMARY = "summary.md"
 LOG = "gpu_check.log"
@@ -76,15 +76,9 @@ class StepResult:
     extra: Dict[str, str] = field(default_factory=dict)
 
 
-def _python() -> List[str]:
-    # -P: the current folder is not put first on sys.path (the repo root's kernels/ folder would otherwise
-    # shadow the PyPI package `kernels` that transformers imports)
-    return [sys.executable, "-P"] if sys.version_info >= (3, 11) else [sys.executable]
-
-
 def steps(out: Path, graph_cache: Path) -> List[Step]:
     """Every step of the check, in the order they run, with their time caps in seconds."""
-    py = _python()
+    py = [sys.executable]
     pytest = py + ["-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs", "--color=no",
                    "--continue-on-collection-errors"]
     # the tests compile a few hundred kernels: in parallel processes where pytest-xdist is installed
@@ -178,7 +172,8 @@ def environment() -> Dict[str, str]:
     python, CUDA, compute capability, memory, driver, transformers, numpy and faiss versions."""
     import torch
 
-    from benchmarks.utils import _version, environment as bench_environment
+    from benchmarks.utils import _version
+    from benchmarks.utils import environment as bench_environment
 
     cuda = torch.cuda.is_available()
     env = bench_environment("cuda" if cuda else "cpu")

@@ -112,7 +112,8 @@ TARGETS: Tuple[Target, ...] = (
            {"target_case": "fl-n1m-k50-k10000", "backend": "cuda", "optimizer": "lazy"},
            "median_s", "<=", 1.0, "s", ("same_picks_as_torch",),
            "lazy greedy on a prebuilt 1M-point K=50 kNN graph, cuda backend"),
-    Target("exact kNN graph 1M x 768 K=50", 17, "knn_graph", {"target_case": "knn-n1m-d768-k50", "method": "torch-exact"},
+    Target("exact kNN graph 1M x 768 K=50", 17, "knn_graph",
+           {"target_case": "knn-n1m-d768-k50", "method": "torch-exact"},
            "median_s", "<=", 60.0, "s", ("check_ok",), "build_knn_graph method='torch' on the GPU"),
 )
 

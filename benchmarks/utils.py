@@ -47,7 +47,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Measured device ceilings (docs/design.md, GPU targets). Only measured numbers belong here: a device that is not
+# Measured device ceilings (docs/gpu.md, "GPU targets"). Only measured numbers belong here: a device that is not
 # listed gets no "fraction of peak" column unless --peak-gbps / --peak-tflops are given.
 MEASURED_PEAKS: Dict[str, Dict[str, float]] = {
     "H200": {"gbps": 4300.0, "tflops_bf16": 790.0},

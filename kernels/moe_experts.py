@@ -33,8 +33,8 @@ whole weight from HBM. Row indices and all offsets are int64 (T*k*d may pass 2^3
 the device of its tensors. The weight-gradient kernel does not split an expert's rows across programs
 (fine for the many output tiles of real layers, slow for one huge expert with a tiny weight).
 Constants: BLOCK_* are kernel parameters; on a GPU they come from ``triton.autotune`` over
-``KERNEL_CONFIGS`` (moe_experts_tuning.py: Hopper-shaped tiles of 16-128 rows, 64-256 columns, 32-64 deep, 3-4 stages; the key
-holds the sizes, the expert count, the activation and other code variants, the dot precision and the
+``KERNEL_CONFIGS`` (moe_experts_tuning.py: Hopper-shaped tiles of 16-128 rows, 64-256 columns, 32-64 deep, 3-4 stages;
+the key holds the sizes, the expert count, the activation and other code variants, the dot precision and the
 token count rounded up to a power of two, so varying batch sizes do not retune every step), under the
 interpreter from fixed defaults (32 x 64 x 64: few programs, which is what costs time there) so CPU tests
 stay fast; every launcher's ``config=`` pins one config instead. Before anything compiles, the autotuner
@@ -61,11 +61,21 @@ import triton.language as tl
 from metamoe.backends.availability import triton_interpret
 
 from . import on_device
-
 from .moe_experts_tuning import (  # noqa: F401  (re-exported: the op's configs and pruning rules)
-    ACC_REGISTERS_PER_THREAD, ACT_GELU, ACT_GELU_TANH, ACT_SWIGLU, ACTIVATIONS, IEEE_MAX_TILE, KERNEL_CONFIGS,
-    SHARED_MEMORY_LIMIT, acc_per_thread, DOT_TILES, over_limit_reason, shared_memory_pruner, configs_for,
+    ACC_REGISTERS_PER_THREAD,
+    ACT_GELU,
+    ACT_GELU_TANH,
+    ACT_SWIGLU,
+    ACTIVATIONS,
+    DOT_TILES,
+    IEEE_MAX_TILE,
+    KERNEL_CONFIGS,
+    SHARED_MEMORY_LIMIT,
+    acc_per_thread,
+    configs_for,
+    over_limit_reason,
     shared_memory_estimate,
+    shared_memory_pruner,
 )
 
 # --------------------------------------------------------------------------- device helpers

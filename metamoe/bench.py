@@ -34,7 +34,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    p = argparse.ArgumentParser(prog="metamoe bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="metamoe bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("names", nargs="*", help="benchmarks to run (default: all); see --list")
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--quick", action="store_true", help="pass --quick to every script (small shapes, CPU-friendly)")
@@ -46,7 +48,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     chosen = args.names or names
     unknown = [n for n in chosen if n not in names]
     if unknown:
-        print(f"metamoe bench: unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(names)}", file=sys.stderr)
+        print(
+            f"metamoe bench: unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(names)}",
+            file=sys.stderr,
+        )
         return 2
     if args.quick:
         extra = ["--quick", *extra]

@@ -57,9 +57,18 @@ def _cmd_evaluate(argv: List[str]) -> int:
 COMMANDS: Dict[str, tuple] = {
     "info": (_cmd_info, "show versions, the compiled extension and every op's backends"),
     "demo": (_cmd_demo, "run the end-to-end example on the bundled digits data"),
-    "select": (_cmd_select, "client-side proxy selection: relevance, then dpp / fl / fl-private / topk / random"),
-    "embed-pool": (_cmd_embed_pool, "embed a public pool with the seed model into memmap shards (torchrun: one per rank)"),
-    "train-expert": (_cmd_train_expert, "client side: select proxies, train a proxy-aligned LoRA expert, write a package"),
+    "select": (
+        _cmd_select,
+        "client-side proxy selection: relevance, then dpp / facility_location[_private] / top_relevance / random",
+    ),
+    "embed-pool": (
+        _cmd_embed_pool,
+        "embed a public pool with the seed model into memmap shards (torchrun: one per rank)",
+    ),
+    "train-expert": (
+        _cmd_train_expert,
+        "client side: select proxies, train a proxy-aligned LoRA expert, write a package",
+    ),
     "unify": (_cmd_unify, "server side: validate packages, build the MoE, train the routers on the proxies"),
     "evaluate": (_cmd_evaluate, "accuracy (or next-token loss) of a unified model on labelled data"),
     "bench": (_cmd_bench, "run the benchmark scripts of a source checkout (metamoe bench --list)"),

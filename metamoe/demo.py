@@ -10,8 +10,8 @@
    (mean best cosine similarity of a private sample to a proxy). This part uses a fixed PCA embedding, so
    that it shows selection alone.
 3. The whole pipeline (:func:`metamoe.unify.run_digits_experiment`): a tiny timm ViT seed pre-trained on a
-   separate public pre-training set, per client embeddings, relevance, proxy selection, proxy-aligned LoRA experts written as
-   expert packages, then per method the server side (package validation, the LoRA-expert MoE, router
+   separate public pre-training set, per client embeddings, relevance, proxy selection, proxy-aligned LoRA experts
+   written as expert packages, then per method the server side (package validation, the LoRA-expert MoE, router
    training on the proxies) and evaluation on every client's test set. Methods: metamoe, flexolmo,
    random_proxy, model_soup, btm, btx_oracle (privacy-breaking upper bound), no_alignment, no_context.
 
@@ -148,7 +148,8 @@ def _print_results(res: Dict) -> None:
         for other in ("random_proxy", "model_soup", "flexolmo", "btx_oracle"):
             if other in m:
                 print(
-                    f"  metamoe - {other:<13} {m['metamoe']['average'] - m[other]['average']:+.3f} (average accuracy, this seed)"
+                    f"  metamoe - {other:<13} {m['metamoe']['average'] - m[other]['average']:+.3f}"
+                    " (average accuracy, this seed)"
                 )
 
 
@@ -215,8 +216,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--methods: unknown {bad or 'empty list'}; known: {', '.join(METHOD_NAMES)}")
 
     from .info import collect
-    from .utils.files import atomic_write_text
     from .unify.experiment import RESULTS_FILE, DigitsConfig, config_domains, run_digits_experiment
+    from .utils.files import atomic_write_text
 
     overrides = dict(QUICK) if args.quick else {}
     if args.k is not None:
@@ -259,6 +260,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     res["backends"] = {b: st["available"] for b, st in info["backends"].items()}
     atomic_write_text(out / RESULTS_FILE, json.dumps(res, indent=1, allow_nan=False) + "\n")
     print(
-        f"\nwrote {out / RESULTS_FILE}, {out / 'results.png'} and {out / 'packages'} ({res['demo']['seconds']:.1f} s in all)"
+        f"\nwrote {out / RESULTS_FILE}, {out / 'results.png'} and {out / 'packages'}"
+        f" ({res['demo']['seconds']:.1f} s in all)"
     )
     return 0

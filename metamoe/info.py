@@ -9,9 +9,9 @@ import platform
 import sys
 from typing import Any, Dict, List, Optional
 
-from .version import __version__
 from .backends import availability
 from .backends.registry import BACKENDS, all_ops
+from .version import __version__
 
 # Modules that define ops (imported here to list every op and backend).
 OP_MODULES = ("metamoe.selection.dpp", "metamoe.ops.router_topk", "metamoe.ops.moe_experts", "metamoe.ops.lora_delta",
@@ -24,7 +24,10 @@ def _version_of(name: str) -> str:
     try:
         mod = importlib.import_module(name)
     except Exception as exc:  # missing, or broken: say which
-        return f"not available ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})".rstrip(": )") + ")"
+        return (
+            f"not available ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})".rstrip(": )")
+            + ")"
+        )
     return str(getattr(mod, "__version__", "unknown"))
 
 
@@ -104,7 +107,10 @@ def render(info: Dict[str, Any]) -> str:
             else f"not built: {build.get('cuda_not_built_reason')}"
         )
         out.append(f"  _C_cuda     {cuda}")
-        out.append(f"  built       {build.get('built_at')} for metamoe {build.get('version')}, pybind11 {build.get('pybind11_version')}")
+        out.append(
+            f"  built       {build.get('built_at')} for metamoe {build.get('version')}, "
+            f"pybind11 {build.get('pybind11_version')}"
+        )
     else:
         out.append("  none found (the extension was not built; only the torch/triton backends can run)")
     out.append("")
@@ -124,7 +130,9 @@ def render(info: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="metamoe info", description="Show what metamoe can run here and why the rest cannot.")
+    parser = argparse.ArgumentParser(
+        prog="metamoe info", description="Show what metamoe can run here and why the rest cannot."
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     info = collect()

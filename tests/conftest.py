@@ -47,7 +47,9 @@ def run_python(code: str, env_extra=None, timeout=300):
     """Run ``code`` in a fresh interpreter (for import-time behaviour); returns CompletedProcess."""
     env = dict(os.environ)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
+    )
 
 
 # --------------------------------------------------------------------------- torch.distributed tests

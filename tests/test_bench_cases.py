@@ -2,14 +2,11 @@
 refuses what it cannot do (on a CPU machine)."""
 
 import importlib
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))  # last: the root's kernels/ must not shadow the PyPI package `kernels`
 
 from benchmarks import cases  # noqa: E402
 from benchmarks import targets as tg  # noqa: E402

@@ -16,15 +16,12 @@ never ``invalid`` and never without a row, and every column a target reads must 
 import csv
 import dataclasses
 import os
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))  # last: the root's kernels/ must not shadow the PyPI package `kernels`
 
 from benchmarks import cases, gpu_check  # noqa: E402
 from benchmarks import targets as tg  # noqa: E402

@@ -1,14 +1,11 @@
 """benchmarks/targets.py on synthetic CSV rows: the latest matching row decides, pass/short/not measured/invalid."""
 
 import csv
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
 
 from benchmarks import targets as tg  # noqa: E402
 from benchmarks.utils import append_csv  # noqa: E402

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
@@ -28,7 +27,9 @@ def _configure(tmp_path, cuda, path=None):
 
 
 def _path_without_nvcc():
-    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and not os.path.exists(os.path.join(d, "nvcc"))]
+    dirs = [
+        d for d in os.environ.get("PATH", "").split(os.pathsep) if d and not os.path.exists(os.path.join(d, "nvcc"))
+    ]
     return os.pathsep.join(dirs)
 
 
@@ -73,7 +74,9 @@ def test_cuda_module_was_built_here():
 
 def test_setup_rejects_bad_cuda_switch():
     env = dict(os.environ, METAMOE_CUDA="maybe")
-    out = subprocess.run([sys.executable, "setup.py", "build_ext"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "setup.py", "build_ext"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
     assert out.returncode != 0
     assert "METAMOE_CUDA must be 0, 1 or unset" in out.stderr + out.stdout
 

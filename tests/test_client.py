@@ -88,7 +88,9 @@ def test_embed_context_features_are_mean_ffn_inputs(seed_vit, digits):
     ctx = embed(seed_vit, x, batch_size=5, progress=False, features="context")
     both = embed(seed_vit, x, batch_size=13, progress=False, features="pooled+context")
     pooled = embed(seed_vit, x, batch_size=13, progress=False)
-    assert ctx.shape == (13, 2 * 32) and both.shape == (13, 32 + 2 * 32) == (13, embedding_dim(seed_vit, "pooled+context"))
+    assert ctx.shape == (13, 2 * 32) and (
+        both.shape == (13, 32 + 2 * 32) == (13, embedding_dim(seed_vit, "pooled+context"))
+    )
     seen = {i: [] for i in range(2)}
     hs = [
         blk.mlp.register_forward_pre_hook(lambda _m, a, i=i: seen[i].append(a[0].detach().double()))
@@ -114,7 +116,9 @@ def test_embed_context_of_a_causal_lm_skips_padding():
     got = embed(seed, {"input_ids": ids, "attention_mask": mask}, batch_size=4, progress=False, features="context")
     seen = {0: [], 1: []}
     hs = [
-        seed.net.model.layers[i].mlp.register_forward_pre_hook(lambda _m, a, i=i: seen[i].append(a[0].detach().double()))
+        seed.net.model.layers[i].mlp.register_forward_pre_hook(
+            lambda _m, a, i=i: seen[i].append(a[0].detach().double())
+        )
         for i in range(2)
     ]
     with torch.no_grad():

@@ -22,9 +22,10 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
+from conftest import free_port, rank_env, run_beside_dead_peer  # noqa: E402
+
 from metamoe.selection import DppRankWarning, select_dpp, select_facility_location  # noqa: E402
 from metamoe.selection.distributed import shard_range  # noqa: E402
-from conftest import free_port, rank_env, run_beside_dead_peer  # noqa: E402
 
 PY = sys.executable
 WORLD = 2
@@ -74,9 +75,12 @@ def clustered_case():
 def _worker(rank: int, port: int, out_dir: str):
     os.environ.update(rank_env(rank, port, WORLD))
     torch.set_num_threads(1)
-    from metamoe.selection.distributed import (init_distributed, select_dpp_sharded,
-                                               select_facility_location_greedi,
-                                               select_facility_location_private_sharded)
+    from metamoe.selection.distributed import (
+        init_distributed,
+        select_dpp_sharded,
+        select_facility_location_greedi,
+        select_facility_location_private_sharded,
+    )
 
     init_distributed(timeout_s=60)
     res = {}

@@ -345,12 +345,6 @@ def test_torch_on_gpu_matches_cpp(rng):
 
 def _synthetic(n, K, cluster_size, seed, int64=False):
     """The clustered synthetic kNN graph of benchmarks/bench_facility_location_transpose.py."""
-    import sys
-    from pathlib import Path
-
-    root = str(Path(__file__).resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.append(root)  # last: the root's kernels/ must not shadow the PyPI package `kernels`
     from benchmarks.bench_facility_location_transpose import synthetic_graph
 
     X, g = synthetic_graph(n, K, cluster_size, seed)

@@ -9,9 +9,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-sys.path.append(ROOT)  # last: the root's kernels/ folder must not shadow the PyPI package `kernels`
-
-from benchmarks import gpu_check, targets  # noqa: E402
+from benchmarks import gpu_check, targets
 
 
 def _no_cuda_env():

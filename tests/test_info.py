@@ -19,7 +19,9 @@ def test_info_module_runs_and_names_backends():
 
 
 def test_info_json_and_cli_agree():
-    out = subprocess.run([sys.executable, "-m", "metamoe", "info", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "metamoe", "info", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert set(info["backends"]) == {"torch", "triton", "cpp", "cuda"}

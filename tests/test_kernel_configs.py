@@ -53,7 +53,7 @@ def _params():
     out = []
     for kernel, configs in K.KERNEL_CONFIGS.items():
         smallest = min(range(len(configs)), key=lambda i: math.prod(configs[i].kwargs.values()))
-        for ci, cfg in enumerate(configs):
+        for ci, _cfg in enumerate(configs):
             for dname in DTYPES:
                 for vname, variant in _variants(kernel):
                     for case in CASES:

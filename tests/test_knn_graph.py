@@ -3,15 +3,18 @@
 import numpy as np
 import pytest
 import torch
+from references import knn_brute_force
 
 from metamoe.selection import KnnGraph, build_knn_graph
-from references import knn_brute_force
 
 EXACT_METHODS = ["exact", "torch"]
 
 
 def _rows(g):
-    return [(g.indices[g.indptr[q] : g.indptr[q + 1]], g.similarities[g.indptr[q] : g.indptr[q + 1]]) for q in range(g.n_queries)]
+    return [
+        (g.indices[g.indptr[q] : g.indptr[q + 1]], g.similarities[g.indptr[q] : g.indptr[q + 1]])
+        for q in range(g.n_queries)
+    ]
 
 
 def _assert_matches_brute_force(g, ref_s, ref_i, tol=1e-5):
@@ -241,10 +244,13 @@ def test_n_neighbors_must_be_below_n(rng):
     [
         (np.zeros((0, 3), np.float32), {}, ValueError, "X must be non-empty"),
         (np.ones((6, 3), np.int64), {}, TypeError, "X must have a floating dtype"),
-        (np.array([[1.0, 2.0]] * 5 + [[np.inf, 0.0]], np.float32), {}, ValueError, r"X has NaN or inf values \(first in row 5\)"),
+        (np.array([[1.0, 2.0]] * 5 + [[np.inf, 0.0]], np.float32), {}, ValueError,
+         r"X has NaN or inf values \(first in row 5\)"),
         (np.array([[1.0, 2.0]] * 5 + [[0.0, 0.0]], np.float32), {}, ValueError, "X row 5 is all zeros"),
-        (np.ones((6, 3), np.float32), {"queries": np.ones((2, 4), np.float32)}, ValueError, "queries have dimension D=4, but X has D=3"),
-        (np.ones((6, 3), np.float32), {"queries": np.array([[np.nan, 1, 1]], np.float32)}, ValueError, "queries has NaN or inf"),
+        (np.ones((6, 3), np.float32), {"queries": np.ones((2, 4), np.float32)}, ValueError,
+         "queries have dimension D=4, but X has D=3"),
+        (np.ones((6, 3), np.float32), {"queries": np.array([[np.nan, 1, 1]], np.float32)}, ValueError,
+         "queries has NaN or inf"),
         (np.ones((6, 3), np.float32), {"metric": "hamming"}, ValueError, "metric must be one of"),
         (np.ones((6, 3), np.float32), {"method": "hnsw"}, ValueError, "method must be one of"),
     ],

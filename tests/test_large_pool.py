@@ -5,8 +5,8 @@ Two kinds of checks:
 * Same picks: a clustered pool stored as a float16 ``.npy`` and opened with ``mmap_mode="r"`` gives the
   picks of the same data held in memory (float16, and float32: the float16 -> float32 cast is exact, so a
   blockwise conversion must not change the arithmetic), for every method and backend here.
-* Bounded memory: in a fresh process, each method runs on a memmapped pool (100k x 512 float16) whose float32 copy is 195 MiB
-  and the peak resident memory it adds (VmHWM, reset before each method through /proc/self/clear_refs,
+* Bounded memory: in a fresh process, each method runs on a memmapped pool (100k x 512 float16) whose float32 copy is
+  195 MiB and the peak resident memory it adds (VmHWM, reset before each method through /proc/self/clear_refs,
   with the memmap's pages made resident first so that only new memory counts) must stay below a quarter
   of that. A deliberate float32 copy of the pool is measured the same way and must exceed the bound, so
   the assertion can fail (it does on the old torch DPP path, which cast the whole pool to float64).
@@ -20,15 +20,19 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import skip_unavailable
+from references import knn_brute_force
+
 from metamoe.backends import availability
 from metamoe.selection import (
-    relevance_scores, select_dpp, select_facility_location, select_random, select_top_relevance,
+    relevance_scores,
+    select_dpp,
+    select_facility_location,
+    select_random,
+    select_top_relevance,
 )
 from metamoe.selection.knn_graph import build_knn_graph
 from metamoe.selection.validation import check_embeddings
-from references import knn_brute_force
 
 N, D, M = 10_000, 64, 200
 
@@ -238,7 +242,9 @@ def test_peak_memory_stays_far_below_the_pool(tmp_path):
     X = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, d))
     centres = rng.standard_normal((100, d)).astype(np.float32)
     for a in range(0, n, 20_000):
-        X[a : a + 20_000] = centres[rng.integers(0, 100, 20_000)] + 0.5 * rng.standard_normal((20_000, d), dtype=np.float32)
+        X[a : a + 20_000] = (
+            centres[rng.integers(0, 100, 20_000)] + 0.5 * rng.standard_normal((20_000, d), dtype=np.float32)
+        )
     X.flush()
     del X
     f32_bytes = n * d * 4  # 195 MiB

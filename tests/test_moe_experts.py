@@ -6,7 +6,6 @@ error of the plain PyTorch path in the same dtype (plus one unit in the last pla
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -365,8 +364,8 @@ def test_torch_grouped_mm_forced_where_it_cannot_run_names_the_reason():
 
 def test_dispatch_auto_and_explicit(monkeypatch):
     x, tw, ids, wgu, wd, _ = make_inputs(8, 16, 16, 3, 2)
-    from metamoe.ops.moe_experts import moe_experts_op
     from metamoe.backends import CallSpec
+    from metamoe.ops.moe_experts import moe_experts_op
 
     spec = CallSpec("cpu", "float32", {"E": 3})
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -392,7 +391,8 @@ def _bad_cases():
     x, tw, ids, wgu, wd, _ = make_inputs(8, 16, 12, 4, 2)
     gelu_wgu = wgu[:, :12]
     return {
-        "ids_too_high": ((x, tw, ids.clone().fill_(4), wgu, wd), {}, ValueError, r"topk_ids values .*\[0, num_experts=4\)"),
+        "ids_too_high": ((x, tw, ids.clone().fill_(4), wgu, wd), {}, ValueError,
+                         r"topk_ids values .*\[0, num_experts=4\)"),
         "ids_negative": ((x, tw, ids - 5, wgu, wd), {}, ValueError, "topk_ids values"),
         "top_k_gt_E": ((x, torch.rand(8, 5), torch.zeros(8, 5, dtype=torch.int64), wgu, wd), {}, ValueError,
                        "top_k .* <= num_experts = 4"),

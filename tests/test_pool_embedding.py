@@ -26,9 +26,10 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
+from conftest import free_port, rank_env, run_beside_dead_peer  # noqa: E402
+
 from metamoe.models import create_seed_model, weight_hash  # noqa: E402
 from metamoe.selection import relevance_scores  # noqa: E402
-from conftest import free_port, rank_env, run_beside_dead_peer  # noqa: E402
 from metamoe.unify import embed  # noqa: E402
 from metamoe.unify.pool_embedding import (  # noqa: E402
     PoolEmbeddings,
@@ -284,7 +285,9 @@ def test_crashed_rank_shard_is_redone_alone(raw, single, tmp_path, capsys):
                                   open_pool_embeddings(single, rows=(0, 192)))
     from metamoe.selection.cli import main as select_main
 
-    assert select_main(["--private", str(raw), "--public", str(out), "--k", "3", "--out", str(tmp_path / "s.json")]) == 2
+    assert select_main(
+        ["--private", str(raw), "--public", str(out), "--k", "3", "--out", str(tmp_path / "s.json")]
+    ) == 2
     assert "--shards 1" in capsys.readouterr().err  # `metamoe select` names the redo command too
     rec0 = (out / "shard-00000-of-00002.json").read_text()
     assert main(cmd[2:]) == 0  # the exact command from the error, in one process, no process group

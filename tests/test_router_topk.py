@@ -623,11 +623,6 @@ def test_eager_path_and_custom_op_give_the_same_results_and_gradients(stats):
 
 
 def test_host_overhead_bench_runs_and_restores_the_launchers():
-    import sys
-
-    from conftest import ROOT
-
-    sys.path.append(ROOT)
     from benchmarks import bench_router_topk_overhead as B
     from metamoe.kernels import router_topk as K
 

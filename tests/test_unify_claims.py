@@ -133,7 +133,8 @@ def test_bench_from_csv_reproduces_a_live_run():
     stop = next(i for i in range(start, len(log)) if log[i].startswith("btx_oracle ") and "verdict" not in log[i]
                 and "holds" in log[i])
     r = subprocess.run(
-        [sys.executable, "benchmarks/bench_unify_claims.py", "--from-csv", "--design", "outofdomain", "--seeds", "20-39"],
+        [sys.executable, "benchmarks/bench_unify_claims.py", "--from-csv", "--design", "outofdomain",
+         "--seeds", "20-39"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert r.returncode == 0, r.stderr[-3000:]

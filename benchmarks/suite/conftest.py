@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-# The repository root goes last on sys.path (importable `benchmarks` package, but the root's kernels/
-# folder must not shadow the PyPI package `kernels`: see benchmarks/utils.py).
+# The repository root, for `import benchmarks` when the suite runs without the project's pytest config.
 _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
-    sys.path.append(_ROOT)
+    sys.path.insert(0, _ROOT)
 
 
 @pytest.fixture(scope="session")
@@ -25,15 +24,3 @@ def torch_threads():
 
     return torch.get_num_threads()
 
-
-@pytest.fixture(scope="session", autouse=True)
-def _repo_root_last():
-    """Keep the repository root behind site-packages on sys.path.
-
-    pytest (prepend import mode) puts the root first when it sets up the ``benchmarks`` package; there the
-    root's kernels/ folder would shadow the PyPI package ``kernels`` that transformers imports.
-    """
-    while _ROOT in sys.path:
-        sys.path.remove(_ROOT)
-    sys.path.append(_ROOT)
-    yield

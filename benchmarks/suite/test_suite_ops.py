@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 
 from benchmarks.cases import (
-    DPP, FACILITY_LOCATION, KNN_GRAPH, MOE, MOE_MODES, PATCH_MOE, PATCH_MOE_MODES, ROUTER,
+    DPP,
+    FACILITY_LOCATION,
+    KNN_GRAPH,
+    MOE,
+    MOE_MODES,
+    PATCH_MOE,
+    PATCH_MOE_MODES,
+    ROUTER,
 )
 
 CPU_ROUNDS = {"router_topk": 50, "moe": 20, "patch_moe": 10, "dpp": 5, "facility_location": 5, "knn_graph": 3}

@@ -140,7 +140,8 @@ class TimmViTMlp(FFNAdapter):
             mlp = getattr(block, "mlp", None)
             if type(mlp) is not Mlp:
                 raise ValueError(
-                    f"{self.name}: blocks.{i}.mlp is {type(mlp).__name__}, expected timm.layers.Mlp (fc1 -> act -> fc2); "
+                    f"{self.name}: blocks.{i}.mlp is {type(mlp).__name__}, "
+                    "expected timm.layers.Mlp (fc1 -> act -> fc2); "
                     "gated (SwiGLU/GluMlp) ViT variants have no adapter yet"
                 )
             if not isinstance(mlp.norm, nn.Identity):

@@ -121,4 +121,7 @@ class LoRALinear(nn.Module):
         return lin
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, rank={self.rank}, "
+            f"alpha={self.alpha}, merged={self.merged}"
+        )

@@ -406,7 +406,8 @@ class SeedModel(nn.Module):
 
     # ---- running
     def forward(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits: (B, num_classes) float for classifiers, (B, L, vocab) for a causal LM. ``batch`` from :meth:`prepare`."""
+        """Logits: (B, num_classes) float for classifiers, (B, L, vocab) for a causal LM. ``batch`` from
+        :meth:`prepare`."""
         return self._impl.logits(self.net, batch)
 
     def features(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,7 @@ value on the host: no ``.item()``, no data-dependent Python branch, so the layer
 traces with ``torch.compile``. After each forward the layer exposes ``aux_loss`` (Switch load balancing),
 ``z_loss`` (ST-MoE) and ``router_logits``.
 
-Options the MetaMoE unification needs (DESIGN.md section 1) live in the shared base class
+Options the MetaMoE unification needs (docs/design.md, "The method") live in the shared base class
 :class:`RoutedMoEBase`: context-aware routing (router input ``(1 - lambda) * token + lambda * context``) and
 router rows initialised from expert prototypes. The router's options are one :class:`RouterConfig`
 (``router=RouterConfig(...)``, or the same options as keyword arguments). LoRA experts over one frozen shared FFN are

@@ -1,4 +1,4 @@
-"""LoRA experts over one frozen shared FFN: the MoE that MetaMoE's unification builds (DESIGN.md section 1).
+"""LoRA experts over one frozen shared FFN: the MoE that MetaMoE's unification builds (docs/design.md, "The method").
 
 Expert e is the shared base FFN with a rank-r LoRA on each projection: ``W_p + s * B_{e,p} A_{e,p}``,
 ``s = alpha / r``. The layer never materialises ``W_p + B A`` per expert. For a SwiGLU FFN and T tokens with

@@ -32,7 +32,7 @@ proxies the clients selected.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ..models.registry import SeedModel
@@ -185,7 +185,8 @@ def build_method(
 
     Returns a :class:`~metamoe.unify.server.UnifiedModel` (``moe``, ``soup``) or an
     :class:`~metamoe.unify.evaluate.ExpertEnsemble` (``ensemble``); ``unify_options`` go to
-    :func:`~metamoe.unify.server.build_unified_model` (``top_k``, ``router_init_scale``, ...).
+    :func:`~metamoe.unify.build_unified_model` (``top_k``, ``router_init_scale``, ``router=RouterConfig(...)``,
+    ...); the method decides context routing, in the RouterConfig too.
     """
     from .evaluate import ExpertEnsemble
     from .unified_model import build_soup_model, build_unified_model
@@ -193,9 +194,11 @@ def build_method(
     if not isinstance(spec, MethodSpec):
         raise TypeError(f"spec must be a MethodSpec, got {type(spec).__name__}")
     if spec.combine == "moe":
-        return build_unified_model(
-            seed_model, packages, context_routing=spec.context_routing, **unify_options
-        )
+        router = unify_options.pop("router", None)
+        if router is None:
+            return build_unified_model(seed_model, packages, context_routing=spec.context_routing, **unify_options)
+        router = replace(router, context_routing=spec.context_routing)
+        return build_unified_model(seed_model, packages, router=router, **unify_options)
     if spec.combine == "soup":
         return build_soup_model(seed_model, packages)
     return ExpertEnsemble(seed_model, packages)

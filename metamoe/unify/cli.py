@@ -41,6 +41,7 @@ from .config import (
 )
 from .data_loading import DATA_HELP, load_data
 from .package_format import MANIFEST
+from .router_training import RouterTraining, train_router
 
 __all__ = [
     "UNIFIED_MANIFEST",
@@ -182,9 +183,9 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     """The server side from a parsed server.yaml (``SERVER_YAML``); returns the unified model folder."""
     from safetensors.torch import save_file
 
-    from .router_training import train_router
     from .server import proxy_owners, proxy_training_set
 
+    defaults = RouterTraining()  # server.yaml's training defaults (SERVER_YAML documents them)
     base = cfg.get("_base")
     check_keys(cfg, ("seed_model", "packages", "public", "moe", "training", "output"), "server.yaml")
     if "public" not in cfg:
@@ -202,7 +203,16 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     loss = tr.get("loss", "block")
     if loss not in ("block", "full"):
         raise ConfigError(f"training.loss must be block or full, got {loss!r}")
-    route_loss = read_float(tr, "route_loss", 1.0, "training", lo=0.0, inclusive=True)
+    route_loss = read_float(tr, "route_loss", defaults.route_loss_coef, "training", lo=0.0, inclusive=True)
+    training = RouterTraining(
+        epochs=read_int(tr, "epochs", defaults.epochs, "training"),
+        lr=read_float(tr, "lr", defaults.lr, "training"),
+        batch_size=read_int(tr, "batch_size", defaults.batch_size, "training"),
+        seed=read_int(tr, "seed", defaults.seed, "training", lo=0),
+        train_lora=read_bool(tr, "train_lora", defaults.train_lora, "training"),
+        checkpoint_every=read_int(tr, "checkpoint_every", defaults.checkpoint_every, "training"),
+        route_loss_coef=route_loss if route_loss > 0 else defaults.route_loss_coef,
+    )
     say = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
     seed_model = seed_model_from_config(cfg, base)
     paths, pkgs, build_unified_model = _build(cfg, base, seed_model, moe)
@@ -223,16 +233,10 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
         model,
         x,
         y,
-        epochs=read_int(tr, "epochs", 10, "training"),
-        lr=read_float(tr, "lr", 1e-2, "training"),
-        batch_size=read_int(tr, "batch_size", 64, "training"),
-        seed=read_int(tr, "seed", 0, "training", lo=0),
-        train_lora=read_bool(tr, "train_lora", False, "training"),
+        training=training,
         checkpoint_dir=output / "checkpoints",
-        checkpoint_every=read_int(tr, "checkpoint_every", 50, "training"),
         label_block=(space.public_slice if loss == "block" and space.kind == "classes" else None),
         route_targets=proxy_owners(pkgs, picked) if route_loss > 0 else None,
-        route_loss_coef=route_loss if route_loss > 0 else 1.0,
         progress=not quiet,
     )
     state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
@@ -248,7 +252,7 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
         "moe": opts,
         "label_space": space.to_dict(),
         "weights_sha256": sha256_file(output / UNIFIED_WEIGHTS),
-        "train_lora": read_bool(tr, "train_lora", False, "training"),
+        "train_lora": training.train_lora,
         "metrics": {k: v for k, v in metrics.items() if k != "trained"},
     }
     atomic_write_text(output / UNIFIED_MANIFEST, json.dumps(manifest, indent=1, default=str) + "\n")

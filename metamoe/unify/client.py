@@ -3,7 +3,7 @@
 * :func:`embed` runs the frozen seed model over a data set in batches and returns the pooled representation
   its classifier head sees (what relevance scoring and proxy selection work on).
 * :func:`train_expert` copies the seed, puts LoRA on every FFN projection, and fine-tunes on the private data
-  together with the proxies (DESIGN.md section 1, stage 2). Classification: a new head over the
+  together with the proxies (docs/design.md, "The method", stage 2). Classification: a new head over the
   concatenated label spaces, private classes first, then the public classes (a proxy keeps its public
   label ``j``, trained as class ``len(private) + j``). Causal LM: next-token prediction on both.
   Afterwards it records, for every FFN layer, the mean FFN input over the training data: the expert's
@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from ..models.ffn import ffn_input_hooks
-from ..utils.progress import progress_bar
 from ..models.lora import LoRAConfig, apply_lora, has_lora, lora_state_dict
 from ..models.registry import SeedModel, seeded, weight_hash
+from ..utils.progress import progress_bar
 
 PROTOTYPE_DATA = ("train", "private")
 

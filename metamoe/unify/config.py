@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from ..utils.checks import check_float, check_int
+from .router_training import RouterTraining
 
 CLIENT_YAML = """\
 client.yaml keys (required: seed_model.name, private, public, output):
@@ -52,9 +53,16 @@ client.yaml keys (required: seed_model.name, private, public, output):
 DATA = {path: PATH, labels: PATH (.npy), x_key: str, y_key: str, class_names: [..], image_size: [H, W] or int,
         channels: 1|3}"""
 
-SERVER_YAML = """\
+_TRAINING = RouterTraining()  # server.yaml's training defaults: train_router's (the digits demo's)
+
+
+def _yaml(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+SERVER_YAML = f"""\
 server.yaml keys (required: seed_model, packages, public, output):
-  seed_model: {name, checkpoint | config + seed, num_classes}   the same seed model as the clients'
+  seed_model: {{name, checkpoint | config + seed, num_classes}}   the same seed model as the clients'
   packages: [PATH, ...]      expert package folders (one expert each, in expert order)
   public: DATA               the same public pool the clients selected from (labels: the proxies' labels)
   moe:
@@ -62,18 +70,19 @@ server.yaml keys (required: seed_model, packages, public, output):
     context_routing: true    two-pass context-aware routing (false: route on tokens alone)
     routed_head: true        weigh each client's private classes by the sample's routing to its expert
     router_init_scale: 4.0   norm of each prototype-initialised router row
-  training:
-    epochs: 10               router training epochs on the union of the proxies
-    lr: 0.01
-    batch_size: 64
-    seed: 0
-    train_lora: false        also fine-tune the experts' LoRA factors
+  training:                  (defaults: metamoe.unify.RouterTraining's, the digits demo's)
+    epochs: {_yaml(_TRAINING.epochs):<17}router training epochs on the union of the proxies
+    lr: {_yaml(_TRAINING.lr):<21}AdamW learning rate
+    batch_size: {_yaml(_TRAINING.batch_size):<13}proxies per step
+    seed: {_yaml(_TRAINING.seed):<19}shuffling
+    train_lora: {_yaml(_TRAINING.train_lora):<13}also fine-tune the experts' LoRA factors
     loss: block              block: cross-entropy over the public classes only (the proxies' labels); full: over
                              the whole unified label space
-    route_loss: 1.0          the proxies supervise the routers: each proxy is sent towards the expert of the
-                             client(s) that picked it, with this weight (default 1.0, as the digits harness's
-                             metamoe); 0: the task + load-balancing loss only
-    checkpoint_every: 50     steps between checkpoints (in OUTPUT/checkpoints; a rerun resumes from them)
+    route_loss: {_yaml(_TRAINING.route_loss_coef):<13}the proxies supervise the routers: each proxy is sent towards
+                             the expert of the client(s) that picked it, with this weight (as the digits
+                             harness's metamoe); 0: the task + load-balancing loss only
+    checkpoint_every: {_yaml(_TRAINING.checkpoint_every):<7}steps between checkpoints (in OUTPUT/checkpoints; a rerun
+                             resumes from them)
   output: PATH               the unified model folder to write
 DATA as in client.yaml."""
 

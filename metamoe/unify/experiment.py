@@ -66,20 +66,14 @@ import numpy as np
 import torch
 
 from ..utils.files import atomic_write, atomic_write_text
+from .router_training import RouterTraining, train_router
 
-__all__ = [
-    "DigitsConfig",
-    "config_domains",
-    "RESULTS_FILE",
-    "CHART_FILE",
-    "format_table",
-    "plot_results",
-    "pretrain_seed",
-    "run_digits_experiment",
-]
+__all__ = ["DigitsConfig", "config_domains", "RESULTS_FILE", "CHART_FILE", "format_table", "plot_results",
+           "pretrain_seed", "run_digits_experiment"]
 
 RESULTS_FILE = "results.json"
 CHART_FILE = "results.png"
+_TRAINING = RouterTraining()  # the router training defaults, one set: train_router's, server.yaml's, the demo's
 
 
 @dataclass(frozen=True)
@@ -125,25 +119,27 @@ class DigitsConfig:
     expert_batch_size: int = 32
     # server side
     top_k: Optional[int] = None
-    # with the routing loss the routers need the steps to learn the client domains from the proxies' owners
-    # (10 epochs are 60 steps)
-    router_epochs: int = 40
-    router_lr: float = 1e-2
-    router_batch_size: int = 64
+    router_epochs: int = _TRAINING.epochs  # router training: RouterTraining's defaults (its docstring says why)
+    router_lr: float = _TRAINING.lr
+    router_batch_size: int = _TRAINING.batch_size
     router_init_scale: float = 4.0
     context_lambda_init: float = 0.5  # the context routers' initial lambda (build_unified_model)
     routed_head: bool = True  # UnifiedModel.routed_head (build_unified_model); False: the plain concatenated head
     # "block": the router's cross-entropy runs over the label block its data is labelled in (public classes
     # for proxies, private classes for the oracle's private data); "full": over the whole unified label space
     router_loss: str = "block"
-    # > 0: train_router(route_targets=...) with this route_loss_coef: the proxies supervise the routers, each sent
-    # towards the expert of the client(s) that picked it (server.proxy_owners); the oracle's private samples
-    # towards their own client's expert. 0: task + load-balancing loss only
-    route_loss: float = 1.0
+    # > 0: train_router(route_targets=...) with this route_loss_coef: each proxy is sent towards the expert of the
+    # client(s) that picked it (server.proxy_owners), an oracle's private sample to its own client's. 0: no routing loss
+    route_loss: float = _TRAINING.route_loss_coef
     # runtime: torch intra-op threads for the run (the previous value is restored afterwards);
     # None leaves torch's setting alone. 1 by default: these models are tiny, and on a shared 2-core machine
     # torch's default (2 threads) takes 562 s wall / 425 s CPU instead of 39 s / 38 s (seed 0)
     num_threads: Optional[int] = 1
+
+    def router_training(self, seed: int = 0) -> RouterTraining:
+        """The demo routers' :class:`RouterTraining` (route_loss 0: no route_targets, the coefficient's default)."""
+        return RouterTraining(epochs=self.router_epochs, lr=self.router_lr, batch_size=self.router_batch_size,
+                              seed=seed, route_loss_coef=self.route_loss or _TRAINING.route_loss_coef)
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -373,6 +369,7 @@ def run_digits_experiment(
         raise ValueError(f"router_loss must be 'block' or 'full', got {cfg.router_loss!r}")
     if not (isinstance(cfg.route_loss, (int, float)) and math.isfinite(cfg.route_loss) and cfg.route_loss >= 0):
         raise ValueError(f"route_loss must be a finite number >= 0, got {cfg.route_loss!r}")
+    cfg.router_training(int(seed))  # router_epochs, router_lr, router_batch_size: checked before the run
     specs = [method_spec(m) for m in methods]
     report = _reporter(progress)
     prev_threads = torch.get_num_threads()
@@ -553,7 +550,6 @@ def _server_side(spec, cfg: DigitsConfig, seed: int, seed_model, package_paths, 
     then evaluation on every client's test set; returns the method's entry of the results dict."""
     from .baselines import build_method
     from .evaluate import evaluate_domains
-    from .router_training import train_router
     from .server import proxy_owners, proxy_training_set, validate_packages
 
     with clock.stage(f"server: {spec.name}"):
@@ -578,13 +574,9 @@ def _server_side(spec, cfg: DigitsConfig, seed: int, seed_model, package_paths, 
             block = None
             if cfg.router_loss == "block":
                 block = space.public_slice if spec.router_data == "proxies" else (0, space.public_slice[0])
-            router = train_router(
-                model, x, y, epochs=cfg.router_epochs, lr=cfg.router_lr, batch_size=cfg.router_batch_size,
-                seed=seed, label_block=block, route_targets=owners if cfg.route_loss > 0 else None,
-                route_loss_coef=cfg.route_loss if cfg.route_loss > 0 else 1.0,
-            )
-            router = {k: v for k, v in router.items() if k != "trained"}
-            router["n_train"] = int(len(y))
+            router = train_router(model, x, y, training=cfg.router_training(seed), label_block=block,
+                                  route_targets=owners if cfg.route_loss > 0 else None)
+            router = {**{k: v for k, v in router.items() if k != "trained"}, "n_train": int(len(y))}
     with clock.stage(f"eval: {spec.name}"):
         targets = np.array([int(nm.rsplit(":", 1)[-1]) for nm in space.names], dtype=np.int64)
         exact = {c.domain: c.y_test + space.private_slices[i][0] for i, c in enumerate(data.clients)}

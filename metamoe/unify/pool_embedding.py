@@ -30,7 +30,6 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..utils.checks import check_int
-from ..utils.progress import progress_bar
 from ..utils.files import read_json, sha256_file, write_json
 from ..utils.pool_format import (
     DTYPES,
@@ -47,6 +46,7 @@ from ..utils.pool_format import (
     shard_file,
     shard_plan,
 )
+from ..utils.progress import progress_bar
 
 PathLike = Union[str, os.PathLike]
 
@@ -97,8 +97,8 @@ def _source_fingerprint(data: Any, n: int) -> str:
 
 def _embed_shard(model, data, out: Path, m: Dict[str, Any], i: int, batch_size: int,
                  progress: bool) -> Dict[str, Any]:
-    from .client import embed
     from ..models.registry import SeedModel
+    from .client import embed
 
     ns, d = m["num_shards"], m["d"]
     start, stop = m["shards"][i]["start"], m["shards"][i]["stop"]
@@ -217,8 +217,8 @@ def embed_pool_sharded(
     """
     import torch
 
-    from .client import check_batch_size, check_seed_model
     from ..models.registry import SeedModel, weight_hash
+    from .client import check_batch_size, check_seed_model
 
     model = check_seed_model(seed_model)
     batch_size = check_batch_size(batch_size)

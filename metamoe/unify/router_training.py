@@ -1,11 +1,14 @@
 """Router training: :func:`train_router` trains the routers of a :class:`~metamoe.unify.UnifiedModel` (and
 lambda; optionally the LoRAs and the head) with the task loss plus every layer's load-balancing and z losses
 and, optionally, a routing loss towards given experts; with checkpoints (:mod:`.checkpoint`) and exact
-resume.
+resume. Its optimisation options are one frozen dataclass, :class:`RouterTraining`, whose defaults are the
+only ones: the digits demo (:class:`~metamoe.unify.DigitsConfig`) and ``metamoe unify`` (server.yaml's
+``training``) take theirs from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -18,14 +21,95 @@ import torch
 from torch import nn
 
 from ..models.registry import SeedModel
+from ..utils.checks import check_float, check_int
 from .checkpoint import data_fingerprint, load_checkpoint, save_checkpoint
 from .unified_model import UnifiedModel
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["train_router"]
+__all__ = ["RouterTraining", "train_router"]
 
 CONTEXT_CHUNK = 256  # samples per first pass when caching the context vectors
+
+
+# --------------------------------------------------------------------------- the options
+
+
+@dataclass(frozen=True)
+class RouterTraining:
+    """How :func:`train_router` optimises: frozen, validated when built (errors name the field).
+
+    The defaults are the digits demo's router training (:class:`~metamoe.unify.DigitsConfig` and server.yaml's
+    ``training`` section take theirs from here). With the routing loss the routers need the steps to learn
+    the client domains from the proxies' owners: 10 epochs of the demo's proxies are 60 steps, too few.
+
+    Attributes:
+        epochs: >= 1, passes over the training set.
+        lr: > 0, AdamW's learning rate.
+        batch_size: >= 1, samples per step.
+        weight_decay: >= 0, AdamW's weight decay.
+        train_lora: also train the experts' LoRA factors.
+        train_head: also train the head (classification).
+        seed: >= 0, the shuffling: step ``s`` of epoch ``e`` reads a permutation seeded by ``(seed, e)``.
+        checkpoint_every: >= 1, steps between checkpoints (with ``train_router(checkpoint_dir=...)``).
+        route_loss_coef: > 0, the weight of the routing loss (with ``train_router(route_targets=...)``).
+    """
+
+    epochs: int = 40
+    lr: float = 1e-2
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    train_lora: bool = False
+    train_head: bool = False
+    seed: int = 0
+    checkpoint_every: int = 50
+    route_loss_coef: float = 1.0
+
+    def __post_init__(self):
+        def set_(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        for name in ("epochs", "batch_size", "checkpoint_every"):
+            set_(name, check_int(getattr(self, name), f"RouterTraining.{name}", 1))
+        set_("seed", check_int(self.seed, "RouterTraining.seed", 0))
+        for name in ("lr", "route_loss_coef"):
+            value = check_float(getattr(self, name), f"RouterTraining.{name}")
+            if value <= 0:
+                raise ValueError(f"RouterTraining.{name} must be a positive finite number, got {value:g}")
+            set_(name, value)
+        set_("weight_decay", check_float(self.weight_decay, "RouterTraining.weight_decay"))
+        for name in ("train_lora", "train_head"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"RouterTraining.{name} must be a bool, got {type(value).__name__} {value!r}")
+            set_(name, bool(value))
+
+    def replace(self, **changes: Any) -> "RouterTraining":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+TRAINING_OPTIONS = tuple(f.name for f in dataclasses.fields(RouterTraining))
+
+
+def _training_from(training: Optional[RouterTraining], options: Dict[str, Any]) -> RouterTraining:
+    """The :class:`RouterTraining` of ``train_router(training=..., **options)``: one or the other."""
+    unknown = sorted(set(options) - set(TRAINING_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"train_router() got unexpected keyword argument(s) {unknown}; "
+            f"its training options are {', '.join(TRAINING_OPTIONS)}"
+        )
+    if training is None:
+        return RouterTraining(**options)
+    if not isinstance(training, RouterTraining):
+        raise TypeError(f"training must be a RouterTraining, got {type(training).__name__}")
+    if options:
+        raise TypeError(
+            f"training options given twice: training=RouterTraining(...) and the keyword arguments "
+            f"{sorted(options)}; put them in the RouterTraining"
+        )
+    return training
 
 
 # --------------------------------------------------------------------------- losses
@@ -45,8 +129,8 @@ def _task_loss(
     return nn.functional.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid])
 
 
-def _check_route_targets(route_targets: Any, n: int, E: int, coef: Any) -> torch.Tensor:
-    """(n, E) float32 tensor of ``train_router``'s ``route_targets``, after checking them and ``route_loss_coef``."""
+def _check_route_targets(route_targets: Any, n: int, E: int) -> torch.Tensor:
+    """(n, E) float32 tensor of ``train_router``'s ``route_targets``, after checking them."""
     a = route_targets.detach().cpu().numpy() if isinstance(route_targets, torch.Tensor) else route_targets
     rt = torch.as_tensor(np.asarray(a, dtype=np.float64))
     if rt.shape != (n, E):
@@ -55,8 +139,6 @@ def _check_route_targets(route_targets: Any, n: int, E: int, coef: Any) -> torch
         raise ValueError("route_targets must be finite and non-negative")
     if not torch.allclose(rt.sum(1), torch.ones(n, dtype=rt.dtype), atol=1e-6):
         raise ValueError("every row of route_targets must sum to 1 (a distribution over the experts)")
-    if isinstance(coef, bool) or not (isinstance(coef, (int, float)) and math.isfinite(coef) and coef > 0):
-        raise ValueError(f"route_loss_coef must be a positive finite number, got {coef!r}")
     return rt.float()
 
 
@@ -74,14 +156,9 @@ def _route_loss(model: UnifiedModel, batch: Dict[str, torch.Tensor], targets: to
 # --------------------------------------------------------------------------- checks
 
 
-def _check_options(model: Any, epochs: Any, batch_size: Any, checkpoint_every: Any, lr: Any) -> None:
+def _check_model(model: Any) -> None:
     if not isinstance(model, UnifiedModel):
         raise TypeError(f"model must be a UnifiedModel (build_unified_model), got {type(model).__name__}")
-    for nm, v in (("epochs", epochs), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{nm} must be a positive int, got {v!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
 
 
 def _check_labels(
@@ -248,21 +325,14 @@ def train_router(
     x: Any,
     y: Optional[Any] = None,
     *,
-    epochs: int = 10,
-    lr: float = 5e-3,
-    batch_size: int = 64,
-    weight_decay: float = 0.0,
-    train_lora: bool = False,
-    train_head: bool = False,
-    seed: int = 0,
+    training: Optional[RouterTraining] = None,
     checkpoint_dir: Optional[PathLike] = None,
-    checkpoint_every: int = 50,
     resume: bool = True,
     label_block: Optional[Tuple[int, int]] = None,
     route_targets: Optional[Any] = None,
-    route_loss_coef: float = 1.0,
     callback: Optional[Callable[[int, float], None]] = None,
     progress: bool = False,
+    **options: Any,
 ) -> Dict[str, Any]:
     """Train the routers (and lambda; optionally the LoRAs and the head) of ``model`` in place.
 
@@ -278,9 +348,10 @@ def train_router(
         x: training inputs (n, ...), e.g. the union of the proxies
             (:func:`~metamoe.unify.proxy_training_set`).
         y: (n,) int labels in the unified label space (classification); None for a causal LM.
-        epochs, lr, batch_size, weight_decay: optimisation.
-        train_lora: also train the experts' LoRA factors. train_head: also train the head.
-        seed: shuffling.
+        training: the optimisation options, a :class:`RouterTraining` (epochs, lr, batch_size, weight_decay,
+            train_lora, train_head, seed, checkpoint_every, route_loss_coef); default ``RouterTraining()``.
+        **options: the same options as keyword arguments (``epochs=...``, ...), which just build a
+            RouterTraining; either ``training`` or these, not both (TypeError); an unknown one is a TypeError.
         checkpoint_dir: if given, every ``checkpoint_every`` steps and at the end the trainable parameters,
             the optimizer state and the step go to ``checkpoint_dir`` (``ckpt-<step>.safetensors`` written
             atomically, then ``state.json`` atomically pointing at it). With ``resume=True`` an existing
@@ -293,11 +364,10 @@ def train_router(
             ``"3"``).
         route_targets: None, or (n, E) non-negative rows summing to 1: the share of each expert every sample
             should be routed to (:func:`~metamoe.unify.server.proxy_owners` for proxies: their clients'
-            experts). Adds ``route_loss_coef`` times the routing cross-entropy, averaged over the MoE layers:
-            ``-sum_e target_e log g_e`` with ``g`` the sample's mean routing probability per expert
+            experts). Adds ``route_loss_coef`` times the routing cross-entropy, averaged over the MoE
+            layers: ``-sum_e target_e log g_e`` with ``g`` the sample's mean routing probability per expert
             (:meth:`~metamoe.unify.UnifiedModel.expert_weights`). Not part of the paper's description (task
             loss plus load balancing only); None (default) trains as the paper does.
-        route_loss_coef: > 0, the weight of that term.
         callback: ``callback(step, loss)`` after every step (step counts from 1); may raise to stop.
         progress: a tqdm bar.
 
@@ -308,27 +378,28 @@ def train_router(
     """
     from tqdm.auto import tqdm
 
-    _check_options(model, epochs, batch_size, checkpoint_every, lr)
+    _check_model(model)
+    tr = _training_from(training, options)
     n = SeedModel.num_samples(x)
     if n == 0:
         raise ValueError("x is empty (0 training samples)")
     yt, label_block = _check_labels(model, y, n, label_block)
-    rt = None if route_targets is None else _check_route_targets(route_targets, n, model.num_experts, route_loss_coef)
-    params = _trainable_parameters(model, train_lora, train_head)
-    opt = torch.optim.AdamW(list(params.values()), lr=float(lr), weight_decay=float(weight_decay))
-    batches = _Batches(n, batch_size, seed)
-    total = epochs * batches.steps_per_epoch
-    config = dict(
-        epochs=epochs,
-        lr=float(lr),
-        batch_size=batch_size,
-        weight_decay=float(weight_decay),
-        train_lora=bool(train_lora),
-        train_head=bool(train_head),
-        seed=int(seed),
+    rt = None if route_targets is None else _check_route_targets(route_targets, n, model.num_experts)
+    params = _trainable_parameters(model, tr.train_lora, tr.train_head)
+    opt = torch.optim.AdamW(list(params.values()), lr=tr.lr, weight_decay=tr.weight_decay)
+    batches = _Batches(n, tr.batch_size, tr.seed)
+    total = tr.epochs * batches.steps_per_epoch
+    config = dict(  # what a checkpoint must match to resume (route_loss_coef only counts with route_targets)
+        epochs=tr.epochs,
+        lr=tr.lr,
+        batch_size=tr.batch_size,
+        weight_decay=tr.weight_decay,
+        train_lora=tr.train_lora,
+        train_head=tr.train_head,
+        seed=tr.seed,
         params=sorted(params),
         label_block=None if label_block is None else list(label_block),
-        route_loss_coef=None if rt is None else float(route_loss_coef),
+        route_loss_coef=None if rt is None else tr.route_loss_coef,
     )
     meta = {
         "config": config,
@@ -351,13 +422,13 @@ def train_router(
     with tqdm(total=total, initial=start, disable=not progress, desc="train router", leave=False) as bar:
         for step in range(start, total):
             idx = batches.indices(step)
-            loss, task, route = _train_step(model, opt, x, idx, contexts, yt, label_block, rt, route_loss_coef)
+            loss, task, route = _train_step(model, opt, x, idx, contexts, yt, label_block, rt, tr.route_loss_coef)
             losses.add(task, route, len(idx))
             bar.update(1)
             done = step + 1
             if done % batches.steps_per_epoch == 0:
                 losses.end_epoch(with_route=rt is not None)
-            if ckpt is not None and (done % checkpoint_every == 0 or done == total):
+            if ckpt is not None and (done % tr.checkpoint_every == 0 or done == total):
                 save_checkpoint(ckpt, done, params, opt, {**meta, **losses.checkpoint_state()})
             if callback is not None:
                 callback(done, loss)

@@ -1,9 +1,10 @@
 """The unified model: the seed with every FFN turned into a mixture of the packages' LoRA experts.
 
 * :func:`build_unified_model` copies the seed and turns every FFN into a
-  :class:`metamoe.moe.LoRAMoELayer` over the frozen base FFN with one LoRA expert per package, top-k routing
-  (default ``min(2, E)``), router rows initialised from the packages' prototypes and, by default,
-  context-aware routing with the two-pass context: a first pass of the base model with the experts off gives
+  :class:`metamoe.moe.LoRAMoELayer` over the frozen base FFN with one LoRA expert per package, all routing
+  with one :class:`~metamoe.moe.RouterConfig` (``UnifiedModel.router_config``): top-k routing (default
+  ``min(2, E)``), router rows initialised from the packages' prototypes and, by default, context-aware
+  routing with the two-pass context: a first pass of the base model with the experts off gives
   each sample, for every FFN layer, the mean of that layer's FFN inputs over the sample's tokens; in the
   second pass the router of that layer sees ``(1 - lambda) * token + lambda * context``.
 * :func:`build_soup_model`: the Model Soup baseline, one adapter averaging the experts' LoRA updates.
@@ -40,6 +41,7 @@ from torch import nn
 
 from ..models.lora import has_lora
 from ..models.registry import SeedModel
+from ..moe.router_config import RouterConfig, router_config_from
 from .package import ExpertPackage, PackageError, check_package_set
 from .server import LabelSpace, unified_label_space
 
@@ -75,6 +77,7 @@ class UnifiedModel(nn.Module):
         label_space: :class:`LabelSpace` of the head.
         expert_names: one name per expert (the package folder names).
         context_routing: whether the routers read the two-pass context.
+        router_config: the :class:`~metamoe.moe.RouterConfig` every MoE layer routes with (one object).
 
     Inputs are what the seed's :meth:`SeedModel.prepare` takes (images (n, C, H, W) / (n, H, W), token ids).
     """
@@ -99,6 +102,12 @@ class UnifiedModel(nn.Module):
     @property
     def moe_layers(self) -> List[nn.Module]:
         return [w.moe for w in self._wrappers]
+
+    @property
+    def router_config(self) -> RouterConfig:
+        """The :class:`~metamoe.moe.RouterConfig` of the MoE layers (:func:`build_unified_model` gives every
+        layer the same one)."""
+        return self._wrappers[0].moe.router_config
 
     @property
     def num_experts(self) -> int:
@@ -306,19 +315,37 @@ def _router_prototypes(packages: Sequence[ExpertPackage], layer: int, center: bo
     return P
 
 
+def _unified_router_config(
+    router: Optional[RouterConfig], E: int, top_k: Any, context_routing: Optional[bool], **kwargs: Any
+) -> RouterConfig:
+    """The one RouterConfig of :func:`build_unified_model`: ``router`` or its keyword arguments (None: not
+    given; context routing on by default there), top-k ``min(2, E)`` unless given, checked against ``E``."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E):
+        raise ValueError(f"top_k must be an int in [1, {E}] (the number of experts), got {top_k!r}")
+    if router is None and context_routing is None:
+        context_routing = True
+    if top_k is None and (router is None or getattr(router, "top_k", None) is None):
+        top_k = min(2, E)
+    rc = router_config_from(router, top_k, context_routing=context_routing, **kwargs)
+    if rc.top_k > E:
+        raise ValueError(f"top_k must be an int in [1, {E}] (the number of experts), got {rc.top_k!r}")
+    return rc
+
+
 def build_unified_model(
     seed_model: SeedModel,
     packages: Sequence[ExpertPackage],
     *,
+    router: Optional[RouterConfig] = None,
     top_k: Optional[int] = None,
-    context_routing: bool = True,
-    context_lambda_init: float = 0.5,
+    context_routing: Optional[bool] = None,
+    context_lambda_init: Optional[float] = None,
     routed_head: bool = True,
     router_init: str = "prototypes",
     router_init_scale: float = 4.0,
     center_prototypes: bool = True,
-    aux_loss_coef: float = 1e-2,
-    z_loss_coef: float = 1e-3,
+    aux_loss_coef: Optional[float] = None,
+    z_loss_coef: Optional[float] = None,
     lora_impl: str = "auto",
     validate: bool = True,
 ) -> UnifiedModel:
@@ -327,9 +354,14 @@ def build_unified_model(
     Args:
         seed_model: the shared plain seed (a :class:`SeedModel` without LoRA).
         packages: loaded packages (:func:`validate_packages`), one expert each, in expert order.
+        router: the :class:`~metamoe.moe.RouterConfig` every layer routes with (order, renormalize, loss
+            weights, context routing), kept as ``model.router_config``; its ``top_k`` None means
+            ``min(2, E)``. Either ``router`` or the router keyword arguments below (which just build one; None:
+            not given), not both (TypeError); ``top_k`` may come with either and must then agree.
         top_k: experts per token; default ``min(2, E)``.
         context_routing: two-pass context-aware routing (module docstring); False routes on tokens alone.
-        context_lambda_init: initial lambda in (0, 1).
+            Default True (a ``RouterConfig``'s own default is False: say ``context_routing=True`` in it).
+        context_lambda_init: initial lambda in (0, 1); default 0.5.
         routed_head: (classification, two or more experts) add ``log g_c`` to the logits of client c's private
             classes, where ``g_c`` is the sample's mean routing probability to expert c in the last MoE layer
             (:meth:`UnifiedModel.expert_weights`). Without it every client's private head rows score every
@@ -339,7 +371,7 @@ def build_unified_model(
         router_init_scale: > 0, norm of each router row after initialisation (inverse temperature).
         center_prototypes: subtract the mean prototype over the experts before normalising (module docstring).
         aux_loss_coef, z_loss_coef: weights of the load-balancing and z losses in
-            :meth:`UnifiedModel.router_loss`.
+            :meth:`UnifiedModel.router_loss`; default ``RouterConfig``'s (1e-2 and 1e-3).
         lora_impl: ``"auto"``, ``"grouped"`` or ``"dense"`` (:class:`~metamoe.moe.LoRAMoELayer`).
         validate: run :func:`~metamoe.unify.package.check_package_set` against ``seed_model`` first.
 
@@ -358,11 +390,10 @@ def build_unified_model(
         raise ValueError("packages must be a non-empty list of ExpertPackage")
     if validate:
         check_package_set(list(packages), seed_model=seed_model)
-    E = len(packages)
-    if top_k is None:
-        top_k = min(2, E)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= E:
-        raise ValueError(f"top_k must be an int in [1, {E}] (the number of experts), got {top_k!r}")
+    rc = _unified_router_config(
+        router, len(packages), top_k, context_routing=context_routing, context_lambda_init=context_lambda_init,
+        aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
+    )
     if router_init not in ("prototypes", "zeros"):
         raise ValueError(f"router_init must be 'prototypes' or 'zeros', got {router_init!r}")
     if not (
@@ -383,14 +414,10 @@ def build_unified_model(
         moe = LoRAMoELayer.from_base_ffn(
             ffn,
             [p.lora_state for p in packages],
-            top_k=top_k,
             alpha=cfg.alpha,
             layer_index=i,
             lora_impl=lora_impl,
-            context_routing=context_routing,
-            context_lambda_init=context_lambda_init,
-            aux_loss_coef=aux_loss_coef,
-            z_loss_coef=z_loss_coef,
+            router=rc,
         )
         with torch.no_grad():
             if router_init == "prototypes":
@@ -407,7 +434,7 @@ def build_unified_model(
             prm.requires_grad_(name == "router.weight" or name == "context_lambda_logit")
     if not isinstance(routed_head, bool):
         raise TypeError(f"routed_head must be a bool, got {type(routed_head).__name__}")
-    um = UnifiedModel(model, wrappers, space, [p.path.name for p in packages], context_routing, routed_head)
+    um = UnifiedModel(model, wrappers, space, [p.path.name for p in packages], rc.context_routing, routed_head)
     um.eval()
     return um
 
