@@ -1,14 +1,19 @@
-"""Router training: task and routing losses against references, options and errors, checkpoints and exact
-resume."""
+"""Router training: task and routing losses against references, options (RouterTraining, one set of defaults)
+and errors, checkpoints and exact resume."""
 
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
 import test_server
 import torch
+import yaml
 
+from metamoe.unify import DigitsConfig, RouterTraining
 from metamoe.unify.checkpoint import CHECKPOINT_STATE
+from metamoe.unify.config import SERVER_YAML
 from metamoe.unify.router_training import train_router
 from metamoe.unify.server import proxy_owners, proxy_training_set, unified_label_space
 from metamoe.unify.unified_model import UnifiedModel, build_soup_model, build_unified_model
@@ -205,3 +210,134 @@ def test_route_targets_errors(packages, seed_vit, digits):
         train_router(m, x, y, route_targets=t * 2)
     with pytest.raises(ValueError, match="route_loss_coef"):
         train_router(m, x, y, route_targets=t, route_loss_coef=0)
+
+
+# --------------------------------------------------------------------------- RouterTraining: one set of options
+
+
+@pytest.mark.parametrize(
+    "field, bad, err",
+    [
+        ("epochs", 0, ValueError),
+        ("epochs", 1.5, TypeError),
+        ("epochs", True, TypeError),
+        ("lr", 0.0, ValueError),
+        ("lr", float("nan"), ValueError),
+        ("lr", "0.1", TypeError),
+        ("batch_size", 0, ValueError),
+        ("weight_decay", -1e-3, ValueError),
+        ("weight_decay", float("inf"), ValueError),
+        ("train_lora", "yes", TypeError),
+        ("train_head", 1, TypeError),
+        ("seed", -1, ValueError),
+        ("checkpoint_every", 0, ValueError),
+        ("route_loss_coef", 0.0, ValueError),
+        ("route_loss_coef", -1.0, ValueError),
+    ],
+)
+def test_router_training_validates_each_field(field, bad, err):
+    with pytest.raises(err, match=rf"RouterTraining\.{field}\b"):
+        RouterTraining(**{field: bad})
+    with pytest.raises(err, match=rf"RouterTraining\.{field}\b"):
+        RouterTraining().replace(**{field: bad})
+
+
+def test_router_training_is_frozen_and_normalised():
+    t = RouterTraining(epochs=np.int64(3), lr=1, weight_decay=0, train_lora=np.bool_(True), seed=np.int32(2))
+    assert (t.epochs, t.lr, t.weight_decay, t.train_lora, t.seed) == (3, 1.0, 0.0, True, 2)
+    assert type(t.epochs) is int and type(t.lr) is float and type(t.train_lora) is bool and type(t.seed) is int
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        t.epochs = 5  # type: ignore[misc]
+    assert t.replace(lr=0.5) == dataclasses.replace(t, lr=0.5) and t.lr == 1.0
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_train_router_training_equals_keywords(packages, seed_vit, digits, tmp_path, routed):
+    space = unified_label_space(packages)
+    x, y, idx = proxy_training_set(packages, digits.public_x, digits.public_y, space)
+    kw = dict(epochs=2, lr=3e-2, batch_size=6, weight_decay=1e-2, train_lora=True, train_head=True, seed=5,
+              checkpoint_every=2, route_loss_coef=0.5)
+    rest = dict(label_block=space.public_slice, route_targets=proxy_owners(packages, idx) if routed else None)
+    a, b = build_unified_model(seed_vit, packages), build_unified_model(seed_vit, packages)
+    r_a = train_router(a, x, y, checkpoint_dir=tmp_path / "a", **rest, **kw)
+    r_b = train_router(b, x, y, training=RouterTraining(**kw), checkpoint_dir=tmp_path / "b", **rest)
+    pa, pb = _params(a), _params(b)
+    assert sorted(pa) == sorted(pb) and any(k.startswith("seed.") and "lora_" in k for k in pa)
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    assert r_a["loss_per_epoch"] == r_b["loss_per_epoch"] and r_a.get("route_loss_per_epoch") == r_b.get(
+        "route_loss_per_epoch"
+    )
+    # one run as far as the checkpoints are concerned: the recorded config is the same
+    state_a = json.loads((tmp_path / "a" / CHECKPOINT_STATE).read_text())
+    state_b = json.loads((tmp_path / "b" / CHECKPOINT_STATE).read_text())
+    assert state_a["config"] == state_b["config"]
+    assert state_a["config"]["route_loss_coef"] == (0.5 if routed else None)
+
+
+def test_train_router_options_mixed_or_unknown(packages, seed_vit, digits):
+    space = unified_label_space(packages)
+    x, y, _ = proxy_training_set(packages, digits.public_x, digits.public_y, space)
+    m = build_unified_model(seed_vit, packages)
+    with pytest.raises(TypeError, match=r"given twice.*\['epochs', 'lr'\]"):
+        train_router(m, x, y, training=RouterTraining(epochs=1), epochs=1, lr=1e-3)
+    with pytest.raises(TypeError, match="'epoch'"):
+        train_router(m, x, y, epoch=1)
+    with pytest.raises(TypeError, match="'checkpoint_dirr'"):
+        train_router(m, x, y, training=RouterTraining(), checkpoint_dirr="x")
+    with pytest.raises(TypeError, match="training must be a RouterTraining"):
+        train_router(m, x, y, training={"epochs": 1})
+    with pytest.raises(ValueError, match=r"RouterTraining\.lr"):
+        train_router(m, x, y, lr=-1.0)
+    with pytest.raises(TypeError):
+        train_router(m, x, y, RouterTraining())  # keyword-only, as before
+
+
+def test_train_router_defaults_are_router_training_defaults(packages, seed_vit, digits, tmp_path):
+    space = unified_label_space(packages)
+    x, y, _ = proxy_training_set(packages, digits.public_x, digits.public_y, space)
+    x, y = x[:8], y[:8]  # one step per epoch
+    r = train_router(build_unified_model(seed_vit, packages), x, y, checkpoint_dir=tmp_path)
+    d = RouterTraining()
+    assert r["steps"] == d.epochs == len(r["loss_per_epoch"])
+    cfg = json.loads((tmp_path / CHECKPOINT_STATE).read_text())["config"]
+    want = {k: v for k, v in dataclasses.asdict(d).items() if k not in ("checkpoint_every", "route_loss_coef")}
+    assert {k: cfg[k] for k in want} == want
+
+
+def _server_yaml_training():
+    """{key: value} of the training section of the SERVER_YAML template, values parsed as YAML."""
+    lines = SERVER_YAML.splitlines()
+    start = next(i for i, ln in enumerate(lines) if re.match(r"^  training:", ln))
+    out = {}
+    for ln in lines[start + 1 :]:
+        if not ln.startswith("    "):
+            break
+        m = re.match(r"^    (\w+): (\S+)", ln)
+        if m:
+            out[m.group(1)] = yaml.safe_load(m.group(2))
+    return out
+
+
+def test_one_set_of_router_training_defaults():
+    d, demo, tmpl = RouterTraining(), DigitsConfig(), _server_yaml_training()
+    # the demo (DigitsConfig) trains its routers with the defaults
+    assert (demo.router_epochs, demo.router_lr, demo.router_batch_size, demo.route_loss) == (
+        d.epochs, d.lr, d.batch_size, d.route_loss_coef
+    )
+    assert demo.router_training() == d and demo.router_training(seed=7) == d.replace(seed=7)
+    assert DigitsConfig(route_loss=0.0).router_training().route_loss_coef == d.route_loss_coef
+    # server.yaml documents them
+    assert tmpl == {
+        "epochs": d.epochs,
+        "lr": d.lr,
+        "batch_size": d.batch_size,
+        "seed": d.seed,
+        "train_lora": d.train_lora,
+        "loss": "block",
+        "route_loss": d.route_loss_coef,
+        "checkpoint_every": d.checkpoint_every,
+    }
+    # and these are the demo's values (train_router's own defaults were 10 epochs at lr 5e-3 before)
+    assert (d.epochs, d.lr, d.batch_size, d.weight_decay, d.route_loss_coef) == (40, 1e-2, 64, 0.0, 1.0)
+    assert (d.train_lora, d.train_head, d.seed, d.checkpoint_every) == (False, False, 0, 50)

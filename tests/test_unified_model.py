@@ -1,5 +1,6 @@
-"""The unified model: head and router initialisation from the packages, float64 equivalences (one forced
-expert, routed head, two-pass context, soup), a causal-LM decoder, refused seed families."""
+"""The unified model: head and router initialisation from the packages, one RouterConfig for every layer,
+float64 equivalences (one forced expert, routed head, two-pass context, soup), a causal-LM decoder, refused seed
+families."""
 
 import math
 
@@ -9,7 +10,9 @@ import test_server
 import torch
 
 from metamoe.models import create_seed_model, ffn_input_hooks
+from metamoe.moe import RouterConfig
 from metamoe.unify import expert_from_package, train_expert, write_expert_package
+from metamoe.unify.baselines import build_method, method_spec
 from metamoe.unify.router_training import train_router
 from metamoe.unify.server import proxy_training_set, unified_label_space, validate_packages
 from metamoe.unify.unified_model import build_soup_model, build_unified_model
@@ -60,6 +63,66 @@ def test_router_rows_from_prototypes(packages, seed_vit):
         build_unified_model(seed_vit, packages, top_k=4)
     with pytest.raises(ValueError, match="router_init_scale"):
         build_unified_model(seed_vit, packages, router_init_scale=0.0)
+
+
+# --------------------------------------------------------------------------- one RouterConfig
+
+
+def test_router_config_default_is_shared_by_every_layer(packages, seed_vit):
+    m = build_unified_model(seed_vit, packages)
+    assert m.router_config == RouterConfig(top_k=2, context_routing=True)  # min(2, E), context on by default
+    assert all(layer.router_config is m.router_config for layer in m.moe_layers)
+    assert m.context_routing is True
+    one = build_unified_model(seed_vit, packages[:1], context_routing=False)
+    assert one.router_config == RouterConfig(top_k=1) and one.context_routing is False
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_router_config_equals_keyword_arguments(packages, seed_vit, digits, context):
+    opts = dict(top_k=1, context_routing=context, context_lambda_init=0.3, aux_loss_coef=0.05, z_loss_coef=0.0)
+    kw = build_unified_model(seed_vit, packages, **opts).double()
+    rc = RouterConfig(**opts)
+    cfg = build_unified_model(seed_vit, packages, router=rc).double()
+    assert cfg.router_config is rc and kw.router_config == rc
+    assert all(layer.router_config is rc for layer in cfg.moe_layers)
+    assert cfg.context_routing is context
+    sa, sb = kw.state_dict(), cfg.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    b = kw.prepare(digits.public_x[:12])
+    assert torch.equal(kw(b), cfg(b))
+    assert torch.equal(kw.router_loss(), cfg.router_loss())
+    # top_k from the call with a RouterConfig that leaves it open; the router's own options flow to every layer
+    m = build_unified_model(seed_vit, packages, router=RouterConfig(order="topk_then_softmax"), top_k=3)
+    assert m.router_config == RouterConfig(top_k=3, order="topk_then_softmax")
+    assert all(layer.router_order == "topk_then_softmax" and layer.top_k == 3 for layer in m.moe_layers)
+
+
+def test_router_config_errors(packages, seed_vit):
+    rc = RouterConfig(top_k=2)
+    with pytest.raises(TypeError, match=r"given twice.*context_routing"):
+        build_unified_model(seed_vit, packages, router=rc, context_routing=True)
+    with pytest.raises(TypeError, match=r"given twice.*aux_loss_coef"):
+        build_unified_model(seed_vit, packages, router=rc, aux_loss_coef=0.1)
+    with pytest.raises(ValueError, match="top_k=1 but router=RouterConfig"):
+        build_unified_model(seed_vit, packages, router=rc, top_k=1)
+    with pytest.raises(ValueError, match=r"top_k must be an int in \[1, 3\]"):
+        build_unified_model(seed_vit, packages, router=RouterConfig(top_k=4))
+    with pytest.raises(TypeError, match="router must be a RouterConfig"):
+        build_unified_model(seed_vit, packages, router={"top_k": 2})
+    with pytest.raises(ValueError, match="context_lambda_init"):
+        build_unified_model(seed_vit, packages, context_lambda_init=1.0)
+
+
+def test_build_method_keeps_the_methods_context_routing(packages, seed_vit):
+    rc = RouterConfig(top_k=1, aux_loss_coef=0.05)
+    for name in ("metamoe", "no_context"):
+        spec = method_spec(name)
+        m = build_method(spec, seed_vit, packages, router=rc)
+        assert m.router_config == rc.replace(context_routing=spec.context_routing)
+        plain = build_method(spec, seed_vit, packages, top_k=1, aux_loss_coef=0.05)
+        assert plain.router_config == m.router_config
 
 
 # --------------------------------------------------------------------------- equivalences (float64)

@@ -3,8 +3,9 @@
 Client: :func:`embed`, :func:`train_expert` (LoRA on every FFN, router prototypes). Package: a folder of
 safetensors + JSON manifest (:func:`write_expert_package`, :func:`load_expert_package`, :func:`check_package_set`);
 problems raise :class:`PackageError`. Server: :func:`validate_packages`, :func:`build_unified_model` (its
-routers: one :class:`RouterConfig`), :func:`train_router` (its options: one :class:`RouterTraining`); the compared methods in :mod:`.baselines`; the
-digits experiment of ``metamoe demo`` :func:`run_digits_experiment`. Importing this package imports torch.
+routers: one :class:`RouterConfig`), :func:`train_router` (its options: one :class:`RouterTraining`); the
+compared methods in :mod:`.baselines`; the digits experiment of ``metamoe demo`` :func:`run_digits_experiment`.
+Importing this package imports torch.
 """
 
 from ..moe.router_config import RouterConfig
