@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,16 @@ import numpy as np
 
 from ..backends.tensors import as_torch, is_torch
 from ..utils.checks import check_int
+from .knn_faiss import (
+    block_f32,
+    block_np,
+    default_nlist,
+    exact_faiss_sliced,
+    faiss_gpu_reason,
+    faiss_index,
+    faiss_reason,
+    faiss_search,
+)
 from .validation import block_rows as _rows_for_bytes
 from .validation import check_embeddings, first_zero_row
 
@@ -222,21 +231,6 @@ class KnnGraph:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _block_f32(t, start: int, stop: int, normalize: bool):
-    """Rows [start, stop) as a contiguous float32 torch tensor (on the tensor's device), L2-normalised if asked."""
-    import torch
-
-    b = t[start:stop].to(torch.float32)
-    if normalize:
-        b = torch.nn.functional.normalize(b, dim=1)
-    return b.contiguous()
-
-
-def _block_np(t, start: int, stop: int, normalize: bool) -> np.ndarray:
-    b = _block_f32(t, start, stop, normalize)
-    return np.ascontiguousarray(b.detach().to("cpu").numpy())
-
-
 def _exact_torch(Q, P, K: int, metric: str, *, q_block: int = 2048, p_block: int = 32768, progress: bool = False):
     """Exact top-K of each query among the pool: blocked matmul + torch.topk, float32, bounded memory.
 
@@ -255,12 +249,12 @@ def _exact_torch(Q, P, K: int, metric: str, *, q_block: int = 2048, p_block: int
     out_i = torch.empty(nq, K, dtype=torch.int64, device=dev)
     for qs in tqdm(range(0, nq, q_block), desc="knn (exact, torch)", disable=None if progress else True, leave=False):
         qe = min(nq, qs + q_block)
-        qb = _block_f32(Q, qs, qe, norm)
+        qb = block_f32(Q, qs, qe, norm)
         best_s = torch.empty((qe - qs, 0), dtype=torch.float32, device=dev)
         best_i = torch.empty((qe - qs, 0), dtype=torch.int64, device=dev)
         for ps in range(0, n, p_block):
             pe = min(n, ps + p_block)
-            pb = _block_f32(P, ps, pe, norm)
+            pb = block_f32(P, ps, pe, norm)
             s = qb @ pb.T
             if metric == "l2":  # -||q - p||^2 = 2 q.p - |q|^2 - |p|^2
                 s = 2 * s - (qb * qb).sum(1, keepdim=True) - (pb * pb).sum(1)[None, :]
@@ -276,91 +270,6 @@ def _exact_torch(Q, P, K: int, metric: str, *, q_block: int = 2048, p_block: int
         out_s[qs:qe] = best_s
         out_i[qs:qe] = best_i
     return out_s, out_i
-
-
-def _faiss_index(d: int, metric: str, nlist: int = 0, storage: str = "float32", quantizer: str = "flat"):
-    import faiss
-
-    mt = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    if quantizer == "hnsw" and nlist > 0:
-        coarse = faiss.IndexHNSWFlat(d, 32, mt)
-    else:
-        coarse = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
-    if nlist <= 0:
-        return coarse
-    # faiss's Python wrapper keeps a reference to `coarse` in the IVF index
-    if storage == "float32":
-        return faiss.IndexIVFFlat(coarse, d, nlist, mt)
-    qt = faiss.ScalarQuantizer.QT_fp16 if storage == "float16" else faiss.ScalarQuantizer.QT_8bit
-    return faiss.IndexIVFScalarQuantizer(coarse, d, nlist, qt, mt)
-
-
-def _merge_topk(best_s, best_i, s, i, K: int):
-    """Merge two (Nq, *) candidate lists into the top K per row: similarity descending, index ascending on
-    ties (faiss pads with index -1 and similarity -inf/-3.4e38; those sort last)."""
-    cs = np.concatenate([best_s, s], axis=1)
-    ci = np.concatenate([best_i, i], axis=1)
-    key_i = np.where(ci >= 0, ci, np.iinfo(np.int64).max)
-    key_s = np.where(ci >= 0, cs, -np.inf)
-    order = _row_lexsort(key_s, key_i)[:, :K]
-    rows = np.arange(cs.shape[0])[:, None]
-    return cs[rows, order], ci[rows, order]
-
-
-def _row_lexsort(key_s, key_i):
-    """Per row: order by key_s descending, then key_i ascending."""
-    o = np.argsort(key_i, axis=1, kind="stable")
-    s_sorted = np.take_along_axis(key_s, o, axis=1)
-    o2 = np.argsort(-s_sorted, axis=1, kind="stable")
-    return np.take_along_axis(o, o2, axis=1)
-
-
-def _exact_faiss_sliced(Xt, Qt, K: int, metric: str, slice_rows: int, block_rows: int, progress: bool):
-    """Exact top-K of every query over a pool too large for one Flat index: ``faiss.knn`` (brute force on
-    the slice's own float32 array, no index copy) per slice of ``slice_rows`` pool rows, queries in blocks
-    of ``block_rows``, the per-slice top-K merged (ties to the lower index). Memory: one float32 slice,
-    one query block and the (Nq, 2K) merge. Returns (sims float32 (Nq, K), idx int64 (Nq, K))."""
-    import faiss
-    from tqdm.auto import tqdm
-
-    n, d = Xt.shape
-    nq = Qt.shape[0]
-    mt = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
-    best_i = np.full((nq, 0), -1, dtype=np.int64)
-    slices = range(0, n, slice_rows)
-    for s0 in tqdm(slices, desc="knn (exact, sliced)", disable=None if progress else True, leave=False):
-        s1 = min(n, s0 + slice_rows)
-        xb = np.empty((s1 - s0, d), dtype=np.float32)  # filled block by block: one slice, one block in memory
-        for b0 in range(s0, s1, block_rows):
-            b1 = min(s1, b0 + block_rows)
-            xb[b0 - s0 : b1 - s0] = _block_np(Xt, b0, b1, metric == "cosine")
-        sims, idx = _faiss_search(lambda q, k, xb=xb: faiss.knn(q, xb, k, metric=mt), Qt, min(K, s1 - s0), metric,
-                                  block_rows, False, "")
-        idx = np.where(idx >= 0, idx + s0, -1)
-        del xb
-        best_s, best_i = _merge_topk(best_s, best_i, sims, idx, K)
-    return best_s, best_i
-
-
-def _faiss_search(search, Q, K: int, metric: str, q_block: int, progress: bool, desc: str):
-    """(sims float32 (Nq, K), idx int64 (Nq, K)) of ``search(query_block, K) -> (D, I)`` (a faiss index's
-    ``search``, or ``faiss.knn`` on one slice) over the queries in blocks of ``q_block`` rows."""
-    from tqdm.auto import tqdm
-
-    nq = Q.shape[0]
-    sims = np.empty((nq, K), dtype=np.float32)
-    idx = np.empty((nq, K), dtype=np.int64)
-    for qs in tqdm(range(0, nq, q_block), desc=desc, disable=None if progress else True, leave=False):
-        qe = min(nq, qs + q_block)
-        dist, ids = search(_block_np(Q, qs, qe, metric == "cosine"), K)
-        sims[qs:qe] = -dist if metric == "l2" else dist  # faiss L2 returns squared distances
-        idx[qs:qe] = ids
-    return sims, idx
-
-
-def _default_nlist(n: int) -> int:
-    return int(max(1, min(n // 39, round(4 * math.sqrt(n)))))
 
 
 def build_knn_graph(
@@ -483,11 +392,11 @@ def build_knn_graph(
         elif nq * n > AUTO_IVF_MIN_PAIRS:
             method = "ivf"
         else:
-            method = "exact" if _faiss_reason() is None else "torch"
+            method = "exact" if faiss_reason() is None else "torch"
     if method == "exact" and on_gpu:
         method = "torch"
     if method in ("exact", "ivf"):
-        reason = _faiss_reason()
+        reason = faiss_reason()
         if reason:
             raise ValueError(
                 f"method={method!r} on CPU data needs faiss: {reason}. Install faiss-cpu "
@@ -506,29 +415,29 @@ def build_knn_graph(
         sims, idx = s.cpu().numpy(), i.cpu().numpy()
         info["method"] = "torch-exact"
     elif method == "exact" and n > slice_rows:
-        sims, idx = _exact_faiss_sliced(Xt, Qt, Ks, metric, slice_rows, block_rows, progress)
+        sims, idx = exact_faiss_sliced(Xt, Qt, Ks, metric, slice_rows, block_rows, progress)
         info["method"] = "faiss-flat"
         info["slices"] = -(-n // slice_rows)
     elif method in ("exact", "faiss-gpu"):
-        index = _faiss_index(d, metric)
+        index = faiss_index(d, metric)
         if method == "faiss-gpu":
             import faiss
 
             index = faiss.index_cpu_to_all_gpus(index)
         for s0 in range(0, n, block_rows):
-            index.add(_block_np(Xt, s0, min(n, s0 + block_rows), metric == "cosine"))
-        sims, idx = _faiss_search(index.search, Qt, Ks, metric, block_rows, progress, f"knn ({method})")
+            index.add(block_np(Xt, s0, min(n, s0 + block_rows), metric == "cosine"))
+        sims, idx = faiss_search(index.search, Qt, Ks, metric, block_rows, progress, f"knn ({method})")
         info["method"] = "faiss-flat" if method == "exact" else "faiss-gpu-flat"
     else:  # ivf
         import faiss
 
-        nl = _default_nlist(n) if nlist is None else check_int(nlist, "nlist")
+        nl = default_nlist(n) if nlist is None else check_int(nlist, "nlist")
         nl = min(nl, n)
         npb = max(16, nl // 32) if nprobe is None else check_int(nprobe, "nprobe")
         npb = min(npb, nl)
         if quantizer == "auto":
             quantizer = "hnsw" if nl >= AUTO_HNSW_MIN_NLIST else "flat"
-        index = _faiss_index(d, metric, nl, storage, quantizer)
+        index = faiss_index(d, metric, nl, storage, quantizer)
         if quantizer == "hnsw":
             faiss.downcast_index(index.quantizer).hnsw.efSearch = max(64, 2 * npb)  # >= the nprobe lists wanted
         rng = np.random.default_rng(seed)
@@ -539,9 +448,9 @@ def build_knn_graph(
         index.train(train)
         del train
         for s0 in range(0, n, block_rows):
-            index.add(_block_np(Xt, s0, min(n, s0 + block_rows), metric == "cosine"))
+            index.add(block_np(Xt, s0, min(n, s0 + block_rows), metric == "cosine"))
         index.nprobe = npb
-        sims, idx = _faiss_search(index.search, Qt, Ks, metric, block_rows, progress, "knn (ivf)")
+        sims, idx = faiss_search(index.search, Qt, Ks, metric, block_rows, progress, "knn (ivf)")
         info.update(method="faiss-ivf", nlist=nl, nprobe=npb, n_train=n_train, storage=storage, quantizer=quantizer)
         if recall_sample > 0:
             m = min(int(recall_sample), nq)
@@ -585,7 +494,7 @@ def _gather_rows(t, rows: np.ndarray, normalize: bool, block_rows: int) -> np.nd
     for s in range(0, len(rows), block_rows):
         r = rows[s : s + block_rows]
         b = t[_torch_index(r, t)]
-        out[s : s + len(r)] = _block_np(b, 0, len(r), normalize)
+        out[s : s + len(r)] = block_np(b, 0, len(r), normalize)
     return out
 
 
@@ -598,7 +507,7 @@ def _self_sim(Xt, metric: str, block_rows: int) -> np.ndarray:
         return np.zeros(n, dtype=np.float32)
     out = np.empty(n, dtype=np.float32)
     for s in range(0, n, block_rows):
-        b = _block_f32(Xt, s, min(n, s + block_rows), False)
+        b = block_f32(Xt, s, min(n, s + block_rows), False)
         out[s : s + b.shape[0]] = (b * b).sum(1).cpu().numpy()
     return out
 
@@ -626,31 +535,6 @@ def _fix_self(sims: np.ndarray, idx: np.ndarray, metric: str, Xt, block_rows: in
         order = np.lexsort((np.where(valid, i_row, np.iinfo(np.int64).max), -np.where(valid, s_row, -np.inf)))
         sims[q], idx[q] = s_row[order], i_row[order]
     return sims, idx
-
-
-def _faiss_reason() -> Optional[str]:
-    """Why faiss cannot be imported here, or None."""
-    try:
-        import faiss  # noqa: F401
-    except ImportError as exc:
-        return f"faiss is not installed ({exc})"
-    return None
-
-
-def faiss_gpu_reason() -> Optional[str]:
-    """Why faiss cannot search on a GPU here (not installed, no GPU support, no GPU seen), or None."""
-    try:
-        import faiss
-    except ImportError as exc:
-        return f"faiss is not installed ({exc})"
-    if not hasattr(faiss, "StandardGpuResources"):
-        return "this faiss build has no GPU support (faiss-cpu); install faiss-gpu"
-    try:
-        if faiss.get_num_gpus() <= 0:
-            return "faiss sees no GPU"
-    except Exception as exc:  # pragma: no cover
-        return f"faiss GPU probe failed: {exc}"
-    return None
 
 
 __all__ = ["KnnGraph", "build_knn_graph", "METRICS", "KNN_METHODS", "fingerprint", "faiss_gpu_reason"]
