@@ -59,6 +59,7 @@ dpp_greedy_rbf = define_op(
 
 DEFAULT_EPS = 1e-9
 KERNELS = ("cosine", "rbf")
+STRATEGIES = ("auto", "lazy", "sweep")
 GAMMA_SAMPLE = 1024  # rows used to estimate the default RBF gamma (median heuristic)
 
 
@@ -196,12 +197,36 @@ def _run_cpp_state(state, k: int, eps: float, progress: bool, desc: str):
 
 
 @dpp_greedy.register("cpp", devices=("cpu",), dtypes=("float32", "float64", "float16", "bfloat16"))
-def dpp_greedy_cpp(X, relevance: np.ndarray, k: int, ridge: float, eps: float, progress: bool = False):
-    """C++/OpenMP: reads X in place (16-bit types converted in the inner loop), float64 arithmetic."""
+def dpp_greedy_cpp(
+    X,
+    relevance: np.ndarray,
+    k: int,
+    ridge: float,
+    eps: float,
+    progress: bool = False,
+    *,
+    strategy: str = "auto",
+    stats: Optional[dict] = None,
+):
+    """C++/OpenMP: reads X in place (16-bit types converted in the inner loop), float64 arithmetic.
+
+    ``strategy``: ``"sweep"`` (one pass over the pool per pick), ``"lazy"`` (a heap of stale residuals,
+    only the top brought up to date) or ``"auto"`` (lazy, switching to the sweep when that is cheaper);
+    all three give bit-identical picks. ``stats`` (a dict) receives the work done: ``row_updates``,
+    ``row_dots`` (row . direction products; the sweep makes N - t per pick) and ``switched_at``.
+    """
     _C = require_extension("_C")
     arr, suffix = _cpp_storage(X)
-    state = getattr(_C, "DppGreedyCosine" + suffix)(arr, relevance, float(ridge), int(k))
-    return _run_cpp_state(state, k, eps, progress, "dpp (cpp)")
+    state = getattr(_C, "DppGreedyCosine" + suffix)(arr, relevance, float(ridge), int(k), strategy)
+    out = _run_cpp_state(state, k, eps, progress, f"dpp (cpp, {strategy})")
+    if stats is not None:
+        stats.update(
+            row_updates=state.row_updates,
+            row_dots=state.row_dots,
+            refreshes=state.refreshes,
+            switched_at=state.switched_at,
+        )
+    return out
 
 
 # --------------------------------------------------------------------------- cuda
@@ -423,6 +448,15 @@ def _check_rbf_memory(n: int, k: int, device, max_workspace_bytes: Optional[int]
 # --------------------------------------------------------------------------- public API
 
 
+def _strategy_ran(strategy: str, stats: dict) -> str:
+    """What ran: ``"sweep"``, ``"lazy"`` or ``"lazy, then sweep from pick T"`` (auto's switch)."""
+    if strategy == "sweep":
+        return "sweep"
+    if stats.get("switched_at", -1) >= 0:
+        return f"lazy, then sweep from pick {stats['switched_at']}"
+    return "lazy"
+
+
 def top_candidates(relevance: np.ndarray, m: int) -> np.ndarray:
     """Indices of the ``m`` largest relevance values, ties to the lower index, returned in ascending order.
 
@@ -447,6 +481,7 @@ def select_dpp(
     progress: bool = True,
     chunk_rows: Optional[int] = None,
     max_workspace_bytes: Optional[int] = None,
+    strategy: str = "auto",
 ) -> Selection:
     """Pick ``k`` samples that are relevant and diverse: greedy MAP of a relevance-weighted DPP.
 
@@ -482,6 +517,14 @@ def select_dpp(
             reads it in place; the torch one streams it once per pick).
         max_workspace_bytes: cap for the RBF workspace; None means 80% of the free memory of the
             device (host MemAvailable, or ``torch.cuda.mem_get_info``).
+        strategy: how the cosine kernel's ``cpp`` backend finds each pick; every strategy gives the same
+            picks. ``"sweep"``: one pass over the whole pool per pick (memory-bound). ``"lazy"``: residuals
+            only shrink, so stale ones are upper bounds kept in a heap, and each pick brings only the top
+            candidates up to date, many directions per row read (compute-bound; at N = 1M, D = 768,
+            k = 768 about 3x faster than the sweep on a 2-core CPU). ``"auto"`` (default): lazy, switching
+            to the sweep when a cost model says the lazy updates cost more (small D with near-uniform
+            residuals). The torch and CUDA backends always sweep (``"lazy"`` there is an error); the RBF
+            kernel takes only ``"auto"``.
 
     Returns:
         :class:`Selection` with ``indices`` (int64, pick order, into the full pool), ``gains`` (log of
@@ -490,6 +533,10 @@ def select_dpp(
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got {kernel!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}, got {strategy!r}")
+    if kernel == "rbf" and strategy != "auto":
+        raise ValueError(f"strategy={strategy!r} applies to kernel='cosine' only; the rbf kernel takes 'auto'")
     t0 = time.perf_counter()
     # with candidates only the M gathered rows are scanned for NaN/inf (below), not the whole pool
     Xt = check_embeddings(X, zero_copy_readonly=True, check_finite=candidates is None)
@@ -538,6 +585,16 @@ def select_dpp(
         info["gamma"] = gamma
         info["workspace_bytes"] = _check_rbf_memory(m, k, Xt.device, max_workspace_bytes)
         idx, resid = impl.fn(Xt, r, k, ridge, eps_abs, progress, gamma=gamma, chunk_rows=rows)
+    elif strategy == "lazy" and impl.backend != "cpp":
+        raise ValueError(
+            f"strategy='lazy' needs the cpp backend; the {impl.backend} backend sweeps the pool "
+            f"(pass strategy='auto' or 'sweep', or backend='cpp')"
+        )
+    elif impl.backend == "cpp":
+        stats: dict = {}
+        idx, resid = impl.fn(Xt, r, k, ridge, eps_abs, progress, strategy=strategy, stats=stats)
+        info["strategy"] = _strategy_ran(strategy, stats)
+        info.update(stats)
     elif impl.backend == "torch":
         idx, resid = impl.fn(Xt, r, k, ridge, eps_abs, progress, chunk_rows=rows)
     else:
