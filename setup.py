@@ -164,6 +164,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "models": ["timm>=1.0", "transformers>=4.45", "scikit-learn>=1.2", "matplotlib>=3.6"],
+        "bench": ["apricot-select>=0.6", "scipy>=1.9"],  # the peers the selection benchmarks compare with
         "test": [
             "triton>=3.0",
             "timm>=1.0",

@@ -13,6 +13,12 @@ What is timed (median of ``--rep`` calls after ``--warmup``):
   first    ``select_facility_location(X, k, graph=G)`` on a graph that has not been used yet (builds the
            candidate -> ground transpose), each repetition on a fresh copy of the graph
   reuse    the same call again on the same graph (the transpose cached on the graph is reused)
+  apricot  (``--apricot``) apricot-select's FacilityLocationSelection (metric="precomputed", the lazy
+           optimizer) on the same graph: it reads a sparse matrix whose rows are candidates, so it gets the
+           transpose of the graph (scipy CSR, float64, built before the clock starts); its numba code is
+           compiled on a small graph first. Its picks, gains and objective must equal this call's; the
+           ratios apricot / first and apricot / reuse are printed. (pip install apricot-select, or the
+           ``bench`` extra.)
   baseline (``--baseline-so PATH``) a reference cpp path without the cached parallel transpose, run in a
            subprocess with the extension module at PATH (a build of metamoe/_C*.so whose
            ``_C.FacilityLocationGreedy`` takes the graph arrays and builds a serial int64/float64 transpose):
@@ -20,6 +26,7 @@ What is timed (median of ``--rep`` calls after ``--warmup``):
            compared with this call's (they must be identical) and the ratio baseline / first is printed.
 
   python benchmarks/bench_facility_location_transpose.py                       # N = 1M, K = 50, k = 10,000
+  python benchmarks/bench_facility_location_transpose.py --apricot             # and apricot, same graph
   python benchmarks/bench_facility_location_transpose.py \\
       --baseline-so /tmp/fl_baseline/_C.cpython-311-x86_64-linux-gnu.so
   python benchmarks/bench_facility_location_transpose.py --n 100000 --k 1000 --rep 3   # small
@@ -121,6 +128,34 @@ def baseline_worker(so_path: str, args) -> None:
     print("BASELINE_JSON " + json.dumps({"median_s": t.median, "p20_s": t.p20, "p80_s": t.p80, **out}))
 
 
+def _apricot_version() -> str:
+    from importlib.metadata import version
+
+    return version("apricot-select")
+
+
+def run_apricot(graph, k: int, rep: int):
+    """apricot's lazy facility location on the transpose of ``graph``: (timing, selector)."""
+    import scipy.sparse as sp
+    from apricot import FacilityLocationSelection
+
+    n = graph.n_points
+
+    def transpose(g):
+        m = sp.csr_matrix((g.similarities.astype(np.float64), g.indices.astype(np.int64), g.indptr), shape=(n, n))
+        return m.T.tocsr()  # rows: candidates, columns: the ground points they cover
+
+    small = sp.random(500, 500, density=0.05, format="csr", random_state=0)
+    FacilityLocationSelection(10, metric="precomputed", optimizer="lazy").fit(small)  # numba compiles here
+    Mt = transpose(graph)
+    out = {}
+
+    def call():
+        out["fl"] = FacilityLocationSelection(k, metric="precomputed", optimizer="lazy", verbose=False).fit(Mt)
+
+    return time_fn(call, warmup=0, rep=rep), out["fl"]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1_000_000)
@@ -131,6 +166,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--rep", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="OpenMP threads of the extension (default: as is)")
+    p.add_argument("--apricot", action="store_true", help="also time apricot-select on the same graph")
+    p.add_argument("--apricot-rep", type=int, default=1, help="timed apricot calls (each takes about a minute)")
     p.add_argument("--baseline-so", default=None, help="path of a reference build of metamoe/_C*.so to compare with")
     p.add_argument("--baseline-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-csv", action="store_true", help="print only, do not append to the results folder")
@@ -169,6 +206,19 @@ def main(argv=None) -> None:
     row = {"op": "facility_location", "backend": "cpp", "N": args.n, "K": args.neighbors, "k": k,
            "cluster_size": args.cluster_size, "first_call_s": round(first, 4), "cached_call_s": round(reuse, 4),
            "objective": round(float(sel.objective), 6)}
+    if args.apricot:
+        t_ap, fl = run_apricot(graph, k, args.apricot_rep)
+        ap_idx, ap_gains = np.asarray(fl.ranking), np.asarray(fl.gains, dtype=np.float64)
+        same = bool(np.array_equal(ap_idx, sel.indices))
+        gain_err = float(np.abs(ap_gains - sel.gains).max()) if same else float("nan")
+        obj_err = abs(float(ap_gains.sum()) - float(sel.objective))
+        print(f"apricot {_apricot_version()} (lazy, precomputed sparse): median {t_ap.median:.3f} s over "
+              f"{args.apricot_rep} call(s); same picks {same}, max |gain difference| {gain_err:.3g}, "
+              f"|objective difference| {obj_err:.3g}")
+        print(f"speed-up apricot / first call: {t_ap.median / first:.1f}x; apricot / reuse: {t_ap.median / reuse:.1f}x")
+        row.update(apricot_s=round(t_ap.median, 3), same_as_apricot=same and gain_err <= 1e-9 and obj_err <= 1e-6,
+                   speedup_vs_apricot_first=round(t_ap.median / first, 1),
+                   speedup_vs_apricot_cached=round(t_ap.median / reuse, 1))
     if args.baseline_so:
         del holder["g"], out["sel"]
         cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-worker", args.baseline_so,
@@ -192,6 +242,8 @@ def main(argv=None) -> None:
     if not args.no_csv:
         print("appended 1 row to "
               f"{append_csv('facility_location_transpose', [row], environment('cpu'), args.results_dir)}")
+    if args.apricot and not row["same_as_apricot"]:
+        sys.exit("apricot's picks, gains or objective differ from this call's")
     if args.baseline_so and not row["same_as_baseline"]:
         sys.exit("the current call's picks, gains or objective differ from the baseline's")
 

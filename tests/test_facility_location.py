@@ -447,3 +447,33 @@ def test_cpp_transpose_is_cached_on_the_graph_and_invalidated():
     assert cached(copy.deepcopy(g)) is None
     same(run(copy.copy(g)), changed)  # a shallow copy shares the arrays, so it may share the transpose
     assert cached(pickle.loads(pickle.dumps(g))) is None
+
+
+@pytest.mark.parametrize("row_order", ["sorted", "shuffled"])
+def test_lazy_equals_naive_with_many_equal_gains_on_a_large_graph(row_order):
+    """N = 60,000, similarities from 7 values (gains tie within and across the lazy queue's buckets, some
+    gains reach 0), rows sorted by similarity (the dirty marking stops early) or not: lazy = naive."""
+    skip_unavailable("cpp")
+    from metamoe.backends.availability import require_extension
+
+    X, g = _synthetic(60_000, 12, 300, seed=11)
+    rng = np.random.default_rng(12)
+    sims = np.round(g.similarities * 3) / 3  # -0.333 .. 1 in thirds: entries <= 0 never count
+    sims = sims.reshape(-1, 12)
+    if row_order == "sorted":
+        order = np.argsort(-sims, axis=1, kind="stable")
+    else:
+        order = np.argsort(rng.random(sims.shape), axis=1)
+    cols = np.take_along_axis(g.indices.reshape(-1, 12), order, axis=1).reshape(-1)
+    sims = np.ascontiguousarray(np.take_along_axis(sims, order, axis=1).reshape(-1), dtype=np.float32)
+    t = require_extension("_C").FacilityLocationTranspose(g.indptr, cols, sims, 60_000)
+    assert t.sorted_rows == (row_order == "sorted")
+    graph = KnnGraph(indptr=g.indptr, indices=cols, similarities=sims, n_points=60_000, metric="cosine",
+                     n_neighbors=12, self_included=True, pool_fingerprint=g.pool_fingerprint)
+    k = 2000
+    lazy = select_facility_location(X, k, graph=graph, optimizer="lazy", backend="cpp", progress=False)
+    naive = select_facility_location(X, k, graph=graph, optimizer="naive", backend="cpp", progress=False)
+    np.testing.assert_array_equal(lazy.indices, naive.indices)
+    np.testing.assert_array_equal(lazy.gains, naive.gains)
+    assert lazy.objective == naive.objective
+    assert len(set(lazy.indices.tolist())) == k

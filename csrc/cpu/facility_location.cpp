@@ -21,8 +21,9 @@
 // those ground points (G_i) can lose gain, so they are marked dirty: about K^2 work per pick on a
 // K-NN graph instead of a pass over the pool.
 //   naive:      recompute every gain each pick (OpenMP), argmax (ties to the lowest index); for tests.
-//   lazy:       max-heap of gains, ordered (gain desc, index asc), a strict total order, so the top is the
-//               same whatever the heap's layout (a 4-ary heap here, a dirty top re-keyed in place). A clean
+//   lazy:       max-priority queue of gains, ordered (gain desc, index asc), a strict total order, so the
+//               top is the same whatever the queue's layout (BucketQueue: buckets by the gain's top bits,
+//               the highest drained into a small heap; dirty tops refreshed 16 at a time). A clean
 //               top holds its exact gain and is the naive argmax (gains only decrease: every other entry's
 //               key bounds its gain); a dirty top is recomputed and re-inserted. Same picks as naive.
 //   stochastic: Mirzasoleiman et al. (AAAI 2015): each pick evaluates a uniform sample (without
@@ -65,6 +66,7 @@ namespace metamoe {
 namespace {
 
 enum Optimizer : int { kNaive = 0, kLazy = 1, kStochastic = 2 };
+constexpr int64_t kLazyBatch = 16;  // dirty tops refreshed together by the lazy greedy
 
 inline int max_threads() {
 #ifdef METAMOE_OPENMP
@@ -222,6 +224,8 @@ class FacilityLocationTranspose {
 
   const GraphRef& graph() const { return g_; }
   bool rows64() const { return rows64_; }
+  // Whether every ground row lists its candidates by non-increasing similarity (as a kNN search does).
+  bool sorted_rows() const { return sorted_rows_; }
   int64_t nnz() const { return t_ptr_[g_.N]; }
   int64_t n_ground() const { return g_.M; }
   int64_t n_candidates() const { return g_.N; }
@@ -268,12 +272,21 @@ class FacilityLocationTranspose {
     for (int64_t p = 1; p <= P; ++p) rb[p] = std::max(rb[p], rb[p - 1]);
     BigBuffer<int64_t> hist(static_cast<size_t>(P * N));
     std::vector<int64_t> bad_idx(P, -1), bad_sim(P, -1);
+    std::vector<uint8_t> unsorted(P, 0);
 #pragma omp parallel num_threads(static_cast<int>(P))
     {
       const int64_t p = thread_id();
       int64_t* h = hist.data() + p * N;
       std::fill(h, h + N, int64_t(0));
       int64_t bi = -1, bs = -1;
+      bool sorted = true;
+      for (int64_t i = rb[p]; i < rb[p + 1] && sorted; ++i)
+        for (int64_t e = ip[i] + 1; e < ip[i + 1]; ++e)
+          if (!(sv[e] <= sv[e - 1])) {
+            sorted = false;
+            break;
+          }
+      unsorted[p] = !sorted;
       for (int64_t e = ip[rb[p]]; e < ip[rb[p + 1]]; ++e) {
         const int64_t j = static_cast<int64_t>(ix[e]);
         const float s = sv[e];
@@ -290,6 +303,7 @@ class FacilityLocationTranspose {
       bad_idx[p] = bi;
       bad_sim[p] = bs;
     }
+    sorted_rows_ = std::none_of(unsorted.begin(), unsorted.end(), [](uint8_t u) { return u != 0; });
     for (int64_t p = 0; p < P; ++p) {
       METAMOE_CHECK(bad_idx[p] < 0, "graph index at entry ", bad_idx[p], " is outside [0, ", N, ")");
       METAMOE_CHECK(bad_sim[p] < 0, "graph similarity at entry ", bad_sim[p], " is NaN or inf");
@@ -327,7 +341,7 @@ class FacilityLocationTranspose {
 
   GraphRef g_;
   uint64_t checksum_ = 0;
-  bool rows64_ = false;
+  bool rows64_ = false, sorted_rows_ = false;
   std::vector<int64_t> t_ptr_;
   BigBuffer<TEntry<int32_t>> e32_;
   BigBuffer<TEntry<int64_t>> e64_;
@@ -352,42 +366,75 @@ inline bool before(const HeapItem& a, const HeapItem& b) {
   return a.gain > b.gain || (a.gain == b.gain && a.idx < b.idx);
 }
 
-// 4-ary max-heap under before(); a node's 4 children share one 64-byte line.
-class Heap4 {
+// Max-priority queue of the lazy greedy under before(), for keys that only decrease (a re-keyed top is
+// never above its old key). Candidates sit in buckets by the top kBucketBits bits of their gain (for
+// gains >= 0 the bit pattern orders as the value, so a lower bucket holds only smaller gains), each bucket
+// a singly linked list; the highest non-empty bucket is drained into a small binary heap. A dirty top whose
+// fresh gain falls into a lower bucket is a list insert, O(1), instead of a sift down a heap of N entries
+// (a cache miss per level); the top is the same item as a heap's.
+class BucketQueue {
  public:
+  static constexpr int kBucketBits = 20;  // sign, 11 exponent bits, 8 mantissa bits: 256 buckets per octave
+
   void build(const double* gain, int64_t n) {
-    buf_.reset(static_cast<size_t>(n) + 3);
-    h_ = buf_.data() + 3;  // children of i at 4i+1..4i+4: byte offset 64 (i + 1) from the aligned buffer
+    head_.assign(size_t(1) << kBucketBits, -1);
+    next_.resize(n);
+    key_.assign(gain, gain + n);
     n_ = n;
-    for (int64_t j = 0; j < n; ++j) h_[j] = {gain[j], j};
-    for (int64_t i = (n - 2) / 4; i >= 0 && n > 1; --i) sift_down(i, h_[i]);
+    top_bucket_ = 0;
+    for (int64_t j = n - 1; j >= 0; --j) {
+      const uint32_t b = bucket(gain[j]);
+      link(b, j);
+      top_bucket_ = std::max(top_bucket_, b);
+    }
+    refill();
   }
   bool empty() const { return n_ == 0; }
-  const HeapItem& top() const { return h_[0]; }
-  void replace_top(HeapItem x) { sift_down(0, x); }
+  const HeapItem& top() const { return small_.front(); }
   void pop() {
+    std::pop_heap(small_.begin(), small_.end(), after);
+    small_.pop_back();
     --n_;
-    if (n_ > 0) sift_down(0, h_[n_]);
+    if (small_.empty()) refill();
+  }
+  // x's gain must not exceed the gain it had when it left the queue (keys only decrease).
+  void push(HeapItem x) {
+    ++n_;
+    const uint32_t b = bucket(x.gain);
+    if (b >= top_bucket_) {
+      small_.push_back(x);
+      std::push_heap(small_.begin(), small_.end(), after);
+    } else {
+      key_[x.idx] = x.gain;
+      link(b, x.idx);
+      if (small_.empty()) refill();  // the queue was empty: x's bucket becomes the top
+    }
   }
 
  private:
-  void sift_down(int64_t i, HeapItem x) {
-    for (;;) {
-      const int64_t c0 = 4 * i + 1;
-      if (c0 >= n_) break;
-      int64_t best = c0;
-      const int64_t cend = std::min(c0 + 4, n_);
-      for (int64_t c = c0 + 1; c < cend; ++c)
-        if (before(h_[c], h_[best])) best = c;
-      if (!before(h_[best], x)) break;
-      h_[i] = h_[best];
-      i = best;
-    }
-    h_[i] = x;
+  static bool after(const HeapItem& a, const HeapItem& b) { return before(b, a); }
+  static uint32_t bucket(double g) {
+    uint64_t bits;
+    std::memcpy(&bits, &g, sizeof bits);
+    return static_cast<uint32_t>(bits >> (64 - kBucketBits));  // gains are >= +0.0: the sign bit is 0
+  }
+  void link(uint32_t b, int64_t j) {
+    next_[j] = head_[b];
+    head_[b] = j;
+  }
+  // The highest non-empty bucket into the small heap.
+  void refill() {
+    if (n_ == 0) return;
+    while (head_[top_bucket_] < 0) --top_bucket_;  // n_ > 0 items are listed: stops at a non-empty bucket
+    for (int64_t j = head_[top_bucket_]; j >= 0; j = next_[j]) small_.push_back({key_[j], j});
+    head_[top_bucket_] = -1;
+    std::make_heap(small_.begin(), small_.end(), after);
   }
 
-  BigBuffer<HeapItem> buf_;
-  HeapItem* h_ = nullptr;
+  std::vector<int64_t> head_, next_;
+  std::vector<double> key_;
+  std::vector<HeapItem> small_;
+  uint32_t top_bucket_ = 0;
   int64_t n_ = 0;
 };
 
@@ -423,6 +470,7 @@ class Greedy final : public GreedyBase {
     g_sim_ = g.sv;
     t_ptr_ = tr_->t_ptr();
     t_ent_ = entries(*tr_);
+    sorted_rows_ = tr_->sorted_rows();
     w_.assign(w, w + M_);
     uniform_ = true;
     for (int64_t i = 1; i < M_ && uniform_; ++i) uniform_ = w_[i] == w_[0];
@@ -488,8 +536,10 @@ class Greedy final : public GreedyBase {
     const TEntry<R>* end = t_ent_ + t_ptr_[j + 1];
     for (; e != end; ++e) {
       const int64_t i = static_cast<int64_t>(e->row);
-      const double d = static_cast<double>(e->sim) - static_cast<double>(cur_[i]);
-      if (d > 0.0) g += (kUniform ? w0_ : w_[i]) * d;
+      // max(d, 0): a branch here is taken at random (about half the entries of a late gain are covered
+      // already); adding w * +0.0 leaves the float64 sum unchanged (it starts at +0.0, its terms are >= 0)
+      const double d = std::max(static_cast<double>(e->sim) - static_cast<double>(cur_[i]), 0.0);
+      g += (kUniform ? w0_ : w_[i]) * d;
     }
     return g;
   }
@@ -537,15 +587,29 @@ class Greedy final : public GreedyBase {
     return {best, bv};
   }
 
+  // A clean top is the pick. Dirty tops are refreshed kLazyBatch at a time (the dirty run at the top of
+  // the queue, evaluated in parallel, their loads overlapping); refreshing a dirty candidate a serial loop
+  // would have reached later, or not at all, changes no gain and so no pick.
   std::pair<int64_t, double> pick_lazy() {
     for (;;) {
       const HeapItem top = heap_.top();
-      const int64_t j = top.idx;
-      if (!dirty_[j]) {
+      if (!dirty_[top.idx]) {
         heap_.pop();
-        return {j, top.gain};
+        return {top.idx, top.gain};
       }
-      heap_.replace_top({gain_of(j), j});
+      batch_.clear();
+      while (static_cast<int64_t>(batch_.size()) < kLazyBatch && !heap_.empty() && dirty_[heap_.top().idx]) {
+        batch_.push_back(heap_.top().idx);
+        heap_.pop();
+      }
+      const int64_t nb = static_cast<int64_t>(batch_.size());
+#pragma omp parallel for schedule(static, 1) if (nb >= kLazyBatch / 2)
+      for (int64_t b = 0; b < nb; ++b) {
+        gain_[batch_[b]] = fresh_gain(batch_[b]);
+        dirty_[batch_[b]] = 0;
+      }
+      evals_ += nb;
+      for (const int64_t j : batch_) heap_.push({gain_[j], j});
     }
   }
 
@@ -583,8 +647,13 @@ class Greedy final : public GreedyBase {
       if (!(s > old) || !(w_[i] > 0.0)) continue;
       cur_[i] = s;
       if (opt_ == kNaive) continue;
-      for (int64_t f = g_ptr_[i]; f < g_ptr_[i + 1]; ++f)
-        if (g_sim_[f] > old) dirty_[static_cast<int64_t>(g_idx_[f])] = 1;
+      if (sorted_rows_) {  // a row's similarities decrease: the candidates above old come first
+        for (int64_t f = g_ptr_[i]; f < g_ptr_[i + 1] && g_sim_[f] > old; ++f)
+          dirty_[static_cast<int64_t>(g_idx_[f])] = 1;
+      } else {
+        for (int64_t f = g_ptr_[i]; f < g_ptr_[i + 1]; ++f)
+          if (g_sim_[f] > old) dirty_[static_cast<int64_t>(g_idx_[f])] = 1;
+      }
     }
     ++t_;
   }
@@ -597,13 +666,14 @@ class Greedy final : public GreedyBase {
   const float* g_sim_ = nullptr;
   const int64_t* t_ptr_ = nullptr;
   const TEntry<R>* t_ent_ = nullptr;
-  bool uniform_ = false;
+  bool uniform_ = false, sorted_rows_ = false;
   double w0_ = 0.0;
   std::vector<double> w_, gain_;
   std::vector<float> cur_;
   std::vector<int64_t> rem_;
   std::vector<uint8_t> dirty_, selected_;
-  Heap4 heap_;
+  std::vector<int64_t> batch_;
+  BucketQueue heap_;
   std::mt19937_64 rng_;
 };
 
@@ -678,7 +748,9 @@ void register_facility_location(py::module_& m) {
       .def_property_readonly("nbytes", &FacilityLocationTranspose::bytes)
       .def_property_readonly("n_ground", &FacilityLocationTranspose::n_ground)
       .def_property_readonly("n_candidates", &FacilityLocationTranspose::n_candidates)
-      .def_property_readonly("int32_rows", [](const FacilityLocationTranspose& t) { return !t.rows64(); });
+      .def_property_readonly("int32_rows", [](const FacilityLocationTranspose& t) { return !t.rows64(); })
+      .def_property_readonly("sorted_rows", &FacilityLocationTranspose::sorted_rows,
+                             "Whether every graph row lists its candidates by non-increasing similarity.");
   py::class_<FacilityLocationGreedy>(m, "FacilityLocationGreedy",
                                      "Greedy facility location on a CSR similarity graph (exact incremental gains).")
       .def(py::init<std::shared_ptr<FacilityLocationTranspose>,
