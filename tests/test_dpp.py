@@ -172,6 +172,27 @@ def test_cuda_matches_cpp(dtype, ridge, rng):
     np.testing.assert_allclose(sel.gains, ref.gains, rtol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d,aligned", [(64, True), (37, True), (64, False)])
+def test_cuda_vector_and_scalar_loads_and_many_picks(dtype, d, aligned, rng):
+    """16-byte loads (aligned rows, D a multiple of the pack) and the element-wise fallback (odd D, or X
+    starting off a 16-byte boundary) against the cpp sweep; k > D and more than one 64-direction chunk."""
+    skip_unavailable("cuda")
+    n, k = 20_000, 300
+    centers = rng.standard_normal((16, d))
+    X = (centers[rng.integers(0, 16, n)] + 0.4 * rng.standard_normal((n, d))).astype(np.float32)
+    r = rng.uniform(0.05, 1.0, n)
+    buf = torch.empty(n * d + 1, dtype=dtype, device="cuda")
+    Xg = (buf[:-1] if aligned else buf[1:]).view(n, d)
+    Xg.copy_(torch.from_numpy(X).to(dtype))
+    assert (Xg.data_ptr() % 16 == 0) == aligned
+    ref = select_dpp(Xg.float().cpu().numpy(), k, r, ridge=1e-2, backend="cpp", strategy="sweep", progress=False)
+    sel = select_dpp(Xg, k, r, ridge=1e-2, backend="cuda", progress=False)
+    np.testing.assert_array_equal(sel.indices, ref.indices)
+    np.testing.assert_allclose(sel.gains, ref.gains, rtol=1e-9, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- rbf kernel
 
 
@@ -404,3 +425,21 @@ def test_candidates_check_only_the_candidate_rows(rng):
     assert low not in got.indices
     with pytest.raises(ValueError, match="NaN or inf"):
         select_dpp(far, 5, r, progress=False)  # without candidates the whole pool is checked
+
+
+def test_cuda_dpp_bindings_take_the_workspace_dpp_greedy_cuda_builds():
+    """Without a GPU the kernels cannot run, but the module's entry points must accept the arguments that
+    dpp_greedy_cuda passes (11 workspace pointers) and fail with CUDA's own error, not a TypeError."""
+    try:
+        from metamoe import _C_cuda as ext
+    except ImportError:
+        pytest.skip("the CUDA module was not built here")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the gpu tests run the kernels")
+    assert [ext.dpp_partial_chunks(k) for k in (1, 2, 65, 66, 10_000)] == [1, 1, 1, 2, 157]
+    with pytest.raises(RuntimeError, match="dpp_picks failed: "):
+        ext.dpp_picks(0, 0, 10, 8, 5, 1e-9, 0, 1, [0] * 11, 1, 0, 0, 0)
+    with pytest.raises(RuntimeError, match="dpp_init failed: "):
+        ext.dpp_init(0, 0, 10, 8, 0, 1e-3, [0] * 11, 1, 0)
+    with pytest.raises(ValueError, match="workspace must hold 11 device pointers, got 12"):
+        ext.dpp_picks(0, 0, 10, 8, 5, 1e-9, 0, 1, [0] * 12, 1, 0, 0, 0)

@@ -1,15 +1,18 @@
 // Feature-space greedy MAP for the relevance-weighted cosine DPP, on the GPU.
 //
-// Same algorithm as csrc/cpu/dpp_greedy.cpp (see there): one N x D matrix-vector product per pick.
-// Everything stays on the device, so the host launches a chunk of picks without synchronising:
-//   record  -> (1 thread)   read the argmax, stop below eps, mark the pick (d2 = -inf)
-//   build   -> vec = y_j (feature part) and 0 (private coordinates)
-//   2 x CGS -> coef = Q^T vec; vec -= Q coef  (classical Gram-Schmidt twice: parallel and as stable as MGS)
-//   finish  -> q_t = vec / d_j
-//   update  -> warp per row: e_i = scale_i x_i . q_t, d2_i -= e_i^2, per-block argmax
-//   reduce  -> global argmax (ties to the lowest index)
-// The update pass reads X once per pick in its storage type (bf16/fp16/fp32); it is memory bound
-// (1M x 768 bf16 = 1.5 GB, ~0.35 ms on an H200), all other passes are O(t D) and small.
+// The candidates' residuals are those of csrc/cpu/dpp_cosine.h's sweep: e_i = y_i . q_t, d_i^2 -= e_i^2,
+// with y_i = r_i xn_i. The new direction is built as in Chen et al. (NeurIPS 2018):
+// q_t = (y_j - sum_s c_s q_s) / d_j with c_s = y_j . q_s. Only the feature part of the directions is
+// kept: the ridge's private coordinate of a pick is orthogonal to every earlier direction and to every
+// candidate, so it enters only through d_j (no k x k block, no O(k^2) work per pick).
+// Everything stays on the device; the host launches a chunk of picks without synchronising. Per pick:
+//   select  -> (1 block)  the argmax of the per-block bests (ties to the lowest index), record it or stop
+//   coef    -> warp per earlier direction: c_s = y_j . q_s                         (t > 0)
+//   partial -> block per (256 coordinates, 64 directions): sum_s c_s q_s[c]         (t > 0)
+//   finish  -> q_t[c] = (y_j[c] - sum of the partials, in a fixed order) / d_j
+//   update  -> warp per row, 16-byte loads of X in its storage type: e_i, d2_i, per-block argmax
+// The update streams X once per pick (1M x 768 float32: 3 GB, about 0.7 ms at 4.8 TB/s); the others read
+// the t x D directions twice (61 MB at t = 10,000). Sums are deterministic: no atomics.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -28,12 +31,53 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxBlocks = 1024;
+constexpr int kChunk = 64;  // directions per block of the partial sums
 
 __device__ __forceinline__ double load(const float* p, int64_t i) { return static_cast<double>(p[i]); }
 __device__ __forceinline__ double load(const __half* p, int64_t i) { return static_cast<double>(__half2float(p[i])); }
 __device__ __forceinline__ double load(const __nv_bfloat16* p, int64_t i) {
   return static_cast<double>(__bfloat162float(p[i]));
 }
+
+// 16 bytes of storage as floats: 4 float32, or 8 float16 / bfloat16.
+template <typename T>
+struct Pack;
+template <>
+struct Pack<float> {
+  static constexpr int kValues = 4;
+  __device__ __forceinline__ static void unpack(uint4 raw, float* f) {
+    f[0] = __uint_as_float(raw.x);
+    f[1] = __uint_as_float(raw.y);
+    f[2] = __uint_as_float(raw.z);
+    f[3] = __uint_as_float(raw.w);
+  }
+};
+template <>
+struct Pack<__half> {
+  static constexpr int kValues = 8;
+  __device__ __forceinline__ static void unpack(uint4 raw, float* f) {
+    const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float2 v = __half22float2(h[u]);
+      f[2 * u] = v.x;
+      f[2 * u + 1] = v.y;
+    }
+  }
+};
+template <>
+struct Pack<__nv_bfloat16> {
+  static constexpr int kValues = 8;
+  __device__ __forceinline__ static void unpack(uint4 raw, float* f) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float2 v = __bfloat1622float2(h[u]);
+      f[2 * u] = v.x;
+      f[2 * u + 1] = v.y;
+    }
+  }
+};
 
 template <typename T>
 __global__ void init_kernel(const T* __restrict__ x, int64_t n, int64_t d, const double* __restrict__ rel,
@@ -73,94 +117,78 @@ __global__ void argmax_partial_kernel(const double* __restrict__ d2, int64_t n, 
   }
 }
 
-__global__ void argmax_final_kernel(DppWorkspace ws) {
+// The argmax over the per-block bests; records it as pick t, or stops when it is <= eps.
+__global__ void select_kernel(int64_t t, double eps, DppWorkspace ws, int64_t* out_idx, double* out_resid) {
   if (*ws.stopped) return;
   double bv = -INFINITY;
   int64_t bi = -1;
   for (int b = threadIdx.x; b < ws.num_blocks; b += blockDim.x) arg_better(bv, bi, ws.block_val[b], ws.block_idx[b]);
   block_argmax(bv, bi);
   if (threadIdx.x == 0) {
+    if (bi < 0 || !(bv > eps)) {
+      *ws.stopped = 1;
+      return;
+    }
     *ws.best_idx = bi;
     *ws.best_val = bv;
+    out_idx[t] = bi;
+    out_resid[t] = bv;
+    ws.d2[bi] = -INFINITY;
   }
 }
 
-__global__ void record_kernel(int64_t t, double eps, DppWorkspace ws, int64_t* out_idx, double* out_resid) {
-  if (*ws.stopped) return;
-  const int64_t j = *ws.best_idx;
-  const double v = *ws.best_val;
-  if (j < 0 || !(v > eps)) {
-    *ws.stopped = 1;
-    return;
-  }
-  out_idx[t] = j;
-  out_resid[t] = v;
-  ws.d2[j] = -INFINITY;
-}
-
+// coef[s] = y_j . q_s for s < t, one warp per direction (y_j = scale_j x_j, read in place).
 template <typename T>
-__global__ void build_kernel(const T* __restrict__ x, int64_t d, int64_t t, DppWorkspace ws) {
-  if (*ws.stopped) return;
-  const int64_t j = *ws.best_idx;
-  const double s = ws.scale[j];
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < d + t;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    ws.vec[c] = c < d ? s * load(x + j * d, c) : 0.0;
-}
-
-// coef[s] = q_s . vec, one warp per earlier direction s < t.
-__global__ void gs_coef_kernel(int64_t d, int64_t k_max, int64_t t, bool use_e, DppWorkspace ws) {
+__global__ void coef_kernel(const T* __restrict__ x, int64_t d, int64_t t, DppWorkspace ws) {
   if (*ws.stopped) return;
   const int lane = threadIdx.x & 31;
   const int64_t s = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (s >= t) return;
+  const int64_t j = *ws.best_idx;
+  const double sj = ws.scale[j];
+  const T* xj = x + j * d;
   const double* qs = ws.qd + s * d;
   double acc = 0.0;
-  for (int64_t c = lane; c < d; c += 32) acc += qs[c] * ws.vec[c];
-  if (use_e) {
-    const double* es = ws.qe + s * k_max;
-    for (int64_t u = lane; u <= s; u += 32) acc += es[u] * ws.vec[d + u];
-  }
+  for (int64_t c = lane; c < d; c += 32) acc += qs[c] * (sj * load(xj, c));
   acc = warp_sum(acc);
   if (lane == 0) ws.coef[s] = acc;
 }
 
-// vec -= Q^T coef: thread per output coordinate (feature part, then private part).
-__global__ void gs_sub_kernel(int64_t d, int64_t k_max, int64_t t, bool use_e, DppWorkspace ws) {
+// partial[p][c] = sum_{s in chunk p} coef[s] q_s[c]: block (coordinate block, chunk p), thread per c.
+__global__ void partial_kernel(int64_t d, int64_t t, DppWorkspace ws) {
+  if (*ws.stopped) return;
+  __shared__ double coef[kChunk];
+  const int64_t s0 = static_cast<int64_t>(blockIdx.y) * kChunk;
+  const int64_t s1 = min(s0 + kChunk, t);
+  if (threadIdx.x < s1 - s0) coef[threadIdx.x] = ws.coef[s0 + threadIdx.x];
+  __syncthreads();
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= d) return;
+  double acc = 0.0;
+  for (int64_t s = s0; s < s1; ++s) acc += coef[s - s0] * ws.qd[s * d + c];
+  ws.partial[blockIdx.y * d + c] = acc;
+}
+
+// q_t[c] = (y_j[c] - sum_p partial[p][c]) / d_j, the chunks summed in order.
+template <typename T>
+__global__ void finish_kernel(const T* __restrict__ x, int64_t d, int64_t t, DppWorkspace ws) {
   if (*ws.stopped) return;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c < d) {
-    double acc = 0.0;
-    for (int64_t s = 0; s < t; ++s) acc += ws.coef[s] * ws.qd[s * d + c];
-    ws.vec[c] -= acc;
-  } else if (use_e && c < d + t) {
-    const int64_t u = c - d;
-    double acc = 0.0;
-    for (int64_t s = u; s < t; ++s) acc += ws.coef[s] * ws.qe[s * k_max + u];
-    ws.vec[c] -= acc;
-  }
-}
-
-__global__ void finish_kernel(int64_t d, int64_t k_max, int64_t t, bool use_e, double ridge,
-                              const double* __restrict__ rel, DppWorkspace ws) {
-  if (*ws.stopped) return;
-  const double inv = rsqrt(*ws.best_val);
+  if (c >= d) return;
   const int64_t j = *ws.best_idx;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c <= d + t;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (c < d) {
-      ws.qd[t * d + c] = ws.vec[c] * inv;
-    } else if (use_e) {
-      const int64_t u = c - d;
-      ws.qe[t * k_max + u] = (u == t ? sqrt(ridge) * rel[j] : ws.vec[c]) * inv;
-    }
-  }
+  const int64_t chunks = (t + kChunk - 1) / kChunk;
+  double sub = 0.0;
+  for (int64_t p = 0; p < chunks; ++p) sub += ws.partial[p * d + c];
+  ws.qd[t * d + c] = (ws.scale[j] * load(x + j * d, c) - sub) * rsqrt(*ws.best_val);
 }
 
-template <typename T>
-__global__ void update_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t t, DppWorkspace ws) {
+// d2_i -= (scale_i x_i . q_t)^2 for every unpicked row, warp per row, and the per-block argmax. kVector:
+// 16-byte loads (the caller checked that rows start 16-byte aligned and D is a multiple of the pack).
+template <typename T, bool kVector>
+__global__ void __launch_bounds__(kThreads) update_kernel(const T* __restrict__ x, int64_t n, int64_t d, int64_t t,
+                                                           DppWorkspace ws) {
   if (*ws.stopped) return;
-  const double* q = ws.qd + t * d;
+  const double* __restrict__ q = ws.qd + t * d;
   const int lane = threadIdx.x & 31;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
@@ -171,7 +199,21 @@ __global__ void update_kernel(const T* __restrict__ x, int64_t n, int64_t d, int
     if (cur == -INFINITY) continue;  // already picked (uniform across the warp)
     const T* xi = x + i * d;
     double acc = 0.0;
-    for (int64_t c = lane; c < d; c += 32) acc += load(xi, c) * q[c];
+    if constexpr (kVector) {
+      constexpr int V = Pack<T>::kValues;
+      const uint4* xv = reinterpret_cast<const uint4*>(xi);
+      const int64_t packs = d / V;
+#pragma unroll 4
+      for (int64_t u = lane; u < packs; u += 32) {
+        float f[V];
+        Pack<T>::unpack(__ldg(xv + u), f);
+        const double* qq = q + u * V;
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc += static_cast<double>(f[e]) * qq[e];
+      }
+    } else {
+      for (int64_t c = lane; c < d; c += 32) acc += load(xi, c) * q[c];
+    }
     acc = warp_sum(acc);
     const double e = ws.scale[i] * acc;
     const double v = cur - e * e;
@@ -191,29 +233,25 @@ template <typename T>
 int init_impl(const T* x, int64_t n, int64_t d, const double* rel, double ridge, DppWorkspace ws, cudaStream_t st) {
   init_kernel<T><<<ws.num_blocks, kThreads, 0, st>>>(x, n, d, rel, ridge, ws);
   argmax_partial_kernel<<<ws.num_blocks, kThreads, 0, st>>>(ws.d2, n, ws);
-  argmax_final_kernel<<<1, 1024, 0, st>>>(ws);
   return static_cast<int>(cudaGetLastError());
 }
 
 template <typename T>
-int picks_impl(const T* x, int64_t n, int64_t d, int64_t k_max, const double* rel, double ridge, double eps,
-               int64_t t0, int64_t count, DppWorkspace ws, int64_t* out_idx, double* out_resid, cudaStream_t st) {
-  const bool use_e = ridge > 0.0;
+int picks_impl(const T* x, int64_t n, int64_t d, int64_t k_max, double eps, int64_t t0, int64_t count,
+               DppWorkspace ws, int64_t* out_idx, double* out_resid, cudaStream_t st) {
+  const bool vector = reinterpret_cast<uintptr_t>(x) % 16 == 0 && d % Pack<T>::kValues == 0;
+  const int col_blocks = static_cast<int>((d + kThreads - 1) / kThreads);
   for (int64_t t = t0; t < t0 + count && t < k_max; ++t) {
-    record_kernel<<<1, 1, 0, st>>>(t, eps, ws, out_idx, out_resid);
-    const int64_t len = d + t + 1;
-    const int vec_blocks = static_cast<int>((len + kThreads - 1) / kThreads);
-    build_kernel<T><<<vec_blocks, kThreads, 0, st>>>(x, d, t, ws);
+    select_kernel<<<1, 1024, 0, st>>>(t, eps, ws, out_idx, out_resid);
     if (t > 0) {
-      for (int pass = 0; pass < 2; ++pass) {
-        const int coef_blocks = static_cast<int>((t + kWarps - 1) / kWarps);
-        gs_coef_kernel<<<coef_blocks, kThreads, 0, st>>>(d, k_max, t, use_e, ws);
-        gs_sub_kernel<<<vec_blocks, kThreads, 0, st>>>(d, k_max, t, use_e, ws);
-      }
+      coef_kernel<T><<<static_cast<int>((t + kWarps - 1) / kWarps), kThreads, 0, st>>>(x, d, t, ws);
+      partial_kernel<<<dim3(col_blocks, static_cast<unsigned>((t + kChunk - 1) / kChunk)), kThreads, 0, st>>>(d, t, ws);
     }
-    finish_kernel<<<vec_blocks, kThreads, 0, st>>>(d, k_max, t, use_e, ridge, rel, ws);
-    update_kernel<T><<<ws.num_blocks, kThreads, 0, st>>>(x, n, d, t, ws);
-    argmax_final_kernel<<<1, 1024, 0, st>>>(ws);
+    finish_kernel<T><<<col_blocks, kThreads, 0, st>>>(x, d, t, ws);
+    if (vector)
+      update_kernel<T, true><<<ws.num_blocks, kThreads, 0, st>>>(x, n, d, t, ws);
+    else
+      update_kernel<T, false><<<ws.num_blocks, kThreads, 0, st>>>(x, n, d, t, ws);
   }
   return static_cast<int>(cudaGetLastError());
 }
@@ -224,6 +262,8 @@ int dpp_num_blocks(int64_t n) {
   const int64_t want = (n + kWarps - 1) / kWarps;
   return static_cast<int>(want < kMaxBlocks ? (want > 0 ? want : 1) : kMaxBlocks);
 }
+
+int64_t dpp_partial_chunks(int64_t k_max) { return k_max > 1 ? (k_max - 1 + kChunk - 1) / kChunk : 1; }
 
 int dpp_init(const void* x, DType dtype, int64_t n, int64_t d, const double* relevance, double ridge,
              DppWorkspace ws, void* stream) {
@@ -236,18 +276,16 @@ int dpp_init(const void* x, DType dtype, int64_t n, int64_t d, const double* rel
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
-int dpp_picks(const void* x, DType dtype, int64_t n, int64_t d, int64_t k_max, const double* relevance,
-              double ridge, double eps, int64_t t0, int64_t count, DppWorkspace ws, int64_t* out_idx,
-              double* out_resid, void* stream) {
+int dpp_picks(const void* x, DType dtype, int64_t n, int64_t d, int64_t k_max, double eps, int64_t t0,
+              int64_t count, DppWorkspace ws, int64_t* out_idx, double* out_resid, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case DType::kFloat32:
-      return picks_impl(static_cast<const float*>(x), n, d, k_max, relevance, ridge, eps, t0, count, ws, out_idx, out_resid, st);
+      return picks_impl(static_cast<const float*>(x), n, d, k_max, eps, t0, count, ws, out_idx, out_resid, st);
     case DType::kFloat16:
-      return picks_impl(static_cast<const __half*>(x), n, d, k_max, relevance, ridge, eps, t0, count, ws, out_idx, out_resid, st);
+      return picks_impl(static_cast<const __half*>(x), n, d, k_max, eps, t0, count, ws, out_idx, out_resid, st);
     case DType::kBFloat16:
-      return picks_impl(static_cast<const __nv_bfloat16*>(x), n, d, k_max, relevance, ridge, eps, t0, count, ws, out_idx,
-                        out_resid, st);
+      return picks_impl(static_cast<const __nv_bfloat16*>(x), n, d, k_max, eps, t0, count, ws, out_idx, out_resid, st);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

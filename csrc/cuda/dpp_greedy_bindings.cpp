@@ -25,10 +25,10 @@ P* ptr(uintptr_t p) {
 }
 
 DppWorkspace make_ws(const std::vector<uintptr_t>& p, int32_t num_blocks) {
-  METAMOE_CHECK(p.size() == 12, "workspace must hold 12 device pointers, got ", p.size());
-  return DppWorkspace{ptr<double>(p[0]),  ptr<double>(p[1]),  ptr<double>(p[2]),  ptr<double>(p[3]),
-                      ptr<double>(p[4]),  ptr<double>(p[5]),  ptr<double>(p[6]),  ptr<int64_t>(p[7]),
-                      ptr<int64_t>(p[8]), ptr<double>(p[9]),  ptr<int32_t>(p[10]), ptr<int32_t>(p[11]), num_blocks};
+  METAMOE_CHECK(p.size() == 11, "workspace must hold 11 device pointers, got ", p.size());
+  return DppWorkspace{ptr<double>(p[0]),  ptr<double>(p[1]), ptr<double>(p[2]),  ptr<double>(p[3]),
+                      ptr<double>(p[4]),  ptr<double>(p[5]), ptr<int64_t>(p[6]), ptr<int64_t>(p[7]),
+                      ptr<double>(p[8]),  ptr<int32_t>(p[9]), ptr<int32_t>(p[10]), num_blocks};
 }
 
 DType to_dtype(int code) {
@@ -56,19 +56,20 @@ void register_dpp_greedy_cuda(py::module_& m) {
       },
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("relevance"), py::arg("ridge"),
       py::arg("workspace"), py::arg("num_blocks"), py::arg("stream"));
+  m.def("dpp_partial_chunks", &cuda::dpp_partial_chunks, py::arg("k_max"),
+        "Rows of the workspace's partial sums (each D float64) for up to k_max picks.");
   m.def(
       "dpp_picks",
-      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t k_max, uintptr_t rel, double ridge, double eps,
-         int64_t t0, int64_t count, std::vector<uintptr_t> ws, int32_t num_blocks, uintptr_t out_idx,
-         uintptr_t out_resid, uintptr_t stream) {
-        check(cuda::dpp_picks(ptr<const void>(x), to_dtype(dtype), n, d, k_max, ptr<const double>(rel), ridge, eps, t0,
-                              count, make_ws(ws, num_blocks), ptr<int64_t>(out_idx), ptr<double>(out_resid),
+      [](uintptr_t x, int dtype, int64_t n, int64_t d, int64_t k_max, double eps, int64_t t0, int64_t count,
+         std::vector<uintptr_t> ws, int32_t num_blocks, uintptr_t out_idx, uintptr_t out_resid, uintptr_t stream) {
+        check(cuda::dpp_picks(ptr<const void>(x), to_dtype(dtype), n, d, k_max, eps, t0, count,
+                              make_ws(ws, num_blocks), ptr<int64_t>(out_idx), ptr<double>(out_resid),
                               ptr<void>(stream)),
               "dpp_picks");
       },
-      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("k_max"), py::arg("relevance"),
-      py::arg("ridge"), py::arg("eps"), py::arg("t0"), py::arg("count"), py::arg("workspace"), py::arg("num_blocks"),
-      py::arg("out_idx"), py::arg("out_resid"), py::arg("stream"));
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("d"), py::arg("k_max"), py::arg("eps"), py::arg("t0"),
+      py::arg("count"), py::arg("workspace"), py::arg("num_blocks"), py::arg("out_idx"), py::arg("out_resid"),
+      py::arg("stream"));
 }
 
 }  // namespace metamoe

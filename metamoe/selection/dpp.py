@@ -249,10 +249,9 @@ def dpp_greedy_cuda(X, relevance: np.ndarray, k: int, ridge: float, eps: float, 
     bufs = [
         torch.empty(n, **f64),  # scale
         torch.empty(n, **f64),  # d2
-        torch.empty(k, d, **f64),  # qd
-        torch.zeros(k, k, **f64) if ridge > 0 else torch.zeros(1, **f64),  # qe
+        torch.empty(k, d, **f64),  # qd: the directions
         torch.zeros(k, **f64),  # coef
-        torch.zeros(d + k + 1, **f64),  # vec
+        torch.empty(ext.dpp_partial_chunks(k), d, **f64),  # partial sums of the projection
         torch.empty(nb, **f64),  # block_val
         torch.empty(nb, dtype=torch.int64, device=dev),  # block_idx
         torch.full((1,), -1, dtype=torch.int64, device=dev),  # best_idx
@@ -268,7 +267,7 @@ def dpp_greedy_cuda(X, relevance: np.ndarray, k: int, ridge: float, eps: float, 
     with torch.cuda.device(dev):
         ext.set_device(dev.index if dev.index is not None else torch.cuda.current_device())
         ext.dpp_init(X.data_ptr(), code, n, d, rel.data_ptr(), float(ridge), ws, nb, stream)
-        bad = int(bufs[10].item())
+        bad = int(bufs[9].item())
         if bad != 2**31 - 1:
             raise ValueError(
                 f"X row {bad} has zero or non-finite norm; cosine similarity needs non-zero finite rows"
@@ -283,8 +282,6 @@ def dpp_greedy_cuda(X, relevance: np.ndarray, k: int, ridge: float, eps: float, 
                     n,
                     d,
                     k,
-                    rel.data_ptr(),
-                    float(ridge),
                     float(eps),
                     t,
                     count,
@@ -295,7 +292,7 @@ def dpp_greedy_cuda(X, relevance: np.ndarray, k: int, ridge: float, eps: float, 
                     stream,
                 )
                 t += count
-                stopped = bool(bufs[11].item())  # one sync per chunk, for the progress bar and the stop test
+                stopped = bool(bufs[10].item())  # one sync per chunk, for the progress bar and the stop test
                 bar.update(count)
                 if stopped:
                     break

@@ -14,14 +14,13 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 struct DppWorkspace {
   double* scale;        // (N)  r_i / ||x_i||
   double* d2;           // (N)  residuals; -inf once picked
-  double* qd;           // (K, D) Gram-Schmidt directions, feature part
-  double* qe;           // (K, K) private-coordinate part (only read when ridge > 0; may be 1 element otherwise)
+  double* qd;           // (K, D) the directions (feature part; the ridge's private part is never needed)
   double* coef;         // (K)  projection coefficients of the current pick
-  double* vec;          // (D + K) the direction being built
+  double* partial;      // (dpp_partial_chunks(K), D) partial sums of the projection
   double* block_val;    // (num_blocks) per-block best residual
   int64_t* block_idx;   // (num_blocks) per-block best index
-  int64_t* best_idx;    // (1) current argmax
-  double* best_val;     // (1) current max residual
+  int64_t* best_idx;    // (1) the current pick
+  double* best_val;     // (1) its residual
   int32_t* bad_row;     // (1) first zero/non-finite row found by init (INT32_MAX if none)
   int32_t* stopped;     // (1) set once the best residual falls below eps
   int32_t num_blocks;   // blocks of the update kernel
@@ -29,15 +28,17 @@ struct DppWorkspace {
 
 int dpp_num_blocks(int64_t n);
 
-// Initialises scale/d2 from X and relevance (float64, device) and the first argmax.
+// Rows of the workspace's partial sums for up to K picks.
+int64_t dpp_partial_chunks(int64_t k_max);
+
+// Initialises scale/d2 from X and relevance (float64, device) and the per-block argmax.
 int dpp_init(const void* x, DType dtype, int64_t n, int64_t d, const double* relevance, double ridge,
              DppWorkspace ws, void* stream);
 
 // Picks number t0 .. t0 + count - 1 (stops writing once the residual is <= eps; `stopped` tells).
 // out_idx (K) int64 and out_resid (K) float64 receive the picks.
-int dpp_picks(const void* x, DType dtype, int64_t n, int64_t d, int64_t k_max, const double* relevance,
-              double ridge, double eps, int64_t t0, int64_t count, DppWorkspace ws, int64_t* out_idx,
-              double* out_resid, void* stream);
+int dpp_picks(const void* x, DType dtype, int64_t n, int64_t d, int64_t k_max, double eps, int64_t t0,
+              int64_t count, DppWorkspace ws, int64_t* out_idx, double* out_resid, void* stream);
 
 // ---- facility location (csrc/cuda/facility_location.cu) -----------------------------------------
 
