@@ -199,3 +199,21 @@ def test_every_simd_path_gives_the_same_bits(tmp_path, rng):
                 np.testing.assert_array_equal(res[key], val, err_msg=f"{cap or 'native'}: {key}")
     for name in ("f16", "bf16", "f64"):  # and the storages agree on the picks
         np.testing.assert_array_equal(native[name + "lazy_idx"], native[name + "sweep_idx"])
+
+
+def test_auto_sweeps_a_memmap_larger_than_free_memory(tmp_path, rng, monkeypatch):
+    import metamoe.selection.dpp as dpp_mod
+
+    X = clustered(rng, 3000, 16).astype(np.float16)
+    np.save(tmp_path / "x.npy", X)
+    mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    r = rng.uniform(0.05, 1, 3000)
+    roomy = select_dpp(mm, 40, r, ridge=1e-3, backend="cpp", progress=False)
+    assert roomy.info["strategy"].startswith("lazy")
+    monkeypatch.setattr(dpp_mod, "available_bytes", lambda device: (X.nbytes // 2, "test"))
+    tight = select_dpp(mm, 40, r, ridge=1e-3, backend="cpp", progress=False)
+    assert tight.info["strategy"] == "sweep" and "memmap larger than the free memory" in tight.info["strategy_note"]
+    in_memory = select_dpp(np.array(mm), 40, r, ridge=1e-3, backend="cpp", progress=False)
+    assert in_memory.info["strategy"].startswith("lazy")
+    np.testing.assert_array_equal(tight.indices, roomy.indices)
+    np.testing.assert_array_equal(tight.gains, roomy.gains)

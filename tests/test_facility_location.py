@@ -477,3 +477,32 @@ def test_lazy_equals_naive_with_many_equal_gains_on_a_large_graph(row_order):
     np.testing.assert_array_equal(lazy.gains, naive.gains)
     assert lazy.objective == naive.objective
     assert len(set(lazy.indices.tolist())) == k
+
+
+def test_torch_backend_reuses_the_cached_transpose_and_falls_back_without_cpp(monkeypatch):
+    """The torch (and CUDA) backends take the transpose arrays from the graph's cached C++ transpose (kept
+    beside it after the first call); without the extension they build them in NumPy. Same picks either way,
+    with weight-0 ground points (their entries stay in the C++ transpose and add +0.0)."""
+    skip_unavailable("cpp")
+    X, g = _synthetic(8000, 10, 200, seed=13)
+    w = np.random.default_rng(14).random(8000)
+    w[::5] = 0.0
+    a = select_facility_location(X, 150, graph=g, weights=w, backend="torch", progress=False)
+    holder = getattr(g, fl_mod.TRANSPOSE_CACHE_ATTR)
+    arrays = holder.arrays
+    assert arrays is not None and len(arrays[1]) == int((g.similarities > 0).sum())
+    b = select_facility_location(X, 150, graph=g, weights=w, backend="torch", progress=False)
+    assert holder.arrays is arrays  # reused, not rebuilt
+    ref = select_facility_location(X, 150, graph=g, weights=w, backend="cpp", progress=False)
+    import metamoe.backends.availability as availability
+
+    real = availability.backend_unavailable_reason
+    monkeypatch.setattr(availability, "backend_unavailable_reason",
+                        lambda backend: "not built" if backend == "cpp" else real(backend))
+    copy = fl_mod.KnnGraph(**{f: getattr(g, f) for f in (
+        "indptr", "indices", "similarities", "n_points", "metric", "n_neighbors", "self_included", "pool_fingerprint")})
+    c = select_facility_location(X, 150, graph=copy, weights=w, backend="torch", progress=False)
+    assert getattr(copy, fl_mod.TRANSPOSE_CACHE_ATTR, None) is None  # NumPy's transpose: nothing cached
+    for sel in (a, b, c):
+        np.testing.assert_array_equal(sel.indices, ref.indices)
+        np.testing.assert_allclose(sel.gains, ref.gains, rtol=1e-12)

@@ -86,7 +86,7 @@ __global__ void cover_kernel(FlGraph g, FlWorkspace ws) {
     const int64_t i = g.t_row[e];  // distinct per entry of T_j: no other thread writes cur[i]
     const double s = static_cast<double>(g.t_sim[e]);
     const double old = ws.cur[i];
-    if (!(s > old)) continue;
+    if (!(s > old) || !(g.weight[i] > 0.0)) continue;  // a weight-0 point adds +0.0 to every gain: never covered
     ws.cur[i] = s;
     for (int64_t f = g.g_ptr[i]; f < g.g_ptr[i + 1]; ++f) {
       const int64_t c = g.g_idx[f];

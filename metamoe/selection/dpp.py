@@ -445,6 +445,16 @@ def _check_rbf_memory(n: int, k: int, device, max_workspace_bytes: Optional[int]
 # --------------------------------------------------------------------------- public API
 
 
+def _memmap_past_memory(X) -> bool:
+    """Whether ``X`` is an ``np.memmap`` (or a view of one) larger than 80% of the host's free memory."""
+    base = X
+    while isinstance(base, np.ndarray) and not isinstance(base, np.memmap) and base.base is not None:
+        base = base.base
+    if not isinstance(base, np.memmap):
+        return False
+    return X.nbytes > 0.8 * available_bytes("cpu")[0]
+
+
 def _strategy_ran(strategy: str, stats: dict) -> str:
     """What ran: ``"sweep"``, ``"lazy"`` or ``"lazy, then sweep from pick T"`` (auto's switch)."""
     if strategy == "sweep":
@@ -520,8 +530,9 @@ def select_dpp(
             candidates up to date, many directions per row read (compute-bound; at N = 1M, D = 768,
             k = 768 about 3x faster than the sweep on a 2-core CPU). ``"auto"`` (default): lazy, switching
             to the sweep when a cost model says the lazy updates cost more (small D with near-uniform
-            residuals). The torch and CUDA backends always sweep (``"lazy"`` there is an error); the RBF
-            kernel takes only ``"auto"``.
+            residuals); the sweep from the start for an ``np.memmap`` larger than the free memory (the lazy
+            updates would read it at random from disk). The torch and CUDA backends always sweep
+            (``"lazy"`` there is an error); the RBF kernel takes only ``"auto"``.
 
     Returns:
         :class:`Selection` with ``indices`` (int64, pick order, into the full pool), ``gains`` (log of
@@ -589,6 +600,9 @@ def select_dpp(
         )
     elif impl.backend == "cpp":
         stats: dict = {}
+        if strategy == "auto" and cand is None and _memmap_past_memory(X):
+            strategy = "sweep"  # lazy updates read rows at random: from disk, for a pool the page cache cannot hold
+            info["strategy_note"] = "auto chose the sweep: X is a memmap larger than the free memory"
         idx, resid = impl.fn(Xt, r, k, ridge, eps_abs, progress, strategy=strategy, stats=stats)
         info["strategy"] = _strategy_ran(strategy, stats)
         info.update(stats)

@@ -112,14 +112,16 @@ class FacilityLocationProblem:
 
 
 class _TransposeCache:
-    """Holds the cpp transpose cached on a graph object (attribute ``_facility_location_transpose``). Deep
-    copies and pickles of the graph get an empty holder (the transpose references the original's arrays); a
-    shallow copy shares the holder, as it shares the arrays."""
+    """Holds the cpp transpose cached on a graph object (attribute ``_facility_location_transpose``), and its
+    NumPy arrays once the torch or CUDA backend asked for them. Deep copies and pickles of the graph get an
+    empty holder (the transpose references the original's arrays); a shallow copy shares the holder, as it
+    shares the arrays."""
 
-    __slots__ = ("transpose",)
+    __slots__ = ("transpose", "arrays")
 
     def __init__(self, transpose=None):
         self.transpose = transpose
+        self.arrays = None
 
     def __deepcopy__(self, memo):
         return _TransposeCache()
@@ -145,6 +147,27 @@ def cpp_transpose(problem: FacilityLocationProblem):
     if problem.cache_on is not None:
         object.__setattr__(problem.cache_on, TRANSPOSE_CACHE_ATTR, _TransposeCache(transpose))
     return transpose
+
+
+def transpose_arrays(problem: FacilityLocationProblem) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate -> ground CSR (t_ptr int64, t_row int64, t_sim float32) for the torch and CUDA backends.
+
+    With the C++ extension: the arrays of the cached :func:`cpp_transpose` (built once per graph by the
+    parallel counting sort, converted once and kept beside it); it keeps the entries of ground points with
+    weight 0 too, which add exactly +0.0 to every gain. Without it: :meth:`FacilityLocationProblem.transpose`.
+    """
+    from ..backends.availability import backend_unavailable_reason
+
+    if backend_unavailable_reason("cpp") is not None:
+        return problem.transpose()
+    transpose = cpp_transpose(problem)
+    holder = getattr(problem.cache_on, TRANSPOSE_CACHE_ATTR, None) if problem.cache_on is not None else None
+    if isinstance(holder, _TransposeCache) and holder.transpose is transpose and holder.arrays is not None:
+        return holder.arrays
+    arrays = tuple(transpose.to_numpy())
+    if isinstance(holder, _TransposeCache) and holder.transpose is transpose:
+        holder.arrays = arrays
+    return arrays
 
 
 def sample_size(n: int, k: int, epsilon: float) -> int:
@@ -184,7 +207,7 @@ def facility_location_torch(problem: FacilityLocationProblem, k: int, optimizer:
     dev = torch.device(device)
     f64 = dict(dtype=torch.float64, device=dev)
     n, m = problem.n_candidates, problem.n_ground
-    t_ptr_np, t_row_np, t_sim_np = problem.transpose()
+    t_ptr_np, t_row_np, t_sim_np = transpose_arrays(problem)
     t_ptr = torch.as_tensor(t_ptr_np, device=dev)
     t_row = torch.as_tensor(t_row_np, device=dev)
     t_sim = torch.as_tensor(t_sim_np, device=dev).double()
@@ -321,7 +344,7 @@ def facility_location_cuda(problem: FacilityLocationProblem, k: int, optimizer: 
     ext = require_extension("_C_cuda")
     dev = torch.device(device)
     n, m = int(problem.n_candidates), problem.n_ground
-    t_ptr, t_row, t_sim = problem.transpose()
+    t_ptr, t_row, t_sim = transpose_arrays(problem)
     graph_t = [
         torch.as_tensor(t_ptr, device=dev),
         torch.as_tensor(t_row, device=dev),
