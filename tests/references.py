@@ -38,6 +38,35 @@ def dpp_greedy_chen(L, k, eps=1e-12):
     return np.array(picks, dtype=np.int64), np.array(resid)
 
 
+def dpp_greedy_features(X, relevance, k, ridge=0.0, eps=1e-12):
+    """The same greedy MAP as :func:`dpp_greedy_chen` for the cosine kernel, without the N x N kernel: the
+    factor's columns from feature space, q_t = (y_j - sum_s c_s q_s) / d_j with y_i = r_i xn_i and
+    c_s = y_j . q_s (the ridge's coordinate of a pick is orthogonal to the earlier directions). Float64.
+
+    Returns (picks, residuals d_j^2 at pick time); argmax ties go to the lowest index.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    r = np.asarray(relevance, dtype=np.float64)
+    Y = X / np.linalg.norm(X, axis=1, keepdims=True) * r[:, None]
+    d2 = r * r * (1.0 + ridge)
+    Q = np.zeros((k, X.shape[1]))
+    avail = np.ones(len(X), dtype=bool)
+    picks, resid = [], []
+    for t in range(k):
+        cand = np.where(avail, d2, -np.inf)
+        j = int(np.argmax(cand))  # first maximal index
+        if not cand[j] > eps:
+            break
+        picks.append(j)
+        resid.append(d2[j])
+        c = Q[:t] @ Y[j]
+        Q[t] = (Y[j] - c @ Q[:t]) / np.sqrt(d2[j])
+        e = Y @ Q[t]
+        d2 = d2 - e * e
+        avail[j] = False
+    return np.array(picks, dtype=np.int64), np.array(resid)
+
+
 def logdet(L, S):
     S = list(S)
     if not S:

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import skip_unavailable
-from references import dpp_greedy_chen, dpp_kernel, dpp_kernel_rbf, logdet
+from references import dpp_greedy_chen, dpp_greedy_features, dpp_kernel, dpp_kernel_rbf, logdet
 
 from metamoe.backends import BackendNotSupportedError
 from metamoe.selection import DppRankWarning, Selection, select_dpp
-from metamoe.selection.dpp import _cpp_storage, default_rbf_gamma, rbf_workspace_bytes
+from metamoe.selection.dpp import _cpp_storage, default_rbf_gamma, rbf_workspace_bytes, top_candidates
 
 CPU_BACKENDS = ["torch", "cpp"]
 
@@ -34,15 +34,39 @@ def test_matches_chen_reference(backend, n, d, k, ridge, dtype, rng):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_cpp_and_torch_agree_on_larger_pool(backend, rng):
+def test_matches_the_feature_space_reference_on_a_larger_pool(backend, rng):
     skip_unavailable(backend)
-    # N x D above the C++ code's threshold for OpenMP (2^19 row-elements): the threaded path runs
+    # N x D above the C++ code's threshold for OpenMP (2^19 row-elements): the threaded path runs; the
+    # reference is NumPy's float64 feature-space greedy (an N x N kernel would not fit)
     X = rng.standard_normal((9001, 64)).astype(np.float32)
     r = rng.uniform(0.0, 1.0, 9001)
-    ref = select_dpp(X, 40, r, ridge=0.01, backend="torch", progress=False)
+    ref_idx, ref_res = dpp_greedy_features(X, r, 40, ridge=0.01)
     sel = select_dpp(X, 40, r, ridge=0.01, backend=backend, progress=False)
-    np.testing.assert_array_equal(sel.indices, ref.indices)
-    np.testing.assert_allclose(sel.gains, ref.gains, rtol=1e-9)
+    np.testing.assert_array_equal(sel.indices, ref_idx)
+    np.testing.assert_allclose(np.exp(sel.gains), ref_res, rtol=1e-9)
+
+
+def test_feature_space_reference_equals_chen_on_the_explicit_kernel(rng):
+    X = rng.standard_normal((300, 12))
+    r = rng.uniform(0.05, 1.0, 300)
+    for ridge in (0.0, 0.3):
+        a = dpp_greedy_features(X, r, 40, ridge=ridge, eps=1e-9)
+        b = dpp_greedy_chen(dpp_kernel(X, r, ridge), 40, eps=1e-9)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_candidate_cut_inside_a_tie_keeps_the_lowest_indices(backend):
+    skip_unavailable(backend)
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((200, 8)).astype(np.float32)
+    r = np.full(200, 0.5)
+    r[[5, 50, 120]] = 0.9  # three above the tie; the cut at M = 10 falls inside the 0.5 group
+    want = [0, 1, 2, 3, 4, 5, 6, 7, 50, 120]
+    np.testing.assert_array_equal(top_candidates(r, 10), want)
+    sel = select_dpp(X, 10, r, ridge=0.1, candidates=10, backend=backend, progress=False)
+    assert sorted(sel.indices.tolist()) == want  # k = M with a ridge: every candidate is picked
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -506,3 +506,21 @@ def test_torch_backend_reuses_the_cached_transpose_and_falls_back_without_cpp(mo
     for sel in (a, b, c):
         np.testing.assert_array_equal(sel.indices, ref.indices)
         np.testing.assert_allclose(sel.gains, ref.gains, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_stochastic_with_the_whole_pool_as_sample_is_the_exact_greedy_ties_included(backend):
+    """epsilon so small that every pick samples all remaining candidates: the stochastic greedy must then
+    be the exact one, ties to the lowest index included (many equal gains: similarities in thirds)."""
+    skip_unavailable(backend)
+    X, g = _synthetic(3000, 8, 100, seed=21)
+    sims = np.ascontiguousarray(np.round(g.similarities * 3) / 3, dtype=np.float32)
+    graph = KnnGraph(indptr=g.indptr, indices=g.indices, similarities=sims, n_points=3000, metric="cosine",
+                     n_neighbors=8, self_included=True, pool_fingerprint=g.pool_fingerprint)
+    k = 200
+    assert fl_mod.sample_size(3000, k, 1e-300) == 3000
+    stoch = select_facility_location(X, k, graph=graph, optimizer="stochastic", epsilon=1e-300, seed=3,
+                                     backend=backend, progress=False)
+    naive = select_facility_location(X, k, graph=graph, optimizer="naive", backend="cpp", progress=False)
+    np.testing.assert_array_equal(stoch.indices, naive.indices)
+    np.testing.assert_allclose(stoch.gains, naive.gains, rtol=1e-12)
