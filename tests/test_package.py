@@ -26,6 +26,7 @@ from metamoe.unify import (
     train_expert,
     write_expert_package,
 )
+from metamoe.unify.package import manifest_digest
 
 VIT = "timm:vit_tiny_patch16_224"
 # embed_dim 64 = 8 x 8 pixels: a leaked image row would have the same width as every tensor row in a package
@@ -89,6 +90,10 @@ def _manifest(path):
 
 
 def _write_manifest(path, m):
+    """Write an edited manifest with a fresh manifest_sha256, so the loader's field checks are what refuses it
+    (the digest alone would refuse every edit: tests/test_package_integrity.py)."""
+    if "manifest_sha256" in m:
+        m = {**m, "manifest_sha256": manifest_digest(m)}
     (Path(path) / "manifest.json").write_text(json.dumps(m))
 
 
@@ -104,7 +109,7 @@ def test_round_trip(pkg, expert, seed_model, digits, proxy_idx):
     ]
     loaded = load_expert_package(pkg, public_pool_size=len(digits.public_x), seed_model=seed_model)
     m = loaded.manifest
-    assert m["format_version"] == 1 and loaded.seed_name == VIT and loaded.seed_hash == expert.seed_hash
+    assert m["format_version"] == 2 and loaded.seed_name == VIT and loaded.seed_hash == expert.seed_hash
     assert loaded.method == "dpp" and loaded.k == 12 and loaded.public_pool_size == len(digits.public_x)
     np.testing.assert_array_equal(loaded.proxy_indices, proxy_idx)
     assert loaded.label_space == {"kind": "classes", **_spaces("upright")}
@@ -425,8 +430,8 @@ def test_package_set(tmp_path, expert, proxy_idx, seed_model):
     b = _write(tmp_path, "b", expert, proxy_idx, label_space={"kind": "classes", **_spaces("rotated")})
     pkgs = load_expert_packages([a, b], seed_model=seed_model, public_pool_size=120)
     assert [p.path for p in pkgs] == [a, b]
-    # colliding private label spaces
-    c = _write(tmp_path, "c", expert, proxy_idx)
+    # colliding private label spaces (c differs from a in its metrics only: a copy of a is refused as such)
+    c = _write(tmp_path, "c", expert, proxy_idx, metrics={**expert.metrics, "seed": 1})
     with pytest.raises(
         PackageError, match=r"label space collision: private class 'upright/0' is also a private class of"
     ):

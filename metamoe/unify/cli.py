@@ -154,6 +154,8 @@ def train_expert_from_config(cfg: Dict[str, Any], out: Optional[str] = None, qui
         ex,
         proxy_indices=idx,
         public_pool_size=N,
+        public_x=xq,
+        public_y=yq,
         method=method,
         k=k,
         overwrite=read_bool(cfg, "overwrite", False, "client.yaml"),
@@ -165,7 +167,7 @@ def train_expert_from_config(cfg: Dict[str, Any], out: Optional[str] = None, qui
 # --------------------------------------------------------------------------- unify
 
 
-def _build(cfg: Dict[str, Any], base: Optional[str], seed_model, moe: Dict[str, Any]):
+def _build(cfg: Dict[str, Any], base: Optional[str], seed_model, moe: Dict[str, Any], public=None):
     from .server import validate_packages
     from .unified_model import build_unified_model
 
@@ -176,7 +178,9 @@ def _build(cfg: Dict[str, Any], base: Optional[str], seed_model, moe: Dict[str, 
     for p in paths:
         if not p.exists():
             raise FileNotFoundError(f"package folder not found: {p}")
-    return paths, validate_packages(paths, seed_model=seed_model), build_unified_model
+    public_x, public_y = (None, None) if public is None else public
+    pkgs = validate_packages(paths, seed_model=seed_model, public_x=public_x, public_y=public_y)
+    return paths, pkgs, build_unified_model
 
 
 def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: bool = False) -> Path:
@@ -215,8 +219,9 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     )
     say = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
     seed_model = seed_model_from_config(cfg, base)
-    paths, pkgs, build_unified_model = _build(cfg, base, seed_model, moe)
     xq, yq, _ = load_data(cfg["public"], base, "public")
+    # the packages are checked against this pool: size, and content and order by their fingerprints
+    paths, pkgs, build_unified_model = _build(cfg, base, seed_model, moe, public=(xq, yq))
     opts = {
         "top_k": moe.get("top_k"),
         "context_routing": read_bool(moe, "context_routing", True, "moe"),

@@ -490,7 +490,7 @@ def _run(seed: int, specs, cfg: DigitsConfig, work: Path, report, keep: bool, se
                 package_sets[key].append(
                     write_expert_package(
                         work / "packages" / key / c.domain, ex, proxy_indices=picked, public_pool_size=N,
-                        method=sel, k=cfg.k, overwrite=True,
+                        public_x=data.public_x, public_y=data.public_y, method=sel, k=cfg.k, overwrite=True,
                     )
                 )
 
@@ -553,7 +553,7 @@ def _server_side(spec, cfg: DigitsConfig, seed: int, seed_model, package_paths, 
     from .server import proxy_owners, proxy_training_set, validate_packages
 
     with clock.stage(f"server: {spec.name}"):
-        pkgs = validate_packages(package_paths, seed_model=seed_model, public_pool_size=len(data.public_x))
+        pkgs = validate_packages(package_paths, seed_model=seed_model, public_x=data.public_x, public_y=data.public_y)
         moe_kw = dict(
             top_k=cfg.top_k, router_init_scale=cfg.router_init_scale, routed_head=cfg.routed_head,
             context_lambda_init=cfg.context_lambda_init,

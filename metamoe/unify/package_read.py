@@ -1,16 +1,19 @@
 """Reading expert packages: every check a reader runs, and rebuilding an expert from the seed and its package.
 
 :func:`load_expert_package` checks everything it reads and raises :class:`PackageError` (a ``ValueError``)
-naming the package and the problem: missing or unexpected files, a hash mismatch (tampering), malformed
-tensors, zero proxies, proxy indices outside the public pool. :func:`check_package_set` checks packages
-against each other before unification: same seed model and weight hash, same public pool, disjoint private
-label spaces, matching LoRA layout. The format itself: :mod:`metamoe.unify.package_format`.
+naming the package and the problem: an edited manifest (``manifest_sha256``), missing or unexpected files, a
+hash mismatch (tampering), malformed digests, malformed tensors, zero proxies, proxy indices outside the public
+pool. :func:`check_package_set` checks packages against each other before unification: same seed model and
+weight hash, same public pool, disjoint private label spaces, matching LoRA layout, no package given twice
+(by path or by content). :func:`check_public_pool` checks packages against the public pool the server holds:
+its size, and its content and order by the recorded fingerprints. The format itself:
+:mod:`metamoe.unify.package_format`.
 """
 
 from __future__ import annotations
 
-import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -21,17 +24,27 @@ from ..utils.checks import check_int
 from ..utils.files import sha256_file
 from .package_format import (
     FORMAT,
-    FORMAT_VERSION,
     HEAD_FILE,
     LORA_FILE,
     MANIFEST,
+    MANIFEST_DIGEST,
     MANIFEST_KEYS,
+    POOL_DIGEST,
     PROTOTYPES_FILE,
+    PROXY_DIGEST,
+    READABLE_FORMAT_VERSIONS,
     TENSOR_FILES,
     ExpertPackage,
     PackageError,
     PathLike,
+    UnverifiedPackageWarning,
+    is_sha256_hex,
+    manifest_digest,
+    parse_manifest,
+    pool_fingerprint,
 )
+
+SELECTION_KEYS = ("method", "k", "public_pool_size", "proxy_indices")
 
 
 def _need(cond: bool, path: Path, problem: str) -> None:
@@ -48,19 +61,49 @@ def _is_int(v: Any, lo: Optional[int] = None) -> bool:
     return True
 
 
-def _validate_manifest(m: Any, path: Path, public_pool_size: Optional[int]) -> None:
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to 80 characters (error messages stay one line)."""
+    r = repr(value)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _check_manifest_digest(m: Dict[str, Any], path: Path) -> None:
+    """From format_version 2: ``manifest_sha256`` is 64 lowercase hex digits and equals :func:`manifest_digest`
+    of the manifest ``m`` as written (parsed with ``numbers_as_written``)."""
+    _need(MANIFEST_DIGEST in m, path, f"{MANIFEST} lacks {MANIFEST_DIGEST} (required from format_version 2)")
+    recorded = m[MANIFEST_DIGEST]
+    _need(
+        is_sha256_hex(recorded),
+        path,
+        f"{MANIFEST} {MANIFEST_DIGEST} must be exactly 64 lowercase hex digits, got {_shown(recorded)}",
+    )
+    actual = manifest_digest(m)
+    _need(
+        actual == recorded,
+        path,
+        f"{MANIFEST} was edited: its content hashes to {actual}, its {MANIFEST_DIGEST} records {recorded}",
+    )
+
+
+def _validate_manifest(m: Any, path: Path, public_pool_size: Optional[int], as_written: Any) -> None:
+    """Check the parsed manifest ``m``; ``as_written`` is the same text parsed with ``numbers_as_written``."""
     _need(isinstance(m, dict), path, "manifest.json is not a JSON object")
     _need(
         m.get("format") == FORMAT, path, f"manifest.json format is {m.get('format')!r}, expected {FORMAT!r}"
     )
+    version = m.get("format_version")
     _need(
-        m.get("format_version") == FORMAT_VERSION,
+        _is_int(version) and version in READABLE_FORMAT_VERSIONS,
         path,
-        f"format_version {m.get('format_version')!r} is not supported (this metamoe reads {FORMAT_VERSION})",
+        f"manifest.json format_version {version!r} is not supported (this metamoe reads "
+        f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))})",
     )
+    if version >= 2:  # before any other field is read: an edited manifest is reported as edited
+        _check_manifest_digest(as_written, path)
+    allowed = MANIFEST_KEYS + ((MANIFEST_DIGEST,) if version >= 2 else ())
     missing = [key for key in MANIFEST_KEYS if key not in m]
     _need(not missing, path, f"manifest.json lacks {', '.join(missing)}")
-    extra = sorted(set(m) - set(MANIFEST_KEYS))
+    extra = sorted(set(m) - set(allowed))
     _need(not extra, path, f"manifest.json has unexpected keys {extra}")
     seed = m["seed_model"]
     _need(
@@ -74,6 +117,20 @@ def _validate_manifest(m: Any, path: Path, public_pool_size: Optional[int]) -> N
 
     sel = m["selection"]
     _need(isinstance(sel, dict), path, "selection must be an object")
+    extra = sorted(set(sel) - set(SELECTION_KEYS) - {POOL_DIGEST, PROXY_DIGEST})
+    _need(not extra, path, f"selection has unexpected keys {extra}")
+    _need(
+        (POOL_DIGEST in sel) == (PROXY_DIGEST in sel),
+        path,
+        f"selection records {POOL_DIGEST} and {PROXY_DIGEST} together or neither",
+    )
+    for key in (POOL_DIGEST, PROXY_DIGEST):
+        if key in sel:
+            _need(
+                is_sha256_hex(sel[key]),
+                path,
+                f"selection.{key} must be exactly 64 lowercase hex digits, got {_shown(sel[key])}",
+            )
     try:  # a canonical name, or a short spelling (``topk``), which a manifest may record
         canonical_method(sel.get("method"), "selection.method")
     except ValueError as exc:
@@ -181,13 +238,15 @@ def _validate_manifest(m: Any, path: Path, public_pool_size: Optional[int]) -> N
         )
     _need(isinstance(m["metrics"], dict), path, "metrics must be an object")
     files = m["files"]
-    _need(
-        isinstance(files, dict) and all(isinstance(v, str) for v in files.values()),
-        path,
-        "files must map file names to sha256 strings",
-    )
+    _need(isinstance(files, dict), path, "files must map file names to sha256 digests")
     unknown = sorted(set(files) - set(TENSOR_FILES))
     _need(not unknown, path, f"manifest lists unknown files {unknown}")
+    for name, digest in files.items():
+        _need(
+            is_sha256_hex(digest),
+            path,
+            f"the sha256 of {name} in the manifest must be exactly 64 lowercase hex digits, got {_shown(digest)}",
+        )
     for required in (LORA_FILE, PROTOTYPES_FILE):
         _need(required in files, path, f"manifest does not list {required}")
     _need(
@@ -277,25 +336,34 @@ def load_expert_package(
 ) -> ExpertPackage:
     """Read and validate one package; :class:`PackageError` on any problem.
 
-    Checks: manifest present and well-formed, every listed file present with the recorded sha256, no other
-    files, tensors with the recorded names, shapes and finite values, at least one proxy, proxy indices
+    Checks: manifest present, well-formed and unedited (``manifest_sha256``: from format_version 2), every
+    listed file present with the recorded sha256 (digests of 64 lowercase hex digits, compared in full), no
+    other files, tensors with the recorded names, shapes and finite values, at least one proxy, proxy indices
     unique and inside the public pool (and ``public_pool_size`` equal to the recorded one when given).
     With ``seed_model`` (a SeedModel) also: same name and weight hash, LoRA and prototype shapes matching
-    its FFN layers.
+    its FFN layers. A format-1 package (no manifest digest) loads with an :class:`UnverifiedPackageWarning`.
     """
     path = Path(path)
     _need(path.is_dir(), path, "does not exist or is not a folder")
     mfile = path / MANIFEST
     _need(mfile.is_file(), path, f"missing {MANIFEST}")
     try:
-        manifest = json.loads(mfile.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = mfile.read_text()
+        manifest, as_written = parse_manifest(text), parse_manifest(text, numbers_as_written=True)
+    except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError, so is a duplicate key
         raise PackageError(path, f"{MANIFEST} is not valid JSON ({exc})") from None
     if public_pool_size is not None and (
         isinstance(public_pool_size, bool) or not isinstance(public_pool_size, int)
     ):
         raise TypeError(f"public_pool_size must be an int, got {type(public_pool_size).__name__}")
-    _validate_manifest(manifest, path, public_pool_size)
+    _validate_manifest(manifest, path, public_pool_size, as_written)
+    if manifest["format_version"] == 1:
+        warnings.warn(
+            f"expert package {path}: format_version 1 manifest without {MANIFEST_DIGEST}; edits to its fields "
+            "cannot be detected (the data files are checked against their sha256)",
+            UnverifiedPackageWarning,
+            stacklevel=2,
+        )
     files = manifest["files"]
     present = sorted(p.name for p in path.iterdir())
     for name in files:
@@ -414,9 +482,11 @@ def check_package_set(
 ) -> None:
     """Check packages against each other (and the seed, if given) before unification; PackageError on a conflict.
 
-    Same seed model name and weight hash; same public pool size; same label-space kind; for classes the
-    same public label space and pairwise disjoint private label spaces (a collision names both packages);
-    same LoRA layers and projections; same prototype width; no package given twice.
+    Same seed model name and weight hash; same public pool size, and the same pool fingerprint among the
+    packages that record one; same label-space kind; for classes the same public label space and pairwise
+    disjoint private label spaces (a collision names both packages); same LoRA layers and projections; same
+    prototype width; no package given twice, neither by path nor as a copy with the same content (the
+    error names both).
     """
     if isinstance(packages, ExpertPackage) or not isinstance(packages, Sequence):
         raise TypeError("packages must be a sequence of ExpertPackage")
@@ -427,11 +497,21 @@ def check_package_set(
             raise TypeError(f"packages must hold ExpertPackage objects, got {type(p).__name__}")
     first = packages[0]
     seen: Dict[str, Path] = {}
+    contents: Dict[str, Path] = {}
     owner: Dict[str, Path] = {}
+    pooled = next((p for p in packages if p.public_pool_sha256 is not None), None)
     for p in packages:
         key = str(p.path.resolve())
         _need(key not in seen, p.path, "is given twice")
         seen[key] = p.path
+        digest = p.content_sha256
+        _need(
+            digest not in contents,
+            p.path,
+            f"has the same content as {contents.get(digest)} (manifest sha256 {digest}): the same expert "
+            "given twice under two names",
+        )
+        contents[digest] = p.path
         _need(
             p.seed_name == first.seed_name,
             p.path,
@@ -453,6 +533,13 @@ def check_package_set(
                 p.public_pool_size == public_pool_size,
                 p.path,
                 f"indexes a public pool of {p.public_pool_size}, this pool has {public_pool_size}",
+            )
+        if pooled is not None and p.public_pool_sha256 is not None:
+            _need(
+                p.public_pool_sha256 == pooled.public_pool_sha256,
+                p.path,
+                f"indexes a different public pool than {pooled.path}: same size ({p.public_pool_size}), "
+                f"pool sha256 {p.public_pool_sha256} vs {pooled.public_pool_sha256}",
             )
         _need(
             p.label_space["kind"] == first.label_space["kind"],
@@ -495,6 +582,59 @@ def check_package_set(
             _check_against_seed(p, seed_model)
 
 
+def check_public_pool(packages: Sequence[ExpertPackage], public_x: Any, public_y: Any = None) -> str:
+    """Check that every package indexes this public pool; PackageError naming the package on a mismatch.
+
+    Args:
+        packages: loaded packages.
+        public_x: the pool's inputs (N, ...), as :func:`~metamoe.unify.package_format.pool_fingerprint` takes them.
+        public_y: its (N,) labels, or None for a pool without labels (a causal LM's).
+
+    Each package must index a pool of N samples. A package that records a pool fingerprint must record this
+    pool's (a pool with the same size but other content, other labels or the same rows in another order is
+    refused) and the fingerprint of this pool's rows at its proxy indices. A package without a fingerprint
+    (format 1, or written without the pool) is checked by size alone, with an :class:`UnverifiedPackageWarning`.
+
+    Returns:
+        The pool's fingerprint.
+    """
+    from ..models.registry import SeedModel
+
+    n = SeedModel.num_samples(public_x)
+    fingerprint = pool_fingerprint(public_x, public_y)
+    for p in packages:
+        if not isinstance(p, ExpertPackage):
+            raise TypeError(f"packages must hold ExpertPackage objects, got {type(p).__name__}")
+        _need(
+            p.public_pool_size == n,
+            p.path,
+            f"the public pool differs: the package indexes a pool of {p.public_pool_size} samples, this pool has {n}",
+        )
+        if p.public_pool_sha256 is None:
+            warnings.warn(
+                f"expert package {p.path} records no public pool fingerprint (format_version "
+                f"{p.manifest['format_version']}); only the pool's size ({n}) was checked, its content could not be "
+                "verified",
+                UnverifiedPackageWarning,
+                stacklevel=2,
+            )
+            continue
+        _need(
+            p.public_pool_sha256 == fingerprint,
+            p.path,
+            f"the public pool differs: same size ({n} samples) but different content or order (this pool's sha256 "
+            f"is {fingerprint}, the package records {p.public_pool_sha256})",
+        )
+        proxies = pool_fingerprint(public_x, public_y, rows=p.proxy_indices)
+        _need(
+            p.proxy_sha256 == proxies,
+            p.path,
+            f"the proxy rows differ: this pool's rows at the package's proxy indices hash to {proxies}, the "
+            f"package records {p.proxy_sha256}",
+        )
+    return fingerprint
+
+
 def load_expert_packages(
     paths: Sequence[PathLike], *, seed_model: Any = None, public_pool_size: Optional[int] = None
 ) -> List[ExpertPackage]:
@@ -504,4 +644,6 @@ def load_expert_packages(
     return pkgs
 
 
-__all__ = ["load_expert_package", "check_package_set", "load_expert_packages", "expert_from_package"]
+__all__ = [
+    "load_expert_package", "check_package_set", "check_public_pool", "load_expert_packages", "expert_from_package",
+]

@@ -29,10 +29,15 @@ from .package_format import (
     LORA_FILE,
     LORA_KEY,
     MANIFEST,
+    MANIFEST_DIGEST,
+    POOL_DIGEST,
     PROTOTYPES_FILE,
+    PROXY_DIGEST,
     TENSOR_FILES,
     PackageError,
     PathLike,
+    manifest_digest,
+    pool_fingerprint,
 )
 from .package_read import load_expert_package
 
@@ -114,7 +119,9 @@ def write_expert_package(
     expert: TrainedExpert,
     *,
     proxy_indices: Any,
-    public_pool_size: int,
+    public_pool_size: Optional[int] = None,
+    public_x: Any = None,
+    public_y: Any = None,
     method: Optional[str] = None,
     k: Optional[int] = None,
     overwrite: bool = False,
@@ -127,7 +134,13 @@ def write_expert_package(
         proxy_indices: (k_picked,) int indices into the public pool, or a :class:`metamoe.selection.Selection`
             (then ``method`` and ``k`` default to its own). Must be non-empty, unique, in range; when the expert
             was trained with proxies, exactly as many as it was trained with.
-        public_pool_size: N, the public pool's size (indices are checked against it and it is recorded).
+        public_pool_size: N, the public pool's size (indices are checked against it and it is recorded);
+            defaults to the size of ``public_x``, and must equal it when both are given.
+        public_x: the public pool's inputs (N, ...) (array, tensor, or a mapping of them for token inputs), as
+            the server will load them. When given, the package records the pool's fingerprint and that of the
+            proxy rows (:func:`~metamoe.unify.package_format.pool_fingerprint`), which the server checks against
+            its own pool; without it the server can check the pool's size only.
+        public_y: the pool's (N,) integer labels, or None (a pool without labels); part of the fingerprint.
         method: ``dpp``, ``facility_location``, ``top_relevance`` or ``random``
             (:data:`~metamoe.selection.methods.SELECTION_METHODS`; a short spelling such as ``topk`` is accepted
             and the canonical name is recorded).
@@ -144,6 +157,18 @@ def write_expert_package(
         k = len(proxy_indices) if k is None else k
         proxy_indices = proxy_indices.indices
     method = canonical_method(method, "method")
+    if public_y is not None and public_x is None:
+        raise ValueError("public_y is given without public_x; pass the pool's inputs too")
+    if public_x is not None:
+        from ..models.registry import SeedModel
+
+        n_pool = SeedModel.num_samples(public_x)
+        if public_pool_size is None:
+            public_pool_size = n_pool
+        elif check_int(public_pool_size, "public_pool_size") != n_pool:
+            raise ValueError(f"public_pool_size={public_pool_size} but public_x has {n_pool} samples")
+    if public_pool_size is None:
+        raise TypeError("write_expert_package needs public_x (the public pool) or public_pool_size")
     public_pool_size = check_int(public_pool_size, "public_pool_size")
     if k is None:
         k = max(1, len(np.asarray(proxy_indices).reshape(-1)))
@@ -191,6 +216,9 @@ def write_expert_package(
         "metrics": _to_json(expert.metrics),
         "files": {},
     }
+    if public_x is not None:
+        manifest["selection"][POOL_DIGEST] = pool_fingerprint(public_x, public_y)
+        manifest["selection"][PROXY_DIGEST] = pool_fingerprint(public_x, public_y, rows=idx)
     if expert.head_state is not None:
         w = expert.head_state["weight"]
         manifest["head"] = {"num_classes": int(w.shape[0]), "dim": int(w.shape[1])}
@@ -203,6 +231,8 @@ def write_expert_package(
         if expert.head_state is not None:
             _save_tensors({k2: v.float() for k2, v in expert.head_state.items()}, tmp / HEAD_FILE)
         manifest["files"] = {name: sha256_file(tmp / name) for name in TENSOR_FILES if (tmp / name).exists()}
+        # the digest of what is written: the manifest as JSON gives it back (lists for tuples, plain numbers)
+        manifest[MANIFEST_DIGEST] = manifest_digest(json.loads(json.dumps(manifest, allow_nan=False)))
         text = json.dumps(manifest, indent=1, allow_nan=False) + "\n"
         with open(tmp / MANIFEST, "w") as fh:
             fh.write(text)

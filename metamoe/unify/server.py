@@ -1,10 +1,12 @@
 """The server's inputs: the expert packages, checked against each other and the seed; the unified label space;
 the training set made of every client's proxies.
 
-* :func:`validate_packages` loads every package (:func:`~metamoe.unify.package.load_expert_package`: files,
-  sha256, shapes, proxy indices) and checks them against each other and the seed
+* :func:`validate_packages` loads every package (:func:`~metamoe.unify.package.load_expert_package`: manifest
+  digest, files, sha256, shapes, proxy indices) and checks them against each other and the seed
   (:func:`~metamoe.unify.package.check_package_set`: same seed name and weight hash, same public pool,
-  disjoint private label spaces, same LoRA layout). Any problem is a :class:`~metamoe.unify.PackageError`.
+  disjoint private label spaces, same LoRA layout, no expert twice) and, given the public pool, against it
+  (:func:`~metamoe.unify.package.check_public_pool`: size, and content and order by the recorded
+  fingerprints). Any problem is a :class:`~metamoe.unify.PackageError`.
 * :func:`unified_label_space`: classification packages declare ``private`` classes (their own, disjoint
   between clients) and the shared ``public`` classes. The unified model predicts over the concatenation
   ``private(package 0) + private(package 1) + ... + public`` (a :class:`LabelSpace`). A causal LM's label
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from ..models.registry import SeedModel
-from .package import ExpertPackage, PackageError, check_package_set, load_expert_package
+from .package import ExpertPackage, PackageError, check_package_set, check_public_pool, load_expert_package
 
 PathLike = Union[str, os.PathLike]
 
@@ -47,6 +49,8 @@ def validate_packages(
     *,
     seed_model: Optional[SeedModel] = None,
     public_pool_size: Optional[int] = None,
+    public_x: Any = None,
+    public_y: Any = None,
 ) -> List[ExpertPackage]:
     """Load (if given as paths) and validate a set of expert packages for unification.
 
@@ -56,13 +60,18 @@ def validate_packages(
         seed_model: the shared seed; when given, every package must come from it (name and weight hash) and
             its LoRA / prototype / head shapes must fit it.
         public_pool_size: the public pool's size N; when given, every package must index a pool of size N.
+        public_x, public_y: the public pool itself (inputs, and labels or None), as the clients loaded it; when
+            given, every package must index it: its size, and, for packages that record a pool fingerprint, its
+            content and row order (:func:`~metamoe.unify.package.check_public_pool`; packages without a
+            fingerprint are checked by size, with an :class:`~metamoe.unify.package.UnverifiedPackageWarning`).
 
     Returns:
         The loaded packages, in the given order.
 
     Raises:
         PackageError (a ValueError) naming the package and the problem: mixed seed models or weights,
-        tampered or missing files, colliding private label spaces, zero proxies, indices out of range, ...
+        tampered or missing files, an edited manifest, another public pool, the same expert twice, colliding
+        private label spaces, zero proxies, indices out of range, ...
         TypeError / ValueError for arguments of the wrong kind or an empty list.
     """
     if isinstance(packages, (str, os.PathLike, ExpertPackage)) or not isinstance(packages, Sequence):
@@ -71,6 +80,12 @@ def validate_packages(
         raise ValueError("packages is empty; unification needs at least one expert package")
     if seed_model is not None and not isinstance(seed_model, SeedModel):
         raise TypeError(f"seed_model must be a SeedModel, got {type(seed_model).__name__}")
+    if public_y is not None and public_x is None:
+        raise ValueError("public_y is given without public_x; pass the pool's inputs too")
+    if public_x is not None:
+        n_pool = SeedModel.num_samples(public_x)
+        if public_pool_size is not None and public_pool_size != n_pool:
+            raise ValueError(f"public_pool_size={public_pool_size} but public_x has {n_pool} samples")
     loaded = []
     for p in packages:
         path = p.path if isinstance(p, ExpertPackage) else p
@@ -78,6 +93,8 @@ def validate_packages(
             raise TypeError(f"packages must hold paths or ExpertPackage objects, got {type(p).__name__}")
         loaded.append(load_expert_package(path, public_pool_size=public_pool_size, seed_model=seed_model))
     check_package_set(loaded, seed_model=seed_model, public_pool_size=public_pool_size)
+    if public_x is not None:
+        check_public_pool(loaded, public_x, public_y)
     return loaded
 
 
