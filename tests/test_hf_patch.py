@@ -226,3 +226,32 @@ def test_patched_model_pickles_and_deepcopies():
     for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
         assert sum(isinstance(m, MetaMoeSparseMoeBlock) for m in clone.modules()) == 2
         torch.testing.assert_close(clone(ids).logits, expected)
+
+
+@pytest.mark.parametrize("name", list(_configs()))
+def test_block_losses_match_an_independent_reference(name):
+    """Each patched block's aux_loss and z_loss against float64 values computed from the unpatched model's
+    own router logits of that layer: aux = E sum_e f_e P_e (f_e the fraction of (token, slot) pairs routed
+    to e, P_e the mean router probability), z = mean logsumexp^2."""
+    model = build(name, seed=3)
+    ref = copy.deepcopy(model)
+    assert patch_moe(model, backend="torch") == 2
+    torch.manual_seed(4)
+    ids = torch.randint(3, VOCAB, (3, 11))
+    with torch.no_grad():
+        logits_per_layer = ref(ids, output_router_logits=True).router_logits
+        model(ids)
+    blocks = [m for m in model.modules() if isinstance(m, MetaMoeSparseMoeBlock)]
+    values = []
+    for block, logits in zip(blocks, logits_per_layer, strict=True):
+        E, k = block.num_experts, block.top_k
+        L = logits.detach().double().reshape(-1, E)
+        p = torch.softmax(L, dim=-1)
+        top = torch.topk(p, k, dim=-1).indices
+        f = torch.bincount(top.reshape(-1), minlength=E).double() / top.numel()
+        aux = E * (f * p.mean(0)).sum()
+        z = torch.logsumexp(L, dim=-1).square().mean()
+        torch.testing.assert_close(block.aux_loss.double(), aux, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(block.z_loss.double(), z, rtol=1e-5, atol=1e-7)
+        values.append((block.aux_loss.item(), block.z_loss.item()))
+    assert values[0] != values[1]  # each block its own statistics, not one layer's copied
