@@ -16,7 +16,7 @@ PYTEST_ARGS ?= -q
 DEMO_OUT ?= demo_out
 SEED ?= 0
 
-.PHONY: test lint demo install ext bench bench-quick compile-report gpu-check clean info
+.PHONY: test lint demo install ext bench bench-quick compile-report gpu-check clean info mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ ext: $(PY)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest $(PYTEST_ARGS) tests
+
+# make mutate: mutation testing (mutmut, configured in pyproject.toml) of the integrity, loss and selection
+# modules against their tests; not part of `make test`. MUTANTS="metamoe.moe.losses*" runs a subset; the
+# survivors: .venv/bin/mutmut results, one shown with .venv/bin/mutmut show NAME.
+MUTATE_JOBS ?= 2
+mutate: $(STAMP)
+	$(PY) -m pip install --quiet 'mutmut>=3.3'
+	TRITON_INTERPRET=1 $(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
+	$(VENV)/bin/mutmut results
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
