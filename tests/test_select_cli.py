@@ -168,6 +168,8 @@ def test_rank_warning_is_printed(data, capsys):
             str(path / "x.npy"),
             "--k",
             "12",
+            "--ridge",
+            "0",
             "--no-progress",
             "--out",
             str(path / "w.json"),
@@ -263,3 +265,21 @@ def test_unknown_method_is_refused_with_the_list(data, capsys):
     assert "--method must be one of dpp, facility_location, top_relevance, random, facility_location_private" in err
     assert "fl-private = facility_location_private" in err and "got 'greedy'" in err
     assert not (path / "never.json").exists()
+
+
+def test_dpp_default_ridge_keeps_k_above_d_and_zero_ridge_stops_at_rank(data, tmp_path, capsys):
+    """The cosine kernel has rank <= D = 8: the command's default ridge (1e-3) makes it full rank, so k = 20
+    picks are all made; --ridge 0 stops at D picks, says so, and the JSON records what was asked."""
+    path, _, _ = data
+    base = ["select", "--private", str(path / "p.npy"), "--public", str(path / "x.npy"), "--no-progress",
+            "--method", "dpp", "--k", "20", "--backend", "cpp"]
+    assert metamoe_main([*base, "--out", str(tmp_path / "a.json")]) == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert len(a["indices"]) == 20 and a["info"]["ridge"] == 1e-3 and a["info"]["strategy"].startswith("lazy")
+    assert metamoe_main([*base, "--ridge", "0", "--strategy", "sweep", "--out", str(tmp_path / "b.json")]) == 0
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert len(b["indices"]) == 8 and b["info"]["k_requested"] == 20 and b["info"]["strategy"] == "sweep"
+    assert "stopped after 8 of 20 picks" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        metamoe_main(["select", "--private", "p", "--public", "x", "--k", "2", "--strategy", "fast", "--out", "o"])
+    assert exc.value.code == 2

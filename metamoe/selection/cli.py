@@ -44,6 +44,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from .dpp import DEFAULT_COSINE_RIDGE, STRATEGIES
 from .methods import FACILITY_LOCATION_PRIVATE, METHOD_ALIASES, SELECT_COMMAND_METHODS, canonical_method
 
 NEEDS_RELEVANCE = ("dpp", "facility_location", "top_relevance")
@@ -84,7 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--neighbors", type=int, default=20, help="facility_location(_private): kNN graph neighbours (default: 20)"
     )
-    p.add_argument("--ridge", type=float, default=0.0, help="dpp: ridge of the kernel (default: 0)")
+    p.add_argument(
+        "--ridge",
+        type=float,
+        default=None,
+        help=f"dpp: ridge of the kernel (default: {DEFAULT_COSINE_RIDGE} with the cosine kernel, full rank so that "
+        "k > D picks stay diverse; 0 with rbf)",
+    )
+    p.add_argument(
+        "--strategy",
+        default=None,
+        choices=STRATEGIES,
+        help="dpp, cosine kernel: how the cpp backend finds each pick (default: auto; every strategy gives the "
+        "same picks)",
+    )
     p.add_argument(
         "--kernel", default="cosine", choices=("cosine", "rbf"), help="dpp kernel (default: cosine)"
     )
@@ -199,7 +213,8 @@ def run(args: argparse.Namespace):
             flag
             for flag, val, default in (
                 ("--candidates", args.candidates, None),
-                ("--ridge", args.ridge, 0.0),
+                ("--ridge", args.ridge, None),
+                ("--strategy", args.strategy, None),
                 ("--kernel", args.kernel, "cosine"),
                 ("--gamma", args.gamma, None),
             )
@@ -207,6 +222,8 @@ def run(args: argparse.Namespace):
         ]
         if unused:
             raise ValueError(f"{', '.join(unused)} only apply to --method dpp, not {args.method}")
+    else:
+        args.ridge = dpp_ridge(args)
     if getattr(args, "distributed", False):
         from .distributed import cli_check, cli_init
 
@@ -250,6 +267,7 @@ def run(args: argparse.Namespace):
             candidates=args.candidates,
             backend=args.backend,
             progress=progress,
+            strategy=args.strategy or "auto",
         )
     elif args.method == "facility_location":
         sel = _facility_location(X, args.k, None, relevance, args, progress)
@@ -272,6 +290,14 @@ def run(args: argparse.Namespace):
     )
     sel.method = args.method
     return sel
+
+
+def dpp_ridge(args) -> float:
+    """--ridge, or its default: DEFAULT_COSINE_RIDGE with the cosine kernel (a linear kernel has rank <= D, and
+    without a ridge the greedy stops after D picks), 0 with the full-rank RBF kernel."""
+    if args.ridge is not None:
+        return args.ridge
+    return DEFAULT_COSINE_RIDGE if args.kernel == "cosine" else 0.0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -60,6 +60,7 @@ dpp_greedy_rbf = define_op(
 DEFAULT_EPS = 1e-9
 KERNELS = ("cosine", "rbf")
 STRATEGIES = ("auto", "lazy", "sweep")
+DEFAULT_COSINE_RIDGE = 1e-3  # the select command's ridge for the cosine kernel: full rank, k > D picks stay diverse
 GAMMA_SAMPLE = 1024  # rows used to estimate the default RBF gamma (median heuristic)
 
 
