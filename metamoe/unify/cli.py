@@ -10,15 +10,40 @@ Three commands, one per role (docs/design.md, "The method"):
   the unified model folder (router weights + a JSON manifest naming the seed model and the packages by hash).
 * ``metamoe evaluate --model DIR --data PATH`` (anyone): rebuilds the unified model and prints its accuracy.
 
+The unified model folder::
+
+    <output>/
+        unified.json          written last, atomically: the finished result. Format 2: the seed model, the
+                              packages (relative paths + manifest sha256), the MoE options, the label space, the
+                              router weights' sha256, ``config`` (everything the unify run used: the packages'
+                              selection settings, the public pool's fingerprint, the MoE options, the router
+                              training options), ``run_sha256`` (the digest of that run's identity) and
+                              ``unified_sha256``: the sha256 of the file's canonical JSON (every field but
+                              itself, :func:`metamoe.unify.package_format.canonical_manifest`), so an edit shows
+        router.safetensors    the trained parameters
+        checkpoints/          the router checkpoints and ``run.json`` (the run they belong to): a killed run
+                              resumes from them when rerun with the same configuration
+        previous/             the result and checkpoints of the last run with a different configuration, moved
+                              aside when a new run starts (never loaded)
+
+A run removes ``unified.json`` before it trains, so a folder holds a ``unified.json`` only once a run has
+finished; a run with another configuration first moves the old result aside. :func:`load_unified` checks
+``unified_sha256``, the router weights' sha256 and the packages' manifest sha256; a format-1 file (no
+``unified_sha256``) loads with an :class:`UnverifiedUnifiedWarning`.
+
 The config keys and the seed model: :mod:`metamoe.unify.config`; the data sets: :mod:`metamoe.unify.data_loading`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import os
+import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -40,15 +65,19 @@ from .config import (
     seed_model_from_config,
 )
 from .data_loading import DATA_HELP, load_data
-from .package_format import MANIFEST
+from .package_format import MANIFEST, canonical_manifest, is_sha256_hex, parse_manifest, pool_fingerprint
 from .router_training import RouterTraining, train_router
 
 __all__ = [
     "UNIFIED_MANIFEST",
     "UNIFIED_WEIGHTS",
+    "UNIFIED_DIGEST",
+    "UnverifiedUnifiedWarning",
+    "unified_digest",
     "train_expert_from_config",
     "unify_from_config",
     "load_unified",
+    "read_unified_manifest",
     "evaluate_model",
     "main_train_expert",
     "main_unify",
@@ -57,6 +86,24 @@ __all__ = [
 
 UNIFIED_MANIFEST = "unified.json"
 UNIFIED_WEIGHTS = "router.safetensors"
+UNIFIED_DIGEST = "unified_sha256"
+UNIFIED_FORMAT = 2
+UNIFIED_CHECKPOINTS = "checkpoints"
+UNIFIED_PREVIOUS = "previous"
+RUN_FILE = "run.json"
+
+
+class UnverifiedUnifiedWarning(UserWarning):
+    """A format-1 ``unified.json`` (no ``unified_sha256``): its content cannot be checked for edits."""
+
+
+def unified_digest(manifest: Dict[str, Any]) -> str:
+    """Hex sha256 of the canonical JSON of ``manifest`` without its ``unified_sha256`` field.
+
+    The writer hashes the dict it writes; the reader hashes the file parsed with
+    :func:`~metamoe.unify.package_format.parse_manifest` ``(numbers_as_written=True)``, so any edit (a number's
+    spelling included) changes the digest while whitespace and key order do not."""
+    return hashlib.sha256(canonical_manifest({k: v for k, v in manifest.items() if k != UNIFIED_DIGEST})).hexdigest()
 
 
 # --------------------------------------------------------------------------- train-expert
@@ -233,13 +280,28 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     x, y, picked = proxy_training_set(pkgs, xq, yq, space)
     n_labels = space.num_classes if space.kind == "classes" else "vocabulary"
     say(f"unify: {len(pkgs)} experts, {len(x)} proxies in the union, label space {n_labels}")
-    output.mkdir(parents=True, exist_ok=True)
+    config = {  # everything this run uses, recorded in unified.json
+        "packages": [
+            {
+                "path": _relative_to(p, output),
+                "manifest_sha256": sha256_file(p / MANIFEST),
+                "selection": {"method": pk.method, "k": pk.k},
+            }
+            for p, pk in zip(paths, pkgs)
+        ],
+        "public": {"size": len(xq), "sha256": pool_fingerprint(xq, yq)},
+        "moe": opts,
+        "training": {**dataclasses.asdict(training), "loss": loss, "route_loss": route_loss},
+    }
+    run_sha256 = _run_digest(seed_model_hash=pkgs[0].seed_hash, config=config)
+    # every check has passed: from here on the folder's old result is no longer the result
+    _start_run(output, run_sha256, config, say)
     metrics = train_router(
         model,
         x,
         y,
         training=training,
-        checkpoint_dir=output / "checkpoints",
+        checkpoint_dir=output / UNIFIED_CHECKPOINTS,
         label_block=(space.public_slice if loss == "block" and space.kind == "classes" else None),
         route_targets=proxy_owners(pkgs, picked) if route_loss > 0 else None,
         progress=not quiet,
@@ -247,23 +309,77 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     atomic_write(output / UNIFIED_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     manifest = {
-        "format": 1,
+        "format": UNIFIED_FORMAT,
         "seed_model": {k: v for k, v in cfg["seed_model"].items()},
         # paths relative to the output folder, so the output, its packages and the seed model's folder can
         # move together (load_unified resolves them against the folder unified.json is in)
         "seed_model_base": None if base is None else _relative_to(base, output),
+        "seed_model_weight_hash": pkgs[0].seed_hash,
         "packages": [_relative_to(p, output) for p in paths],
         "package_manifest_sha256": [sha256_file(p / MANIFEST) for p in paths],
         "moe": opts,
         "label_space": space.to_dict(),
         "weights_sha256": sha256_file(output / UNIFIED_WEIGHTS),
         "train_lora": training.train_lora,
+        "config": config,
+        "run_sha256": run_sha256,
         "metrics": {k: v for k, v in metrics.items() if k != "trained"},
     }
-    atomic_write_text(output / UNIFIED_MANIFEST, json.dumps(manifest, indent=1, default=str) + "\n")
+    manifest = json.loads(json.dumps(manifest, default=str))  # exactly what the file holds, then its digest
+    manifest[UNIFIED_DIGEST] = unified_digest(manifest)
+    atomic_write_text(output / UNIFIED_MANIFEST, json.dumps(manifest, indent=1) + "\n")  # last: the run is done
     say(f"router loss per epoch: {[round(v, 4) for v in metrics['loss_per_epoch']]}")
     say(f"wrote unified model {output}")
     return output
+
+
+def _run_digest(seed_model_hash: str, config: Dict[str, Any]) -> str:
+    """The identity of a unify run: the seed weights, the packages' and the pool's content, the MoE and training
+    options. Paths and ``checkpoint_every`` are left out: they do not change the result."""
+    ident = {
+        "seed_model_weight_hash": seed_model_hash,
+        "packages": [p["manifest_sha256"] for p in config["packages"]],
+        "public": config["public"],
+        "moe": config["moe"],
+        "training": {k: v for k, v in config["training"].items() if k != "checkpoint_every"},
+    }
+    return hashlib.sha256(canonical_manifest(json.loads(json.dumps(ident, default=str)))).hexdigest()
+
+
+def _recorded_run(path: Path) -> Optional[str]:
+    """The ``run_sha256`` a ``unified.json`` or ``run.json`` records; None when absent or unreadable."""
+    try:
+        v = json.loads(path.read_text()).get("run_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return v if isinstance(v, str) else None
+
+
+def _start_run(output: Path, run_sha256: str, config: Dict[str, Any], say) -> None:
+    """Prepare ``output`` for the run ``run_sha256`` before it trains.
+
+    The finished result of an earlier run stops being one: with the same run its ``unified.json`` is removed
+    (the run resumes from its checkpoints and writes it again); with another run the result and its checkpoints
+    are moved to ``previous/`` (replacing what was there). Checkpoints of another run (per ``checkpoints/
+    run.json``) are moved aside too, so they are not resumed. Then ``checkpoints/run.json`` records this run.
+    """
+    man, ckpt = output / UNIFIED_MANIFEST, output / UNIFIED_CHECKPOINTS
+    runs = {r for r in (_recorded_run(man) if man.is_file() else None, _recorded_run(ckpt / RUN_FILE)) if r}
+    other = bool(runs - {run_sha256}) or (man.is_file() and not runs)
+    if other:
+        prev = output / UNIFIED_PREVIOUS
+        if prev.exists():
+            shutil.rmtree(prev)
+        prev.mkdir(parents=True)
+        for name in (UNIFIED_MANIFEST, UNIFIED_WEIGHTS, UNIFIED_CHECKPOINTS):  # unified.json first
+            if (output / name).exists():
+                os.replace(output / name, prev / name)
+        say(f"{output} held the result of a run with another configuration: moved it to {prev}")
+    elif man.is_file():
+        man.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+    record = {"run_sha256": run_sha256, "config": config}
+    atomic_write_text(ckpt / RUN_FILE, json.dumps(record, indent=1, default=str) + "\n")
 
 
 def _relative_to(path: Any, folder: Path) -> str:
@@ -274,17 +390,65 @@ def _relative_to(path: Any, folder: Path) -> str:
         return str(Path(path).resolve())
 
 
+def read_unified_manifest(model_dir: Any) -> Dict[str, Any]:
+    """The verified ``unified.json`` of a unified model folder (module docstring).
+
+    Raises:
+        FileNotFoundError: the folder holds no finished result (no ``unified.json``; one line saying whether an
+            unfinished run left checkpoints there).
+        ValueError: the file is not valid JSON, does not match its ``unified_sha256`` (edited after unify), or
+            lacks a required field.
+    Warns:
+        UnverifiedUnifiedWarning: a format-1 file, which records no ``unified_sha256``.
+    """
+    d = Path(model_dir)
+    mp = d / UNIFIED_MANIFEST
+    if not mp.is_file():
+        if (d / UNIFIED_CHECKPOINTS).is_dir():
+            raise FileNotFoundError(
+                f"{d} holds no finished unified model (no {UNIFIED_MANIFEST}): its `metamoe unify` run did not "
+                f"finish; rerun it with the same config to resume"
+            )
+        raise FileNotFoundError(f"{d} is not a unified model folder (no {UNIFIED_MANIFEST}); run `metamoe unify`")
+    text = mp.read_text()
+    try:
+        as_written = parse_manifest(text, numbers_as_written=True)
+        m = parse_manifest(text)
+    except ValueError as e:
+        raise ValueError(f"{mp} is not valid JSON ({e}): edited or damaged after `metamoe unify` wrote it") from None
+    if not isinstance(m, dict):
+        raise ValueError(f"{mp} is not a JSON object: edited or damaged after `metamoe unify` wrote it")
+    fmt = m.get("format")
+    if fmt not in (1, UNIFIED_FORMAT):
+        raise ValueError(f"{mp}: unknown format {fmt!r} (this metamoe reads 1 and {UNIFIED_FORMAT})")
+    digest = m.get(UNIFIED_DIGEST)
+    if fmt == 1 and digest is None:
+        warnings.warn(
+            f"{mp} records no {UNIFIED_DIGEST} (format 1): its content is not verified; rerun `metamoe unify` "
+            "to write a verifiable one",
+            UnverifiedUnifiedWarning,
+            stacklevel=2,
+        )
+    elif not is_sha256_hex(digest) or unified_digest(as_written) != digest:
+        raise ValueError(
+            f"{mp} was edited after `metamoe unify` wrote it (its content does not match its {UNIFIED_DIGEST})"
+        )
+    for key in ("seed_model", "packages", "package_manifest_sha256", "moe", "weights_sha256"):
+        if key not in m:
+            raise ValueError(f"{mp} lacks {key!r}")
+    hashes = [m["weights_sha256"], *m["package_manifest_sha256"]]
+    if not all(is_sha256_hex(h) for h in hashes) or len(m["packages"]) != len(m["package_manifest_sha256"]):
+        raise ValueError(f"{mp}: malformed weights_sha256 / packages / package_manifest_sha256")
+    return m
+
+
 def load_unified(model_dir: Any):
     """Rebuild a unified model written by ``metamoe unify``: seed model + packages + the trained router weights."""
     from safetensors.torch import load_file
 
     d = Path(model_dir)
+    m = read_unified_manifest(d)
     mp = d / UNIFIED_MANIFEST
-    if not mp.is_file():
-        raise FileNotFoundError(
-            f"{d} is not a unified model folder (no {UNIFIED_MANIFEST}); run `metamoe unify`"
-        )
-    m = json.loads(mp.read_text())
     wp = d / UNIFIED_WEIGHTS
     if not wp.is_file():
         raise FileNotFoundError(f"{wp} is missing")
@@ -300,6 +464,9 @@ def load_unified(model_dir: Any):
     base = None if base is None else str(d / base)
     seed_model = seed_model_from_config({"seed_model": m["seed_model"]}, base)
     _, pkgs, build_unified_model = _build({"packages": packages}, None, seed_model, m["moe"])
+    want = m.get("seed_model_weight_hash")
+    if want is not None and pkgs[0].seed_hash != want:
+        raise ValueError(f"the packages of {mp} were made from another seed model than the one it records")
     model = build_unified_model(seed_model, pkgs, **{"routed_head": False, **m["moe"]})  # no routed_head key: none
     state = load_file(str(wp))
     missing = model.load_state_dict(state, strict=False)
@@ -401,7 +568,9 @@ def main_unify(argv: Optional[List[str]] = None) -> int:
         "Server side: validate the expert packages (same seed model and weights, intact files, disjoint private label "
         "spaces, proxy indices in range), build the LoRA-expert MoE with routers initialised from the packages' "
         "prototypes, train the routers on the union of the proxies (checkpointed; a rerun resumes) and write the "
-        f"unified model folder ({UNIFIED_WEIGHTS} + {UNIFIED_MANIFEST}).",
+        f"unified model folder ({UNIFIED_WEIGHTS} + {UNIFIED_MANIFEST}, written last). A run removes the folder's "
+        f"{UNIFIED_MANIFEST} before training; a run with another configuration first moves the old result to "
+        f"{UNIFIED_PREVIOUS}/.",
         SERVER_YAML,
     )
     p.add_argument(
@@ -416,10 +585,11 @@ def main_unify(argv: Optional[List[str]] = None) -> int:
 
 
 def main_evaluate(argv: Optional[List[str]] = None) -> int:
-    """``metamoe evaluate --model DIR --data PATH [--labels Y.npy] [--json FILE]``."""
+    """``metamoe evaluate --model DIR --data PATH [--class-names A,B,..] ... [--labels Y.npy] [--json FILE]``."""
     p = _parser(
         "metamoe evaluate",
-        "Rebuild a unified model written by `metamoe unify` (checking the router weights' and packages' hashes) and "
+        f"Rebuild a unified model written by `metamoe unify` (checking {UNIFIED_MANIFEST}'s own digest, the router "
+        "weights' and the packages' hashes) and "
         "evaluate it on labelled data. Classification: the probabilities of unified classes that name the same "
         "test class (exactly, or after the last ':' as in 'clientA:3' and '3') are summed, then argmax = accuracy. "
         "A causal LM: mean next-token loss and perplexity.",
@@ -436,7 +606,11 @@ def main_evaluate(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--x-key", default=None, help="array/column name of the inputs (.npz default 'x')")
     p.add_argument("--y-key", default=None, help="array/column name of the labels (.npz default 'y')")
     p.add_argument(
-        "--class-names", default=None, help="comma-separated names of labels 0..C-1 (default '0','1',...)"
+        "--class-names",
+        default=None,
+        action="append",
+        help="comma-separated names of labels 0..C-1 of a --data set (default: the set's own names, else "
+        "'0','1',...); give one per --data, in the same order ('' keeps a set's own names)",
     )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
@@ -444,9 +618,15 @@ def main_evaluate(argv: Optional[List[str]] = None) -> int:
     def run():
         if a.labels and len(a.data) > 1:
             raise ConfigError("--labels applies to a single --data")
+        class_names = a.class_names if a.class_names is not None else [""] * len(a.data)
+        if len(class_names) != len(a.data):
+            raise ConfigError(
+                f"give one --class-names per --data, in the same order ('' keeps a set's own names): got "
+                f"{len(class_names)} --class-names for {len(a.data)} --data"
+            )
         model = load_unified(a.model)
         res = {}
-        for item in a.data:
+        for item, cn in zip(a.data, class_names):
             name, sep, path = item.partition("=")
             if not sep:
                 name, path = Path(item).stem, item
@@ -454,8 +634,8 @@ def main_evaluate(argv: Optional[List[str]] = None) -> int:
             for k, v in (("labels", a.labels), ("x_key", a.x_key), ("y_key", a.y_key)):
                 if v is not None:
                     spec[k] = v
-            if a.class_names:
-                spec["class_names"] = [c.strip() for c in a.class_names.split(",")]
+            if cn.strip():
+                spec["class_names"] = [c.strip() for c in cn.split(",")]
             x, y, names = load_data(spec, None, f"--data {item}")
             r = evaluate_model(model, x, y, names)
             res[name] = r

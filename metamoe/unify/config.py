@@ -83,7 +83,8 @@ server.yaml keys (required: seed_model, packages, public, output):
                              harness's metamoe); 0: the task + load-balancing loss only
     checkpoint_every: {_yaml(_TRAINING.checkpoint_every):<7}steps between checkpoints (in OUTPUT/checkpoints; a rerun
                              resumes from them)
-  output: PATH               the unified model folder to write
+  output: PATH               the unified model folder to write (unified.json, written last, records this config;
+                             a run with another config first moves an earlier result to OUTPUT/previous)
 DATA as in client.yaml."""
 
 
