@@ -272,6 +272,23 @@ def test_cli_distributed_rejects_unsharded_options(npy):
     assert main([*base, "--kernel", "rbf"]) == 2
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names are read from /proc")
+def test_finish_joins_the_gloo_threads_after_an_optimizer_was_imported():
+    """A torch.optim import after init_distributed (the relevance classifier trains with Adam) must not keep the
+    default group alive past finish(): its gloo threads would race the interpreter's exit (rank aborts)."""
+    code = ("import os, torch; from metamoe.utils.distributed import init_distributed, finish; init_distributed(); "
+            "import torch._dynamo; torch.optim.Adam([torch.zeros(2, requires_grad=True)]); "
+            "tasks = lambda: os.listdir('/proc/self/task'); "
+            "names = lambda: [open(f'/proc/self/task/{t}/comm').read().strip() for t in tasks()]; "
+            "before = names(); finish(); print(before, names())")
+    proc = subprocess.run([PY, "-c", code], env=rank_env(0, free_port(), 1), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = proc.stdout.strip().split("] [")
+    assert "gloo" in before  # the group had its threads
+    assert "gloo" not in after, proc.stdout
+
+
 # --------------------------------------------------------------------------- a dead rank
 
 

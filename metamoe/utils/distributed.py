@@ -42,6 +42,12 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = DEFAULT_T
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
+    # torch.distributed.nn.functional binds group.WORLD into default arguments when first imported (torch.optim
+    # and torch._dynamo import it). Imported after init_process_group, those defaults hold the default group
+    # past destroy_process_group: its gloo worker threads outlive it and race the interpreter's exit (a worker
+    # releasing a tensor after finalization began aborts the process). Imported first, they hold None.
+    import torch.distributed.nn  # noqa: F401
+
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout_s)))
     return dist.get_rank(), dist.get_world_size()
 
