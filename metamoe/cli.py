@@ -84,9 +84,9 @@ def _cmd_bench(argv: List[str]) -> int:
 
 
 def _cmd_train_expert(argv: List[str]) -> int:
-    from .unify import cli as unify_cli
+    from .unify import train_expert_cli
 
-    return unify_cli.main_train_expert(argv)
+    return train_expert_cli.main_train_expert(argv)
 
 
 def _cmd_embed_pool(argv: List[str]) -> int:
@@ -102,9 +102,9 @@ def _cmd_unify(argv: List[str]) -> int:
 
 
 def _cmd_evaluate(argv: List[str]) -> int:
-    from .unify import cli as unify_cli
+    from .unify import evaluate_cli
 
-    return unify_cli.main_evaluate(argv)
+    return evaluate_cli.main_evaluate(argv)
 
 
 COMMANDS: Dict[str, tuple] = {

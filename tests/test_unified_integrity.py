@@ -10,6 +10,7 @@ import yaml
 from test_unify_cli import work  # noqa: F401  (the module fixture: two packages + a unified model)
 
 from metamoe.unify import cli as ucli
+from metamoe.unify import evaluate_cli as evcli
 from metamoe.unify import router_training
 
 
@@ -59,7 +60,7 @@ def test_edited_unified_json_is_refused(work, tmp_path, capsys):  # noqa: F811
     def edited(fn):
         mp.write_text(original)
         _rewrite(mp, fn)
-        rc = ucli.main_evaluate(["--model", str(d), "--data", str(t / "a_test.npz")])
+        rc = evcli.main_evaluate(["--model", str(d), "--data", str(t / "a_test.npz")])
         err = _err(capsys)
         assert rc == 2 and "\n" not in err and str(mp) in err and "edited" in err, err
         with pytest.raises(ValueError, match="edited"):
@@ -137,7 +138,7 @@ def test_new_run_invalidates_the_old_result_and_resumes_exactly(work, tmp_path, 
     # the old result is no longer in the output folder; it was moved aside, intact
     assert not (d / ucli.UNIFIED_MANIFEST).exists()
     assert (d / "previous" / ucli.UNIFIED_MANIFEST).read_text() == old_manifest
-    rc = ucli.main_evaluate(["--model", str(d), "--data", str(t / "a_test.npz")])
+    rc = evcli.main_evaluate(["--model", str(d), "--data", str(t / "a_test.npz")])
     err = _err(capsys)
     assert rc == 2 and "\n" not in err and "no finished unified model" in err, err
 

@@ -13,6 +13,8 @@ from conftest import ROOT
 from metamoe.data.digits import make_digits_domains
 from metamoe.models import create_seed_model, save_seed_model
 from metamoe.unify import cli as ucli
+from metamoe.unify import evaluate_cli as evcli
+from metamoe.unify import train_expert_cli as tecli
 from metamoe.unify.config import ConfigError
 from metamoe.unify.data_loading import load_data
 from metamoe.unify.evaluate import accuracy
@@ -141,7 +143,7 @@ def test_bad_configs(work, tmp_path, capsys):
     t, _ = work
     base = yaml.safe_load((t / "a.yaml").read_text())
 
-    def run(cfg, fn=ucli.main_train_expert):
+    def run(cfg, fn=tecli.main_train_expert):
         p = t / "bad.yaml"
         p.write_text(yaml.safe_dump(cfg))
         rc = fn(["--config", str(p), "--quiet", "--out", str(tmp_path / "o")])
@@ -168,7 +170,7 @@ def test_bad_configs(work, tmp_path, capsys):
     rc, err = run({**base, "seed_model": {"name": "timm:vit_tiny_patch16_224", "config": VIT}})
     assert rc == 2 and "seed" in err
     (t / "bad.yaml").write_text("a: [unclosed")
-    assert ucli.main_train_expert(["--config", str(t / "bad.yaml")]) == 2
+    assert tecli.main_train_expert(["--config", str(t / "bad.yaml")]) == 2
     assert "YAML" in capsys.readouterr().err
     # the server refuses packages from a different seed model (random init, not the checkpoint)
     srv = yaml.safe_load((t / "server.yaml").read_text())
@@ -198,7 +200,7 @@ def test_selection_method_spellings(work, tmp_path):
         (t / f"method_{spelling}.yaml").write_text(yaml.safe_dump(cfg))
         out = tmp_path / spelling
         argv = ["--config", str(t / f"method_{spelling}.yaml"), "--quiet", "--out", str(out)]
-        assert ucli.main_train_expert(argv) == 0
+        assert tecli.main_train_expert(argv) == 0
         sel = json.loads((out / "manifest.json").read_text())["selection"]
         assert sel["method"] == canon and len(sel["proxy_indices"]) == 5
         picked[spelling] = sel["proxy_indices"]
@@ -215,7 +217,7 @@ def test_train_expert_selects_on_the_chosen_features(work, tmp_path):
     cfg = yaml.safe_load((t / "a.yaml").read_text())
     cfg["selection"]["features"] = "pooled+context"
     (t / "ctx.yaml").write_text(yaml.safe_dump(cfg))
-    assert ucli.main_train_expert(["--config", str(t / "ctx.yaml"), "--quiet", "--out", str(tmp_path / "c")]) == 0
+    assert tecli.main_train_expert(["--config", str(t / "ctx.yaml"), "--quiet", "--out", str(tmp_path / "c")]) == 0
     got = json.loads((tmp_path / "c" / "manifest.json").read_text())["selection"]["proxy_indices"]
     seed = create_seed_model("timm:vit_tiny_patch16_224", checkpoint=t / "seed")
     pub = embed(seed, data.public_x, progress=False, features="pooled+context")
@@ -275,10 +277,10 @@ def test_tampered_router_weights_refused(work, tmp_path, capsys):
     raw = bytearray(w.read_bytes())
     raw[-1] ^= 1
     w.write_bytes(bytes(raw))
-    rc = ucli.main_evaluate(["--model", str(d), "--data", str(t / "a_test.npz")])
+    rc = evcli.main_evaluate(["--model", str(d), "--data", str(t / "a_test.npz")])
     assert rc == 2 and "sha256" in capsys.readouterr().err
     # labels missing for a classifier: a clear error, no accuracy printed
-    rc = ucli.main_evaluate(["--model", str(t / "unified"), "--data", str(t / "b_x.npy")])
+    rc = evcli.main_evaluate(["--model", str(t / "unified"), "--data", str(t / "b_x.npy")])
     out = capsys.readouterr()
     assert rc == 2 and "labels" in out.err and "accuracy" not in out.out
 

@@ -178,6 +178,8 @@ def test_command_line_on_token_arrays(tmp_path, monkeypatch, capsys):
 
     from metamoe.models import save_seed_model
     from metamoe.unify import cli as ucli
+    from metamoe.unify import evaluate_cli as evcli
+    from metamoe.unify import train_expert_cli as tecli
 
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(1)
@@ -198,7 +200,7 @@ def test_command_line_on_token_arrays(tmp_path, monkeypatch, capsys):
                 }
             )
         )
-        assert ucli.main_train_expert(["--config", f"{c}.yaml", "--quiet"]) == 0, capsys.readouterr().err
+        assert tecli.main_train_expert(["--config", f"{c}.yaml", "--quiet"]) == 0, capsys.readouterr().err
     Path("s.yaml").write_text(
         yaml.safe_dump(
             {
@@ -214,6 +216,6 @@ def test_command_line_on_token_arrays(tmp_path, monkeypatch, capsys):
     test = domain_seqs(STEPS["c1"], 20, rng)
     np.save("t.npy", test)
     capsys.readouterr()
-    assert ucli.main_evaluate(["--model", "uni", "--data", "t.npy"]) == 0
+    assert evcli.main_evaluate(["--model", "uni", "--data", "t.npy"]) == 0
     printed = float(capsys.readouterr().out.split("next-token loss")[1].split(",")[0])
     assert printed == pytest.approx(lm_loss(ucli.load_unified("uni"), test), abs=1e-4)

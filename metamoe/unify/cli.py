@@ -1,14 +1,10 @@
-"""``metamoe train-expert``, ``metamoe unify``, ``metamoe evaluate``: the pipeline on your own data.
+"""The pipeline on your own data: three commands, one per role (docs/design.md, "The method").
 
-Three commands, one per role (docs/design.md, "The method"):
-
-* ``metamoe train-expert --config client.yaml`` (a client): embeds its private data and the public pool with the
-  frozen seed model, scores relevance, selects proxies, trains a proxy-aligned LoRA expert and writes an expert
-  package (safetensors + manifest; no private sample or per-sample private embedding goes into it).
-* ``metamoe unify --config server.yaml`` (the server): validates the packages, builds the LoRA-expert MoE with
-  prototype-initialised, context-aware routers, trains the routers on the union of the clients' proxies and writes
-  the unified model folder (router weights + a JSON manifest naming the seed model and the packages by hash).
-* ``metamoe evaluate --model DIR --data PATH`` (anyone): rebuilds the unified model and prints its accuracy.
+* ``metamoe train-expert --config client.yaml`` (a client): :mod:`metamoe.unify.train_expert_cli`.
+* ``metamoe unify --config server.yaml`` (the server), here: validates the packages, builds the LoRA-expert MoE
+  with prototype-initialised, context-aware routers, trains the routers on the union of the clients' proxies and
+  writes the unified model folder (router weights + a JSON manifest naming the seed model and the packages by hash).
+* ``metamoe evaluate --model DIR --data PATH`` (anyone): :mod:`metamoe.unify.evaluate_cli`.
 
 The unified model folder::
 
@@ -45,14 +41,10 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
-import numpy as np
-
-from ..selection.methods import canonical_method
 from ..utils.files import atomic_write, atomic_write_text, sha256_file
 from .config import (
-    CLIENT_YAML,
     SERVER_YAML,
     ConfigError,
     check_keys,
@@ -64,7 +56,7 @@ from .config import (
     resolve_path,
     seed_model_from_config,
 )
-from .data_loading import DATA_HELP, load_data
+from .data_loading import load_data
 from .package_format import MANIFEST, canonical_manifest, is_sha256_hex, parse_manifest, pool_fingerprint
 from .router_training import RouterTraining, train_router
 
@@ -74,14 +66,10 @@ __all__ = [
     "UNIFIED_DIGEST",
     "UnverifiedUnifiedWarning",
     "unified_digest",
-    "train_expert_from_config",
     "unify_from_config",
     "load_unified",
     "read_unified_manifest",
-    "evaluate_model",
-    "main_train_expert",
     "main_unify",
-    "main_evaluate",
 ]
 
 UNIFIED_MANIFEST = "unified.json"
@@ -104,111 +92,6 @@ def unified_digest(manifest: Dict[str, Any]) -> str:
     :func:`~metamoe.unify.package_format.parse_manifest` ``(numbers_as_written=True)``, so any edit (a number's
     spelling included) changes the digest while whitespace and key order do not."""
     return hashlib.sha256(canonical_manifest({k: v for k, v in manifest.items() if k != UNIFIED_DIGEST})).hexdigest()
-
-
-# --------------------------------------------------------------------------- train-expert
-
-
-def train_expert_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: bool = False) -> Path:
-    """The client side from a parsed client.yaml (module docstring, ``CLIENT_YAML``); returns the package path."""
-    from ..selection import (
-        relevance_scores,
-        select_dpp,
-        select_facility_location,
-        select_random,
-        select_top_relevance,
-    )
-    from .client import EMBED_FEATURES, embed, train_expert
-    from .package import write_expert_package
-
-    base = cfg.get("_base")
-    check_keys(
-        cfg,
-        ("client_name", "seed_model", "private", "public", "selection", "training", "output", "overwrite"),
-        "client.yaml",
-    )
-    for req in ("private", "public"):
-        if req not in cfg:
-            raise ConfigError(f"client.yaml needs '{req}'")
-    output = out if out is not None else cfg.get("output")
-    if output is None:
-        raise ConfigError("client.yaml needs 'output' (the package folder) or --out")
-    output = resolve_path(base if out is None else None, output, "output")
-    sel = read_section(cfg, "selection", ("method", "k", "kernel", "relevance_epochs", "features"))
-    tr = read_section(cfg, "training", ("lora_rank", "epochs", "lr", "batch_size", "seed", "align"))
-    try:
-        method = canonical_method(sel.get("method", "dpp"), "selection.method")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    say = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
-
-    seed_model = seed_model_from_config(cfg, base)
-    causal = seed_model.task == "causal_lm"
-    xp, yp, priv_names = load_data(cfg["private"], base, "private")
-    xq, yq, pub_names = load_data(cfg["public"], base, "public")
-    if not causal and (yp is None or yq is None):
-        raise ConfigError(
-            "classification needs labels for the private data and the public pool (labels / y_key)"
-        )
-    N = len(xq)
-    k = read_int(sel, "k", min(100, N), "selection")
-    if k > N:
-        raise ConfigError(f"selection.k={k} exceeds the public pool ({N} samples)")
-    seed = read_int(tr, "seed", 0, "training", lo=0)
-    client = str(cfg.get("client_name") or output.name)
-    say(f"client {client}: {len(xp)} private samples, public pool {N}, seed model {seed_model.name}")
-    features = sel.get("features", "pooled")
-    if features not in EMBED_FEATURES:
-        raise ConfigError(f"selection.features must be one of {', '.join(EMBED_FEATURES)}, got {features!r}")
-    pub_emb = embed(seed_model, xq, progress=not quiet, features=features)
-    priv_emb = embed(seed_model, xp, progress=not quiet, features=features)
-    rel = relevance_scores(
-        priv_emb, pub_emb, epochs=read_int(sel, "relevance_epochs", 5, "selection"), seed=seed, progress=False
-    )
-    if method == "dpp":
-        kernel = sel.get("kernel", "rbf")
-        if kernel not in ("rbf", "cosine"):
-            raise ConfigError(f"selection.kernel must be rbf or cosine, got {kernel!r}")
-        picked = select_dpp(pub_emb, k, rel, kernel=kernel, progress=False)
-    elif method == "facility_location":
-        picked = select_facility_location(pub_emb, k, ground=priv_emb, progress=False)
-    elif method == "top_relevance":
-        picked = select_top_relevance(rel, k)
-    else:
-        picked = select_random(N, k, seed=seed)
-    idx = np.asarray(picked.indices, dtype=np.int64)
-    say(f"selected {len(idx)} proxies ({method})")
-    align = read_bool(tr, "align", True, "training")
-    if causal:
-        spaces, priv, prox = None, xp, (xq[idx] if align else None)
-    else:
-        spaces = {"private": [f"{client}:{c}" for c in priv_names], "public": list(pub_names)}
-        priv, prox = (xp, yp), ((xq[idx], yq[idx]) if align else None)
-    ex = train_expert(
-        seed_model,
-        priv,
-        prox,
-        spaces,
-        lora_rank=read_int(tr, "lora_rank", 8, "training"),
-        epochs=read_int(tr, "epochs", 5, "training"),
-        lr=read_float(tr, "lr", 1e-3, "training"),
-        batch_size=read_int(tr, "batch_size", 64, "training"),
-        seed=seed,
-        progress=not quiet,
-    )
-    path = write_expert_package(
-        output,
-        ex,
-        proxy_indices=idx,
-        public_pool_size=N,
-        public_x=xq,
-        public_y=yq,
-        method=method,
-        k=k,
-        overwrite=read_bool(cfg, "overwrite", False, "client.yaml"),
-    )
-    say(f"wrote expert package {path}")
-    return path
 
 
 # --------------------------------------------------------------------------- unify
@@ -476,54 +359,11 @@ def load_unified(model_dir: Any):
     return model
 
 
-def _target_map(space_names: Sequence[str], class_names: Sequence[str]) -> np.ndarray:
-    """Target index of each unified class: its name, or the part after its last ':', among class_names; -1 if none."""
-    pos = {c: i for i, c in enumerate(class_names)}
-    return np.array([pos.get(n, pos.get(n.rsplit(":", 1)[-1], -1)) for n in space_names], dtype=np.int64)
-
-
-def evaluate_model(
-    model, x: np.ndarray, y: Optional[np.ndarray], class_names: Sequence[str], batch_size: int = 256
-) -> Dict[str, Any]:
-    """Accuracy (classification: probabilities summed per test class name, module docstring) or next-token loss."""
-    import torch
-
-    from ..models.registry import SeedModel
-
-    if model.label_space.kind != "classes":
-        tot, cnt = 0.0, 0
-        with torch.no_grad():
-            for s in range(0, len(x), batch_size):
-                b = model.prepare(SeedModel.take(x, slice(s, s + batch_size)))
-                logits = model(b)[:, :-1].double()
-                t = b["input_ids"][:, 1:]
-                tot += float(
-                    torch.nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum"
-                    )
-                )
-                cnt += t.numel()
-        return {"n": int(len(x)), "next_token_loss": tot / cnt, "perplexity": float(np.exp(tot / cnt))}
-    if y is None:
-        raise ConfigError("evaluation of a classifier needs labels (labels / y_key)")
-    tm = _target_map(model.label_space.names, class_names)
-    if (tm < 0).all():
-        raise ConfigError(
-            f"no class of the unified label space ({model.label_space.names[:6]}...) matches the test class names "
-            f"{list(class_names)[:6]}...: give class_names"
-        )
-    p = model.predict_proba(x, batch_size=batch_size)
-    marg = np.zeros((len(x), len(class_names)))
-    for c, t in enumerate(tm):
-        if t >= 0:
-            marg[:, t] += p[:, c]
-    return {"n": int(len(x)), "accuracy": float((marg.argmax(1) == y).mean())}
-
-
 # --------------------------------------------------------------------------- command lines
 
 
-def _parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
+def command_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """The argument parser of a pipeline command (its epilog, the YAML keys, printed as written)."""
     return argparse.ArgumentParser(
         prog=prog,
         description=description,
@@ -532,7 +372,8 @@ def _parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser
     )
 
 
-def _run(fn, *args) -> int:
+def run_command(fn, *args) -> int:
+    """``fn(*args)``; a bad config, a missing file or bad input prints ``error: ...`` and returns 2, else 0."""
     try:
         fn(*args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
@@ -541,29 +382,9 @@ def _run(fn, *args) -> int:
     return 0
 
 
-def main_train_expert(argv: Optional[List[str]] = None) -> int:
-    """``metamoe train-expert --config client.yaml [--out DIR] [--quiet]``."""
-    p = _parser(
-        "metamoe train-expert",
-        "Client side: embed private data and the public pool with the frozen seed model, select proxies, train a "
-        "proxy-aligned LoRA expert and write an expert package (no private sample or per-sample private embedding "
-        "goes into it).",
-        CLIENT_YAML + "\n\n" + DATA_HELP,
-    )
-    p.add_argument(
-        "--config",
-        required=True,
-        help="client.yaml (keys below); relative paths are resolved against its folder",
-    )
-    p.add_argument("--out", default=None, help="package folder to write (overrides the YAML's 'output')")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
-    a = p.parse_args(argv)
-    return _run(lambda: train_expert_from_config(load_config(a.config), a.out, a.quiet))
-
-
 def main_unify(argv: Optional[List[str]] = None) -> int:
     """``metamoe unify --config server.yaml [--out DIR] [--quiet]``."""
-    p = _parser(
+    p = command_parser(
         "metamoe unify",
         "Server side: validate the expert packages (same seed model and weights, intact files, disjoint private label "
         "spaces, proxy indices in range), build the LoRA-expert MoE with routers initialised from the packages' "
@@ -581,71 +402,4 @@ def main_unify(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=None, help="unified model folder (overrides the YAML's 'output')")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     a = p.parse_args(argv)
-    return _run(lambda: unify_from_config(load_config(a.config), a.out, a.quiet))
-
-
-def main_evaluate(argv: Optional[List[str]] = None) -> int:
-    """``metamoe evaluate --model DIR --data PATH [--class-names A,B,..] ... [--labels Y.npy] [--json FILE]``."""
-    p = _parser(
-        "metamoe evaluate",
-        f"Rebuild a unified model written by `metamoe unify` (checking {UNIFIED_MANIFEST}'s own digest, the router "
-        "weights' and the packages' hashes) and "
-        "evaluate it on labelled data. Classification: the probabilities of unified classes that name the same "
-        "test class (exactly, or after the last ':' as in 'clientA:3' and '3') are summed, then argmax = accuracy. "
-        "A causal LM: mean next-token loss and perplexity.",
-        DATA_HELP,
-    )
-    p.add_argument("--model", required=True, help="unified model folder from `metamoe unify`")
-    p.add_argument(
-        "--data",
-        required=True,
-        action="append",
-        help="test data: .npz (x, y), .npy (with --labels), an image folder, or NAME=PATH; repeat for several sets",
-    )
-    p.add_argument("--labels", default=None, help="labels .npy for a .npy --data (only with a single --data)")
-    p.add_argument("--x-key", default=None, help="array/column name of the inputs (.npz default 'x')")
-    p.add_argument("--y-key", default=None, help="array/column name of the labels (.npz default 'y')")
-    p.add_argument(
-        "--class-names",
-        default=None,
-        action="append",
-        help="comma-separated names of labels 0..C-1 of a --data set (default: the set's own names, else "
-        "'0','1',...); give one per --data, in the same order ('' keeps a set's own names)",
-    )
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    a = p.parse_args(argv)
-
-    def run():
-        if a.labels and len(a.data) > 1:
-            raise ConfigError("--labels applies to a single --data")
-        class_names = a.class_names if a.class_names is not None else [""] * len(a.data)
-        if len(class_names) != len(a.data):
-            raise ConfigError(
-                f"give one --class-names per --data, in the same order ('' keeps a set's own names): got "
-                f"{len(class_names)} --class-names for {len(a.data)} --data"
-            )
-        model = load_unified(a.model)
-        res = {}
-        for item, cn in zip(a.data, class_names):
-            name, sep, path = item.partition("=")
-            if not sep:
-                name, path = Path(item).stem, item
-            spec: Dict[str, Any] = {"path": path}
-            for k, v in (("labels", a.labels), ("x_key", a.x_key), ("y_key", a.y_key)):
-                if v is not None:
-                    spec[k] = v
-            if cn.strip():
-                spec["class_names"] = [c.strip() for c in cn.split(",")]
-            x, y, names = load_data(spec, None, f"--data {item}")
-            r = evaluate_model(model, x, y, names)
-            res[name] = r
-            if "accuracy" in r:
-                print(f"{name}: accuracy {r['accuracy']:.4f} (n={r['n']})")
-            else:
-                print(
-                    f"{name}: next-token loss {r['next_token_loss']:.4f}, perplexity {r['perplexity']:.2f} (n={r['n']})"
-                )
-        if a.json:
-            atomic_write_text(Path(a.json), json.dumps(res, indent=1) + "\n")
-
-    return _run(run)
+    return run_command(lambda: unify_from_config(load_config(a.config), a.out, a.quiet))
