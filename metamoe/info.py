@@ -41,6 +41,16 @@ def _gpu() -> str:
     return ", ".join(names)
 
 
+def _seed_models() -> List[Dict[str, Any]]:
+    try:
+        from .models.registry import supported_seed_architectures
+
+        return supported_seed_architectures()
+    except Exception as exc:  # a registry that cannot list itself is itself worth reporting
+        return [{"source": None, "family": None, "adapter": None, "tasks": [], "names": [], "refused": {},
+                 "note": f"could not list seed models ({type(exc).__name__}: {exc})"}]
+
+
 def collect() -> Dict[str, Any]:
     """Everything ``metamoe.info`` prints, as a JSON-able dict."""
     load_errors = {}
@@ -69,6 +79,7 @@ def collect() -> Dict[str, Any]:
         "backends": backends,
         "ops": ops,
         "op_module_errors": load_errors,
+        "seed_models": _seed_models(),
     }
 
 
@@ -126,7 +137,30 @@ def render(info: Dict[str, Any]) -> str:
             out.append(f"    {mark}{row['backend']:<7} {row['detail']}")
     for mod, err in info["op_module_errors"].items():
         out.append(f"  (could not import {mod}: {err})")
+    out.append("")
+    out.extend(render_seed_models(info["seed_models"], every_name=False))
     return "\n".join(out)
+
+
+def render_seed_models(families: List[Dict[str, Any]], every_name: bool) -> List[str]:
+    """The "seed models" section: one line per family; with ``every_name`` each supported name and each refused
+    one with its reason."""
+    out = ["seed models (seed_model.name; LoRA wraps each FFN):"]
+    for fam in families:
+        names = fam["names"]
+        if fam["family"] is None:
+            label = f"{fam['source']}:" if fam["source"] else "?"
+        elif len(names) == 1 and not fam["refused"]:
+            label = names[0]
+        else:
+            label = f"{fam['source']}:<arch>"
+        out.append(f"  {label:<14} {fam['note']}")
+        if every_name:
+            out.extend(f"    ok {n}" for n in names if len(names) > 1 or fam["refused"])
+            out.extend(f"    -- {n}  {why}" for n, why in fam["refused"].items())
+    if not every_name and any(len(f["names"]) > 1 or f["refused"] for f in families):
+        out.append("  (metamoe info --seed-models lists every architecture)")
+    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -134,7 +168,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         prog="metamoe info", description="Show what metamoe can run here and why the rest cannot."
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--seed-models", action="store_true",
+        help="print only the supported seed-model architectures, every name (and why the others are refused)",
+    )
     args = parser.parse_args(argv)
+    if args.seed_models:
+        families = _seed_models()
+        print(json.dumps(families, indent=1) if args.json else "\n".join(render_seed_models(families, True)))
+        return 0
     info = collect()
     print(json.dumps(info, indent=1) if args.json else render(info))
     return 0

@@ -27,6 +27,7 @@ from .registry import (
     parse_model_name,
     register_source,
     save_seed_model,
+    supported_seed_architectures,
     weight_hash,
 )
 
@@ -54,5 +55,6 @@ __all__ = [
     "parse_model_name",
     "register_source",
     "save_seed_model",
+    "supported_seed_architectures",
     "weight_hash",
 ]

@@ -13,6 +13,8 @@ Nothing downloads: random initialisation never asks a hub, and a checkpoint that
 Each source declares, by name, which architectures it serves and the FFN adapter (:mod:`metamoe.models.ffn`)
 for each: timm architectures of the ``vision_transformer`` module use ``timm_vit_mlp``; transformers
 ``llama``/``qwen2``/``qwen3``/``mistral`` use ``hf_gated_mlp`` and ``bert`` uses ``hf_bert_ffn``.
+:func:`supported_seed_architectures` lists, from these tables, every name the sources serve (a timm architecture
+counts when a tiny build of it has the FFN layout its adapter wraps) and why the others are refused.
 
 The returned :class:`SeedModel` wraps the library's own module (``.net``: a timm ``VisionTransformer`` or a
 transformers ``PreTrainedModel``) and gives the unification code one interface: batching of inputs,
@@ -31,6 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..utils.files import current_umask
 from .ffn import ADAPTERS, FFNAdapter, FFNLayer
 from .lora_linear import LoRALinear
 
@@ -80,7 +83,12 @@ class Source:
         checkpoint: Optional[Path],
         num_classes: Optional[int],
         overrides: Dict[str, Any],
+        progress: bool = True,
     ) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def families(self) -> List[Dict[str, Any]]:  # pragma: no cover - abstract
+        """The architecture families this source serves (see :func:`supported_seed_architectures`)."""
         raise NotImplementedError
 
 
@@ -107,11 +115,71 @@ def seeded(seed: Optional[int]):
         yield
 
 
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """Run a block with transformers' (and huggingface_hub's) progress bars on or off; both settings restored."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hub_was_disabled = are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+        if hub_was_disabled:
+            disable_progress_bars()
+        elif are_progress_bars_disabled():
+            enable_progress_bars()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _adapter_note(adapter_name: str, tasks) -> str:
+    adapter = ADAPTERS[adapter_name]
+    return f"FFN {'/'.join(adapter.projection_names)} (adapter {adapter_name}); tasks: {', '.join(tasks)}"
+
+
 @register_source
 class TimmSource(Source):
     name = "timm"
     # timm module (file under timm/models) -> FFN adapter name
     MODULE_ADAPTERS = {"vision_transformer": "timm_vit_mlp"}
+    # a tiny build of each architecture checks its FFN layout against the adapter (the layout does not depend on size)
+    PROBE_CONFIG = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=1, num_heads=2, num_classes=2)
+
+    def families(self) -> List[Dict[str, Any]]:
+        import timm
+
+        out = []
+        for module, adapter_name in self.MODULE_ADAPTERS.items():
+            names, refused = [], {}
+            for arch in timm.list_models(module=module):
+                try:
+                    with seeded(0):
+                        net = self.build(arch, "image_classification", None, None, dict(self.PROBE_CONFIG))
+                except Exception as exc:  # reported as the reason, like an adapter refusal
+                    refused[f"timm:{arch}"] = f"no tiny build ({_first_line(exc)})"
+                    continue
+                try:
+                    ADAPTERS[adapter_name].layers(net)
+                except ValueError as exc:
+                    refused[f"timm:{arch}"] = str(exc).splitlines()[0]
+                else:
+                    names.append(f"timm:{arch}")
+            tasks = (self.default_task(module),)
+            note = f"{len(names)} of {len(names) + len(refused)} timm '{module}' architectures; "
+            out.append(dict(source=self.name, family=module, adapter=adapter_name, tasks=list(tasks), names=names,
+                            refused=refused, note=note + _adapter_note(adapter_name, tasks)))
+        return out
 
     def _module_of(self, arch: str) -> str:
         import timm
@@ -136,7 +204,7 @@ class TimmSource(Source):
     def default_task(self, arch):
         return "image_classification"
 
-    def build(self, arch, task, checkpoint, num_classes, overrides):
+    def build(self, arch, task, checkpoint, num_classes, overrides, progress=True):
         import timm
 
         if task != "image_classification":
@@ -164,7 +232,7 @@ class TimmSource(Source):
         # a bare weights file (.safetensors or .pth): the architecture comes from arch + overrides
         return timm.create_model(arch, pretrained=False, checkpoint_path=str(checkpoint), **kwargs)
 
-    def save(self, net, directory: Path) -> None:
+    def save(self, net, directory: Path, progress: bool = True) -> None:
         from timm.models import save_for_hf
 
         save_for_hf(net, str(directory), safe_serialization=True)
@@ -220,6 +288,22 @@ class HFSource(Source):
     ARCH_TASKS = {"bert": ("sequence_classification",)}
     DECODER_TASKS = ("causal_lm",)
 
+    def families(self) -> List[Dict[str, Any]]:
+        import transformers
+
+        out = []
+        for arch, adapter_name in self.ARCH_ADAPTERS.items():
+            try:
+                transformers.AutoConfig.for_model(arch)
+                refused = {}
+            except Exception as exc:  # a model_type this transformers version does not know
+                refused = {f"hf:{arch}": f"not in this transformers version ({_first_line(exc)})"}
+            tasks = self.tasks(arch)
+            note = f"transformers model_type '{arch}'; " + _adapter_note(adapter_name, tasks)
+            out.append(dict(source=self.name, family=arch, adapter=adapter_name, tasks=list(tasks),
+                            names=[] if refused else [f"hf:{arch}"], refused=refused, note=note))
+        return out
+
     def adapter_for(self, arch):
         if arch not in self.ARCH_ADAPTERS:
             raise ValueError(
@@ -241,7 +325,7 @@ class HFSource(Source):
             "sequence_classification": transformers.AutoModelForSequenceClassification,
         }[task]
 
-    def build(self, arch, task, checkpoint, num_classes, overrides):
+    def build(self, arch, task, checkpoint, num_classes, overrides, progress=True):
         import transformers
 
         self.adapter_for(arch)
@@ -274,10 +358,12 @@ class HFSource(Source):
             raise ValueError(
                 f"checkpoint {checkpoint} holds transformers model_type {config.model_type!r}, not {arch!r}"
             )
-        return self._auto_class(task).from_pretrained(str(checkpoint), local_files_only=True, **kwargs)
+        with progress_bars(progress):
+            return self._auto_class(task).from_pretrained(str(checkpoint), local_files_only=True, **kwargs)
 
-    def save(self, net, directory: Path) -> None:
-        net.save_pretrained(str(directory), safe_serialization=True)
+    def save(self, net, directory: Path, progress: bool = True) -> None:
+        with progress_bars(progress):
+            net.save_pretrained(str(directory), safe_serialization=True)
 
     # ---- running
     def prepare(self, net, data, device):
@@ -464,6 +550,7 @@ def create_seed_model(
     num_classes: Optional[int] = None,
     task: Optional[str] = None,
     seed: Optional[int] = None,
+    progress: bool = True,
     **config: Any,
 ) -> SeedModel:
     """Build a seed model by name, randomly initialised from a config or loaded from a local checkpoint.
@@ -478,6 +565,7 @@ def create_seed_model(
         task: ``image_classification`` (timm), ``causal_lm`` (decoders) or ``sequence_classification`` (bert);
             the source's default when None.
         seed: if given, any random initialisation runs under ``torch.manual_seed(seed)`` (global RNG restored after).
+        progress: False: no progress bar while a checkpoint loads (transformers' setting is restored after).
         **config: architecture overrides: timm ``create_model`` kwargs (``img_size``, ``patch_size``,
             ``in_chans``, ``embed_dim``, ``depth``, ``num_heads``, ...) or transformers config fields
             (``hidden_size``, ``num_hidden_layers``, ``vocab_size``, ...). Unknown transformers fields are an error.
@@ -486,6 +574,8 @@ def create_seed_model(
         A :class:`SeedModel` in eval mode, float32, on the CPU.
     """
     source_name, arch = parse_model_name(name)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
     source = SOURCES[source_name]
     adapter = source.adapter_for(arch)
     task = source.default_task(arch) if task is None else task
@@ -507,27 +597,54 @@ def create_seed_model(
                 f"checkpoint for {name!r} not found: {path} (nothing is downloaded; give a local path)"
             )
     with seeded(seed):  # random init (or a re-initialised head on a checkpoint) under the seed
-        net = source.build(arch, task, path, num_classes, config)
+        net = source.build(arch, task, path, num_classes, config, progress=progress)
     net.eval()
     return SeedModel(net, name=name, task=task, adapter=adapter)
 
 
-def save_seed_model(model: SeedModel, directory: PathLike) -> Path:
+def save_seed_model(model: SeedModel, directory: PathLike, *, progress: bool = True) -> Path:
     """Save ``model`` to ``directory`` with its library's own code (safetensors weights + ``config.json``).
 
     A LoRA-wrapped model is refused (save the seed before wrapping; LoRA weights go into expert packages).
-    Returns the folder; :func:`create_seed_model` with ``checkpoint=directory`` reloads it.
+    Returns the folder; :func:`create_seed_model` with ``checkpoint=directory`` reloads it. ``progress=False``:
+    no progress bar while writing.
     """
     if not isinstance(model, SeedModel):
         raise TypeError(f"model must be a SeedModel, got {type(model).__name__}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
     if any(isinstance(m, LoRALinear) for m in model.net.modules()):
         raise ValueError(
             "model has LoRA adapters; save the seed model before apply_lora (LoRA weights go into packages)"
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    SOURCES[model.source].save(model.net, directory)
+    SOURCES[model.source].save(model.net, directory, progress=progress)
+    mode = 0o666 & ~current_umask()
+    for weights in directory.glob("*.safetensors"):  # safetensors creates its files 0600
+        os.chmod(weights, mode)
     return directory
+
+
+def supported_seed_architectures() -> List[Dict[str, Any]]:
+    """The seed-model architectures each registered source serves, from its own adapter tables.
+
+    One entry per family (a timm module, a transformers ``model_type``): ``source``, ``family``, ``adapter``
+    (the FFN adapter LoRA wraps), ``tasks``, ``names`` (the ``"source:arch"`` names :func:`create_seed_model`
+    accepts), ``refused`` (name -> why not: an FFN layout the adapter cannot wrap, or a model type the installed
+    library lacks) and a one-line ``note``. A source whose library does not import gives one entry with no
+    names and the import error as its note.
+    """
+    out: List[Dict[str, Any]] = []
+    for source in SOURCES.values():
+        try:
+            out.extend(source.families())
+        except ImportError as exc:
+            out.append({
+                "source": source.name, "family": None, "adapter": None, "tasks": [], "names": [], "refused": {},
+                "note": f"not available ({type(exc).__name__}: {exc})",
+            })
+    return out
 
 
 # --------------------------------------------------------------------------- hashing

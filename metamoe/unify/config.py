@@ -49,7 +49,7 @@ client.yaml keys (required: seed_model.name, private, public, output):
     seed: 0                  LoRA/head init and shuffling
     align: true              false: train on private data only (the no_alignment ablation)
   output: PATH               the expert package folder to write
-  overwrite: false           replace an existing package
+  overwrite: false           replace an existing package (or --overwrite)
 DATA = {path: PATH, labels: PATH (.npy), x_key: str, y_key: str, class_names: [..], image_size: [H, W] or int,
         channels: 1|3}"""
 
@@ -163,9 +163,13 @@ def read_bool(d: Dict[str, Any], key: str, default: bool, where: str) -> bool:
     return v
 
 
-def seed_model_from_config(cfg: Dict[str, Any], base: Optional[str]):
-    """The seed model ``cfg["seed_model"]`` describes (module docstring); paths resolve against ``base``."""
+def seed_model_from_config(cfg: Dict[str, Any], base: Optional[str], progress: bool = True):
+    """The seed model ``cfg["seed_model"]`` describes (module docstring); paths resolve against ``base``.
+    ``progress=False``: no progress bar while a checkpoint loads (``--quiet``)."""
     from ..models import create_seed_model
+
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
 
     sm = cfg.get("seed_model")
     if not isinstance(sm, dict) or "name" not in sm:
@@ -192,6 +196,7 @@ def seed_model_from_config(cfg: Dict[str, Any], base: Optional[str]):
         num_classes=num_classes,
         task=sm.get("task"),
         seed=sm.get("seed"),
+        progress=progress,
         **conf,
     )
 

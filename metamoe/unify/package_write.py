@@ -20,7 +20,7 @@ import torch
 
 from ..selection.methods import canonical_method
 from ..utils.checks import check_int
-from ..utils.files import fsync_dir, sha256_file
+from ..utils.files import current_umask, fsync_dir, make_temp_dir, sha256_file
 from .client import TrainedExpert
 from .package_format import (
     FORMAT,
@@ -50,6 +50,7 @@ def _save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
         str(path),
         metadata={"format": "pt"},
     )
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors creates its files 0600
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
 
@@ -224,7 +225,7 @@ def write_expert_package(
         manifest["head"] = {"num_classes": int(w.shape[0]), "dim": int(w.shape[1])}
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = make_temp_dir(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         _save_tensors({k2: v.float() for k2, v in expert.lora_state.items()}, tmp / LORA_FILE)
         _save_tensors({"prototypes": protos.float()}, tmp / PROTOTYPES_FILE)

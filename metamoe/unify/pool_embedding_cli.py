@@ -128,7 +128,7 @@ def _from_args(a):
     if "name" not in sm:
         raise ConfigError("give the seed model: --model timm:<arch> | hf:<model_type> "
                           "(or seed_model.name in --config)")
-    model = seed_model_from_config({"seed_model": sm}, base)
+    model = seed_model_from_config({"seed_model": sm}, base, progress=not a.no_progress)
     spec = cfg.get("data") if a.data is None else {"path": os.path.abspath(a.data)}
     if spec is None:
         raise ConfigError("give the pool's data: --data PATH (or data: in --config)")

@@ -1,4 +1,8 @@
-"""Files written atomically (a temporary file in the same folder, fsync, then ``os.replace``) and hashed."""
+"""Files written atomically (a temporary file in the same folder, fsync, then ``os.replace``) and hashed.
+
+Files and folders made through :mod:`tempfile` (mode 0600 / 0700) get the modes a plain ``open`` / ``mkdir``
+would give them (0666 / 0777 less the umask) before they become visible under their final name.
+"""
 
 from __future__ import annotations
 
@@ -26,15 +30,40 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask. On Linux it is read from ``/proc/self/status`` without changing it; elsewhere it is
+    set to 0o077 and restored at once (a file another thread creates in that instant gets 0o077 modes)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: PathLike, prefix: str, suffix: str) -> Path:
+    """A new folder in ``parent`` (``tempfile.mkdtemp``) with the mode ``mkdir`` would give it (0777 less the umask)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
 def atomic_write(path: PathLike, writer: Callable[[Path], None]) -> None:
     """Create ``path`` atomically: ``writer(tmp)`` writes a temporary file beside it, which is fsynced and
-    renamed over ``path``. On any error (or interrupt) the temporary file is removed and ``path`` untouched."""
+    renamed over ``path``. On any error (or interrupt) the temporary file is removed and ``path`` untouched.
+    ``path`` gets the mode ``open(path, "w")`` would create it with (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         writer(Path(tmp))
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
