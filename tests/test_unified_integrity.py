@@ -101,7 +101,7 @@ def test_format_1_loads_with_a_warning(work, tmp_path):  # noqa: F811
 def test_every_file_is_checked(work, tmp_path):  # noqa: F811
     root = _copy(work, tmp_path)
     d = root / "unified"
-    lora = root / "packages" / "a" / "lora.safetensors"
+    lora = d / "packages" / "a" / "lora.safetensors"
     raw = bytearray(lora.read_bytes())
     raw[-1] ^= 1
     lora.write_bytes(bytes(raw))

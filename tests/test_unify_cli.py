@@ -249,7 +249,7 @@ def test_unify_with_route_loss(work, tmp_path):
 
 
 def test_unified_folder_moves_with_its_packages(work, tmp_path):
-    """unified.json holds paths relative to its folder: the whole tree can be moved and still loads."""
+    """unified.json holds paths relative to its folder (the packages are copied into it): the tree can be moved."""
     import shutil
 
     t, data = work
@@ -262,7 +262,7 @@ def test_unified_folder_moves_with_its_packages(work, tmp_path):
     want = ucli.load_unified(t / "unified").predict_proba(x)
     got = ucli.load_unified(moved / "unified").predict_proba(x)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
-    shutil.rmtree(moved / "packages" / "b")  # a package left behind: a clear error naming it
+    shutil.rmtree(moved / "unified" / "packages" / "b")  # a missing package copy: a clear error naming it
     with pytest.raises(FileNotFoundError, match="packages/b"):
         ucli.load_unified(moved / "unified")
 

@@ -21,10 +21,30 @@ import torch
 
 from ..utils.files import atomic_write, atomic_write_text, read_json, sha256_file
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_STATE", "data_fingerprint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_STATE",
+    "CheckpointMismatchError",
+    "data_fingerprint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 CHECKPOINT_STATE = "state.json"
 CHECKPOINT_FORMAT = "metamoe-router-checkpoint"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint folder holds another run's checkpoint: ``directory`` and the ``key`` (``config`` or ``data``)
+    that differs. Its message names :func:`~metamoe.unify.train_router`'s remedies; a command line catches it
+    to name its own."""
+
+    def __init__(self, directory: Path, key: str):
+        self.directory, self.key = Path(directory), key
+        super().__init__(
+            f"checkpoint {directory} was written by a different run ({key} differs); "
+            "use another checkpoint_dir or resume=False"
+        )
 
 
 def data_fingerprint(x: Any, y: Optional[np.ndarray], route_targets: Optional[np.ndarray] = None) -> str:
@@ -92,8 +112,9 @@ def load_checkpoint(
     or None when ``directory`` holds no checkpoint.
 
     Raises:
-        ValueError: ``state.json`` is not a router checkpoint; its ``config`` or ``data`` differ from
-            ``meta``'s (another run); the tensor file is missing or does not match its recorded sha256.
+        CheckpointMismatchError: its ``config`` or ``data`` differ from ``meta``'s (another run).
+        ValueError: ``state.json`` is not a router checkpoint; the tensor file is missing or does not match its
+            recorded sha256.
     """
     from safetensors.torch import load_file
 
@@ -105,10 +126,7 @@ def load_checkpoint(
         raise ValueError(f"{sfile} is not a metamoe router checkpoint")
     for key in ("config", "data"):
         if state.get(key) != meta[key]:
-            raise ValueError(
-                f"checkpoint {directory} was written by a different run ({key} differs); "
-                "use another checkpoint_dir or resume=False"
-            )
+            raise CheckpointMismatchError(directory, key)
     tfile = directory / state["tensors"]
     if not tfile.is_file() or sha256_file(tfile) != state["sha256"]:
         raise ValueError(f"checkpoint {tfile} is missing or does not match its recorded sha256")

@@ -9,14 +9,18 @@
 The unified model folder::
 
     <output>/
-        unified.json          written last, atomically: the finished result. Format 2: the seed model, the
-                              packages (relative paths + manifest sha256), the MoE options, the label space, the
+        unified.json          written last, atomically: the finished result. Format 2: the seed model (its
+                              folder relative to the output and absolute), the packages (paths inside the
+                              output + manifest sha256), the MoE options, the label space, the
                               router weights' sha256, ``config`` (everything the unify run used: the packages'
                               selection settings, the public pool's fingerprint, the MoE options, the router
                               training options), ``run_sha256`` (the digest of that run's identity) and
                               ``unified_sha256``: the sha256 of the file's canonical JSON (every field but
                               itself, :func:`metamoe.unify.package_format.canonical_manifest`), so an edit shows
         router.safetensors    the trained parameters
+        packages/<name>/      copies of the expert packages, so the folder moves or is copied as one
+                              (:func:`load_unified` also loads a unified.json naming packages outside it,
+                              by a path relative to the folder or absolute)
         checkpoints/          the router checkpoints and ``run.json`` (the run they belong to): a killed run
                               resumes from them when rerun with the same configuration
         previous/             the result and checkpoints of the last run with a different configuration, moved
@@ -44,6 +48,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..utils.files import atomic_write, atomic_write_text, sha256_file
+from .checkpoint import CheckpointMismatchError
 from .config import (
     SERVER_YAML,
     ConfigError,
@@ -56,9 +61,10 @@ from .config import (
     resolve_path,
     seed_model_from_config,
 )
-from .data_loading import load_data
+from .data_loading import check_inputs_for_seed, load_data
 from .package_format import MANIFEST, canonical_manifest, is_sha256_hex, parse_manifest, pool_fingerprint
-from .router_training import RouterTraining, train_router
+from .preflight import check_free_space, check_output
+from .router_training import RouterTraining, train_router, training_storage_bytes
 
 __all__ = [
     "UNIFIED_MANIFEST",
@@ -67,6 +73,7 @@ __all__ = [
     "UnverifiedUnifiedWarning",
     "unified_digest",
     "unify_from_config",
+    "unify_storage_bytes",
     "load_unified",
     "read_unified_manifest",
     "main_unify",
@@ -78,7 +85,9 @@ UNIFIED_DIGEST = "unified_sha256"
 UNIFIED_FORMAT = 2
 UNIFIED_CHECKPOINTS = "checkpoints"
 UNIFIED_PREVIOUS = "previous"
+UNIFIED_PACKAGES = "packages"
 RUN_FILE = "run.json"
+OUTPUT_WHAT = "unify output folder"
 
 
 class UnverifiedUnifiedWarning(UserWarning):
@@ -114,7 +123,12 @@ def _build(cfg: Dict[str, Any], base: Optional[str], seed_model, moe: Dict[str, 
 
 
 def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: bool = False) -> Path:
-    """The server side from a parsed server.yaml (``SERVER_YAML``); returns the unified model folder."""
+    """The server side from a parsed server.yaml (``SERVER_YAML``); returns the unified model folder.
+
+    Before any work the output folder is checked to be writable (:func:`~metamoe.unify.preflight.check_output`),
+    the public pool to fit the seed model (:func:`~metamoe.unify.data_loading.check_inputs_for_seed`) and,
+    once the model is built and before the first epoch, its disk to hold :func:`unify_storage_bytes`; each
+    failure is a one-line :class:`~metamoe.unify.preflight.PreflightError` / ``ConfigError``."""
     from safetensors.torch import save_file
 
     from .server import proxy_owners, proxy_training_set
@@ -148,8 +162,10 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
         route_loss_coef=route_loss if route_loss > 0 else defaults.route_loss_coef,
     )
     say = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
-    seed_model = seed_model_from_config(cfg, base)
+    check_output(output, OUTPUT_WHAT)  # before the pool is read and the model built
+    seed_model = seed_model_from_config(cfg, base, progress=not quiet)
     xq, yq, _ = load_data(cfg["public"], base, "public")
+    check_inputs_for_seed(seed_model, xq, "public")
     # the packages are checked against this pool: size, and content and order by their fingerprints
     paths, pkgs, build_unified_model = _build(cfg, base, seed_model, moe, public=(xq, yq))
     opts = {
@@ -177,29 +193,39 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
         "training": {**dataclasses.asdict(training), "loss": loss, "route_loss": route_loss},
     }
     run_sha256 = _run_digest(seed_model_hash=pkgs[0].seed_hash, config=config)
+    check_free_space(output, unify_storage_bytes(model, training, paths), OUTPUT_WHAT)
     # every check has passed: from here on the folder's old result is no longer the result
     _start_run(output, run_sha256, config, say)
-    metrics = train_router(
-        model,
-        x,
-        y,
-        training=training,
-        checkpoint_dir=output / UNIFIED_CHECKPOINTS,
-        label_block=(space.public_slice if loss == "block" and space.kind == "classes" else None),
-        route_targets=proxy_owners(pkgs, picked) if route_loss > 0 else None,
-        progress=not quiet,
-    )
+    try:
+        metrics = train_router(
+            model,
+            x,
+            y,
+            training=training,
+            checkpoint_dir=output / UNIFIED_CHECKPOINTS,
+            label_block=(space.public_slice if loss == "block" and space.kind == "classes" else None),
+            route_targets=proxy_owners(pkgs, picked) if route_loss > 0 else None,
+            progress=not quiet,
+            log=None if quiet else say,
+        )
+    except CheckpointMismatchError as e:
+        raise ValueError(
+            f"{e.directory} holds router checkpoints of another training run ({e.key} differs); delete that "
+            "folder to start over, or write to another folder (server.yaml 'output' or --out)"
+        ) from None
     state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     atomic_write(output / UNIFIED_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    copies = _copy_packages(paths, output)
     manifest = {
         "format": UNIFIED_FORMAT,
         "seed_model": {k: v for k, v in cfg["seed_model"].items()},
-        # paths relative to the output folder, so the output, its packages and the seed model's folder can
-        # move together (load_unified resolves them against the folder unified.json is in)
+        # the seed model's folder relative to the output folder (the output and the seed's folder can move
+        # together), and absolute (the output folder can move alone); load_unified tries them in that order
         "seed_model_base": None if base is None else _relative_to(base, output),
+        "seed_model_base_absolute": None if base is None else str(Path(base).resolve()),
         "seed_model_weight_hash": pkgs[0].seed_hash,
-        "packages": [_relative_to(p, output) for p in paths],
-        "package_manifest_sha256": [sha256_file(p / MANIFEST) for p in paths],
+        "packages": copies,  # copies inside the output folder, which moves as one
+        "package_manifest_sha256": [sha256_file(output / c / MANIFEST) for c in copies],
         "moe": opts,
         "label_space": space.to_dict(),
         "weights_sha256": sha256_file(output / UNIFIED_WEIGHTS),
@@ -211,9 +237,20 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     manifest = json.loads(json.dumps(manifest, default=str))  # exactly what the file holds, then its digest
     manifest[UNIFIED_DIGEST] = unified_digest(manifest)
     atomic_write_text(output / UNIFIED_MANIFEST, json.dumps(manifest, indent=1) + "\n")  # last: the run is done
-    say(f"router loss per epoch: {[round(v, 4) for v in metrics['loss_per_epoch']]}")
-    say(f"wrote unified model {output}")
+    final = metrics["loss_per_epoch"][-1] if metrics["loss_per_epoch"] else float("nan")
+    say(f"wrote unified model {output} ({training.epochs} epochs, final router loss {final:.4f})")
     return output
+
+
+def unify_storage_bytes(model, training: RouterTraining, packages: List[Path]) -> int:
+    """Free disk ``metamoe unify`` needs in its output folder, an upper estimate: the router checkpoints and
+    weights (:func:`~metamoe.unify.router_training.training_storage_bytes`: 4 bytes x trained parameters x
+    (1 weights + 2 AdamW moments) x 2) plus the packages copied into ``packages/``."""
+    return training_storage_bytes(model, training) + sum(_folder_bytes(p) for p in packages)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def _run_digest(seed_model_hash: str, config: Dict[str, Any]) -> str:
@@ -254,7 +291,7 @@ def _start_run(output: Path, run_sha256: str, config: Dict[str, Any], say) -> No
         if prev.exists():
             shutil.rmtree(prev)
         prev.mkdir(parents=True)
-        for name in (UNIFIED_MANIFEST, UNIFIED_WEIGHTS, UNIFIED_CHECKPOINTS):  # unified.json first
+        for name in (UNIFIED_MANIFEST, UNIFIED_WEIGHTS, UNIFIED_CHECKPOINTS, UNIFIED_PACKAGES):  # unified.json first
             if (output / name).exists():
                 os.replace(output / name, prev / name)
         say(f"{output} held the result of a run with another configuration: moved it to {prev}")
@@ -263,6 +300,26 @@ def _start_run(output: Path, run_sha256: str, config: Dict[str, Any], say) -> No
     output.mkdir(parents=True, exist_ok=True)
     record = {"run_sha256": run_sha256, "config": config}
     atomic_write_text(ckpt / RUN_FILE, json.dumps(record, indent=1, default=str) + "\n")
+
+
+def _copy_packages(paths: List[Path], output: Path) -> List[str]:
+    """Copy the package folders into ``output/packages/<name>/`` (replacing that folder; a name used twice gets
+    ``-2``, ``-3``, ...) and return their paths relative to ``output``."""
+    names: List[str] = []
+    for p in paths:
+        name, i = p.resolve().name, 2
+        while name in names:
+            name, i = f"{p.resolve().name}-{i}", i + 1
+        names.append(name)
+    tmp = output / f".{UNIFIED_PACKAGES}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for p, name in zip(paths, names):
+        shutil.copytree(p, tmp / name)
+    if (output / UNIFIED_PACKAGES).exists():
+        shutil.rmtree(output / UNIFIED_PACKAGES)
+    os.replace(tmp, output / UNIFIED_PACKAGES)
+    return [f"{UNIFIED_PACKAGES}/{name}" for name in names]
 
 
 def _relative_to(path: Any, folder: Path) -> str:
@@ -325,6 +382,19 @@ def read_unified_manifest(model_dir: Any) -> Dict[str, Any]:
     return m
 
 
+def _recorded_seed_model(m: Dict[str, Any], d: Path):
+    """The seed model ``unified.json`` records, its paths resolved against ``seed_model_base`` (relative to
+    ``d``) and, when not found there, ``seed_model_base_absolute``."""
+    rel, absolute = m.get("seed_model_base"), m.get("seed_model_base_absolute")
+    bases = [None] if rel is None else [str(d / rel)] + ([absolute] if isinstance(absolute, str) else [])
+    for base in bases[:-1]:
+        try:
+            return seed_model_from_config({"seed_model": m["seed_model"]}, base)
+        except FileNotFoundError:
+            pass
+    return seed_model_from_config({"seed_model": m["seed_model"]}, bases[-1])
+
+
 def load_unified(model_dir: Any):
     """Rebuild a unified model written by ``metamoe unify``: seed model + packages + the trained router weights."""
     from safetensors.torch import load_file
@@ -343,9 +413,7 @@ def load_unified(model_dir: Any):
             raise FileNotFoundError(f"package {p} of {mp} is missing (packages are found relative to {d})")
         if sha256_file(Path(p) / MANIFEST) != h:
             raise ValueError(f"package {p} changed since unify (manifest sha256 differs)")
-    base = m.get("seed_model_base")
-    base = None if base is None else str(d / base)
-    seed_model = seed_model_from_config({"seed_model": m["seed_model"]}, base)
+    seed_model = _recorded_seed_model(m, d)
     _, pkgs, build_unified_model = _build({"packages": packages}, None, seed_model, m["moe"])
     want = m.get("seed_model_weight_hash")
     if want is not None and pkgs[0].seed_hash != want:

@@ -8,6 +8,8 @@ A data set is a path or a mapping (``path``, ``labels``, ``x_key``, ``y_key``, `
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -61,20 +63,15 @@ def load_data(
     elif path.is_dir():
         x, y, names = _load_image_folder(path, spec, where)
     elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            xk, yk = spec.get("x_key", "x"), spec.get("y_key", "y")
-            if xk not in z:
-                raise ConfigError(f"{where}: {path} has no array {xk!r} (x_key); it holds {sorted(z.files)}")
-            x = z[xk]
-            y = z[yk] if yk in z else None
+        x, y = _read_npz(path, where, spec.get("x_key", "x"), spec.get("y_key", "y"))
     elif path.suffix == ".npy":
-        x = np.load(path, allow_pickle=False)
+        x = _read_npy(path, where, "path")
         y = None
         if spec.get("labels") is not None:
             lp = resolve_path(base, spec["labels"], f"{where}.labels")
             if not lp.is_file():
                 raise FileNotFoundError(f"{where}.labels not found: {lp}")
-            y = np.load(lp, allow_pickle=False)
+            y = _read_npy(lp, where, "labels")
     else:
         raise ConfigError(
             f"{where}.path {path}: expected a .npz or .npy file, an image folder or a datasets save_to_disk folder"
@@ -113,6 +110,102 @@ def load_data(
     if y is not None and y.max() >= len(names):
         raise ConfigError(f"{where}: label {int(y.max())} but only {len(names)} class_names")
     return x, y, names
+
+
+def seed_image_shape(seed_model: Any) -> Optional[Tuple[int, Optional[Tuple[int, int]]]]:
+    """``(channels, (height, width))`` a timm seed model takes as input, ``(channels, None)`` when it takes any
+    size (no patch embedding, or one without a fixed size); None for a seed that does not take images."""
+    if getattr(seed_model, "source", None) != "timm":
+        return None
+    import torch
+
+    net = seed_model.net
+    pe = getattr(net, "patch_embed", None)
+    proj = getattr(pe, "proj", None)
+    if isinstance(proj, torch.nn.Conv2d):
+        size = getattr(pe, "img_size", None)
+        fixed = getattr(pe, "strict_img_size", True) and not getattr(pe, "dynamic_img_size", False)
+        hw = (int(size[0]), int(size[1])) if fixed and size is not None else None
+        return int(proj.in_channels), hw
+    conv = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return None if conv is None else (int(conv.in_channels), None)
+
+
+def check_inputs_for_seed(seed_model: Any, x: Any, where: str, *, flags: bool = False) -> None:
+    """Check, before any work, that the loaded inputs ``x`` of the data set ``where`` (e.g. ``public``,
+    ``private``, ``--data NAME``) fit ``seed_model``: a timm seed takes float images (n, C, H, W) (or (n, H, W)
+    with one channel) with its channels and, when fixed, its image size; a transformers seed takes integer
+    token ids (n, L) or a mapping of them.
+
+    Raises:
+        ConfigError: one line naming ``where``, the data's shape and what the seed expects (for an image folder:
+            the ``channels`` / ``image_size`` keys to set, or with ``flags`` the ``--channels`` /
+            ``--image-size`` options).
+    """
+    want = seed_image_shape(seed_model)
+    name = getattr(seed_model, "name", "the seed model")
+    if want is None:
+        if getattr(seed_model, "source", None) == "timm":
+            return
+        if isinstance(x, np.ndarray) and x.dtype.kind == "f":
+            raise ConfigError(
+                f"{where}: holds float images of shape {x.shape[1:]} but the seed model {name} takes integer "
+                "token ids (n, L)"
+            )
+        return
+    ch, hw = want
+    a = np.asarray(x) if not isinstance(x, dict) else None
+    if a is None or a.dtype.kind != "f":
+        kind = "a mapping" if a is None else f"{a.dtype} values"
+        raise ConfigError(f"{where}: holds {kind} but the seed model {name} takes float images")
+    if a.ndim == 3:
+        got_c, got_hw = 1, a.shape[1:]
+    elif a.ndim == 4:
+        got_c, got_hw = a.shape[1], a.shape[2:]
+    else:
+        raise ConfigError(
+            f"{where}: inputs of shape {a.shape} are not images (n, C, H, W) for the seed model {name}"
+        )
+    if got_c != ch or (hw is not None and tuple(got_hw) != hw):
+        want_s = f"{ch} x {hw[0]} x {hw[1]}" if hw is not None else f"{ch} channel(s)"
+        if flags:
+            fix = f"--channels {ch}" + (f" --image-size {hw[0]},{hw[1]}" if hw is not None else "")
+        else:
+            fix = f"channels: {ch}" + (f" and image_size: [{hw[0]}, {hw[1]}]" if hw is not None else "")
+        raise ConfigError(
+            f"{where}: images are {got_c} x {got_hw[0]} x {got_hw[1]} (channels x height x width) but the seed "
+            f"model {name} takes {want_s}; convert the data, or for an image folder set {fix}"
+        )
+
+
+def _unreadable(path: Path, where: str, key: str, err: BaseException) -> ConfigError:
+    detail = " ".join(str(err).split())
+    if "allow_pickle" in detail:
+        return ConfigError(
+            f"{where}.{key} {path} holds Python objects (pickled arrays), which are not loaded; save numeric arrays"
+        )
+    return ConfigError(f"{where}.{key} {path} is truncated or corrupt: NumPy cannot read it ({detail})")
+
+
+def _read_npy(path: Path, where: str, key: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise _unreadable(path, where, key, e) from None
+
+
+def _read_npz(path: Path, where: str, xk: str, yk: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise _unreadable(path, where, "path", e) from None
+    with z:
+        if xk not in z:
+            raise ConfigError(f"{where}: {path} has no array {xk!r} (x_key); it holds {sorted(z.files)}")
+        try:
+            return z[xk], (z[yk] if yk in z else None)
+        except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
+            raise _unreadable(path, where, "path", e) from None
 
 
 def _load_image_folder(path: Path, spec: Dict[str, Any], where: str):
@@ -180,4 +273,4 @@ def _load_hf_disk(path: Path, xk: str, yk: str, spec: Dict[str, Any], where: str
     return x, y, names
 
 
-__all__ = ["DATA_HELP", "DATA_KEYS", "IMAGE_EXTS", "load_data"]
+__all__ = ["DATA_HELP", "DATA_KEYS", "IMAGE_EXTS", "check_inputs_for_seed", "load_data", "seed_image_shape"]

@@ -17,7 +17,7 @@ import numpy as np
 from ..utils.files import atomic_write_text
 from .cli import UNIFIED_MANIFEST, command_parser, load_unified, run_command
 from .config import ConfigError
-from .data_loading import DATA_HELP, load_data
+from .data_loading import DATA_HELP, check_inputs_for_seed, load_data, seed_image_shape
 
 __all__ = ["evaluate_model", "main_evaluate"]
 
@@ -66,8 +66,40 @@ def evaluate_model(
     return {"n": int(len(x)), "accuracy": float((marg.argmax(1) == y).mean())}
 
 
+def _parse_image_size(text: Optional[str]) -> Optional[List[int]]:
+    """``--image-size``: ``S`` or ``H,W`` (positive integers) -> ``[H, W]``; None when not given."""
+    if text is None:
+        return None
+    parts = [t.strip() for t in str(text).split(",")]
+    try:
+        size = [int(t) for t in parts]
+    except ValueError:
+        size = []
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise ConfigError(f"--image-size must be S or H,W with positive integers, got {text!r}")
+    return size
+
+
+def _folder_options(seed_model, channels: Optional[int], image_size: Optional[List[int]]) -> Dict[str, Any]:
+    """The ``channels`` / ``image_size`` of an image-folder --data: the options given, else the seed model's."""
+    shape = seed_image_shape(seed_model)
+    out: Dict[str, Any] = {}
+    if channels is None and shape is not None:
+        channels = shape[0] if shape[0] in (1, 3) else None
+    if image_size is None and shape is not None and shape[1] is not None:
+        image_size = list(shape[1])
+    if channels is not None:
+        out["channels"] = channels
+    if image_size is not None:
+        out["image_size"] = image_size
+    return out
+
+
 def main_evaluate(argv: Optional[List[str]] = None) -> int:
-    """``metamoe evaluate --model DIR --data PATH [--class-names A,B,..] ... [--labels Y.npy] [--json FILE]``."""
+    """``metamoe evaluate --model DIR --data PATH [--class-names A,B,..] ... [--labels Y.npy] [--channels C]
+    [--image-size S|H,W] [--json FILE]``."""
     p = command_parser(
         "metamoe evaluate",
         f"Rebuild a unified model written by `metamoe unify` (checking {UNIFIED_MANIFEST}'s own digest, the router "
@@ -94,6 +126,20 @@ def main_evaluate(argv: Optional[List[str]] = None) -> int:
         help="comma-separated names of labels 0..C-1 of a --data set (default: the set's own names, else "
         "'0','1',...); give one per --data, in the same order ('' keeps a set's own names)",
     )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=None,
+        help="image-folder --data: convert the images to 1 (grey) or 3 (RGB) channels (default: the seed "
+        "model's input channels)",
+    )
+    p.add_argument(
+        "--image-size",
+        default=None,
+        help="image-folder --data: resize the images to S or H,W (default: the seed model's input size, else "
+        "as stored)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
 
@@ -106,7 +152,9 @@ def main_evaluate(argv: Optional[List[str]] = None) -> int:
                 f"give one --class-names per --data, in the same order ('' keeps a set's own names): got "
                 f"{len(class_names)} --class-names for {len(a.data)} --data"
             )
+        image_size = _parse_image_size(a.image_size)
         model = load_unified(a.model)
+        folder = _folder_options(model.seed, a.channels, image_size)
         res = {}
         for item, cn in zip(a.data, class_names):
             name, sep, path = item.partition("=")
@@ -118,7 +166,10 @@ def main_evaluate(argv: Optional[List[str]] = None) -> int:
                     spec[k] = v
             if cn.strip():
                 spec["class_names"] = [c.strip() for c in cn.split(",")]
+            if Path(path).is_dir():
+                spec.update(folder)
             x, y, names = load_data(spec, None, f"--data {item}")
+            check_inputs_for_seed(model.seed, x, f"--data {item}", flags=True)
             r = evaluate_model(model, x, y, names)
             res[name] = r
             if "accuracy" in r:

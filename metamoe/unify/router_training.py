@@ -27,7 +27,7 @@ from .unified_model import UnifiedModel
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["RouterTraining", "train_router"]
+__all__ = ["RouterTraining", "train_router", "training_storage_bytes"]
 
 CONTEXT_CHUNK = 256  # samples per first pass when caching the context vectors
 
@@ -217,6 +217,33 @@ def _trainable_parameters(model: UnifiedModel, train_lora: bool, train_head: boo
     return params
 
 
+STORAGE_SLACK_BYTES = 1 << 20  # state.json, run.json, unified.json and the safetensors headers
+
+
+def training_storage_bytes(model: UnifiedModel, training: Optional[RouterTraining] = None) -> int:
+    """Bytes of disk a :func:`train_router` run with checkpoints and its saved result need, an upper estimate.
+
+    ``P`` parameters train (the routers and lambdas, plus the LoRA factors with ``train_lora`` and the head
+    with ``train_head``); a checkpoint holds them and AdamW's two moments, 3 float32 tensors of ``P`` each,
+    and while one is written the previous one still exists; the result holds the ``P`` parameters once more.
+    The estimate is ``4 * P * 3 * 2`` bytes (two checkpoints, which also covers the result) plus 1 MiB for
+    the JSON files and headers. The model is left unchanged."""
+    tr = training if training is not None else RouterTraining()
+    head = model.seed.head() if model.label_space.kind == "classes" else None
+    head_ids = set() if head is None else {id(p) for p in head.parameters()}
+    lora_ids = {id(p) for moe in model.moe_layers for n, p in moe.named_parameters() if n.startswith("lora_")}
+    count = 0
+    for prm in model.parameters():
+        if id(prm) in lora_ids:
+            trains = tr.train_lora
+        elif id(prm) in head_ids:
+            trains = tr.train_head
+        else:
+            trains = prm.requires_grad
+        count += prm.numel() if trains else 0
+    return 4 * count * 3 * 2 + STORAGE_SLACK_BYTES
+
+
 def _cached_contexts(model: UnifiedModel, x: Any, n: int) -> Optional[torch.Tensor]:
     """(L, n, D) context vectors of every sample (first pass, base model), or None without context routing.
     They depend only on the frozen base, so one pass serves every epoch."""
@@ -320,6 +347,20 @@ def _train_step(
 # --------------------------------------------------------------------------- the training loop
 
 
+def _resume_line(start: int, steps_per_epoch: int, epochs: int, ckpt: Path) -> str:
+    """What a run resumed at step ``start`` says: the epoch it continues in, or that it had finished."""
+    if start >= steps_per_epoch * epochs:
+        return f"router training already finished ({epochs} of {epochs} epochs) in the checkpoint in {ckpt}"
+    return f"resuming router training from epoch {start // steps_per_epoch + 1} of {epochs} ({ckpt})"
+
+
+def _epoch_line(epoch: int, epochs: int, losses: _EpochLosses) -> str:
+    line = f"epoch {epoch}/{epochs}: loss {losses.per_epoch[-1]:.4f}"
+    if losses.route_per_epoch:
+        line += f", routing loss {losses.route_per_epoch[-1]:.4f}"
+    return line
+
+
 def train_router(
     model: UnifiedModel,
     x: Any,
@@ -332,6 +373,7 @@ def train_router(
     route_targets: Optional[Any] = None,
     callback: Optional[Callable[[int, float], None]] = None,
     progress: bool = False,
+    log: Optional[Callable[[str], None]] = None,
     **options: Any,
 ) -> Dict[str, Any]:
     """Train the routers (and lambda; optionally the LoRAs and the head) of ``model`` in place.
@@ -370,6 +412,9 @@ def train_router(
             loss plus load balancing only); None (default) trains as the paper does.
         callback: ``callback(step, loss)`` after every step (step counts from 1); may raise to stop.
         progress: a tqdm bar.
+        log: if given, called with one line when the run resumes from a checkpoint (``resuming router training
+            from epoch E of N (<checkpoint_dir>)``) and with ``epoch E/N: loss L`` as each epoch finishes
+            (the bar, if any, is cleared while it writes).
 
     Returns:
         Metrics: ``steps``, ``resumed_from``, ``loss_per_epoch`` (mean task loss of every completed epoch),
@@ -415,6 +460,8 @@ def train_router(
         if state is not None:
             start = resumed_from = int(state["step"])
             losses = _EpochLosses.from_checkpoint(state, inside_epoch=start % batches.steps_per_epoch != 0)
+            if log is not None:
+                log(_resume_line(start, batches.steps_per_epoch, tr.epochs, ckpt))
     t0 = time.perf_counter()
     contexts = _cached_contexts(model, x, n)
 
@@ -428,6 +475,9 @@ def train_router(
             done = step + 1
             if done % batches.steps_per_epoch == 0:
                 losses.end_epoch(with_route=rt is not None)
+                if log is not None:
+                    with bar.external_write_mode():
+                        log(_epoch_line(len(losses.per_epoch), tr.epochs, losses))
             if ckpt is not None and (done % tr.checkpoint_every == 0 or done == total):
                 save_checkpoint(ckpt, done, params, opt, {**meta, **losses.checkpoint_state()})
             if callback is not None:
