@@ -16,11 +16,15 @@ the chosen proxies as (x, y) arrays.
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +34,7 @@ from ..models.ffn import ffn_input_hooks
 from ..models.lora import LoRAConfig, apply_lora, has_lora, lora_state_dict
 from ..models.registry import SeedModel, seeded, weight_hash
 from ..utils.progress import progress_bar
+from .checkpoint import CheckpointMismatchError, data_fingerprint, load_checkpoint, save_checkpoint
 
 PROTOTYPE_DATA = ("train", "private")
 
@@ -337,6 +342,8 @@ def train_expert(
     seed: int = 0,
     prototype_data: str = "train",
     progress: bool = False,
+    checkpoint_dir: Optional[Any] = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> TrainedExpert:
     """Proxy-aligned LoRA fine-tuning of a copy of ``seed_model`` (the seed itself is not modified).
 
@@ -355,6 +362,14 @@ def train_expert(
         prototype_data: ``"train"`` (private + proxies, the default) or ``"private"``: the data the
             per-layer mean FFN input is taken over.
         progress: tqdm bars.
+        checkpoint_dir: a folder for the run's checkpoint (None: none). After every epoch it holds the
+            trainable LoRA/head weights, the optimizer state, the epoch, the losses so far and the RNG states
+            (:func:`~metamoe.unify.checkpoint.save_checkpoint`: safetensors + ``state.json``). A call whose
+            checkpoint folder holds a checkpoint of the same run (same training options, seed weights and
+            data) resumes after its last finished epoch, with a result bit-identical to an uninterrupted run;
+            another run's checkpoint is ignored (and replaced after the first epoch). The folder is left in
+            place: remove it once the result is stored.
+        log: receives the one-line messages about resuming or ignoring a checkpoint (None: not reported).
 
     Returns:
         :class:`TrainedExpert`: the trained model, LoRA state, head state, prototypes (L, D) float32, label space,
@@ -424,6 +439,20 @@ def train_expert(
     expert = copy.deepcopy(seed_model)
     n_total = n_priv + n_prox
     losses: List[float] = []
+    say = log if log is not None else (lambda s: None)
+    run_meta = None
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        options = dict(
+            lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout), epochs=epochs,
+            lr=float(lr), batch_size=batch_size, weight_decay=float(weight_decay), seed=int(seed),
+            seed_hash=seed_hash, n_private=n_priv, n_proxies=n_prox, label_space=label_space,
+        )
+        run_meta = {
+            "config": hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest(),
+            "data": data_fingerprint(x_all, None if y_all is None else y_all.numpy()),
+        }
+    seconds_before = 0.0
     with seeded(int(seed)):
         head = None
         if not causal:
@@ -432,13 +461,23 @@ def train_expert(
         if head is not None:
             for p in head.parameters():
                 p.requires_grad_(True)
-        params = [p for p in expert.net.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=float(weight_decay))
+        trainable = {k: p for k, p in expert.net.named_parameters() if p.requires_grad}
+        opt = torch.optim.AdamW(list(trainable.values()), lr=float(lr), weight_decay=float(weight_decay))
         gen = torch.Generator().manual_seed(int(seed))
-        steps = epochs * math.ceil(n_total / batch_size)
+        per_epoch = math.ceil(n_total / batch_size)
+        steps = epochs * per_epoch
+        device = next(iter(trainable.values())).device
+        first = 0
+        if run_meta is not None:
+            state = _load_expert_checkpoint(checkpoint_dir, trainable, opt, run_meta, say)
+            if state is not None:
+                first, losses, seconds_before = int(state["step"]), list(state["losses"]), state["seconds"]
+                _set_rng_state(state["rng"], gen, device)
+                say(f"resuming expert training from epoch {first} of {epochs} ({checkpoint_dir})")
         expert.train()
         with progress_bar(steps, progress, f"train expert ({expert.name})", "step") as bar:
-            for _ in range(epochs):
+            bar.update(first * per_epoch)
+            for epoch in range(first, epochs):
                 perm = torch.randperm(n_total, generator=gen)
                 total, count = 0.0, 0
                 for start in range(0, n_total, batch_size):
@@ -452,8 +491,16 @@ def train_expert(
                     count += n_items
                     bar.update(1)
                 losses.append(total / max(count, 1))
+                if run_meta is not None:
+                    meta = dict(
+                        run_meta,
+                        losses=losses,
+                        seconds=seconds_before + time.perf_counter() - t0,
+                        rng=_rng_state(gen, device),
+                    )
+                    save_checkpoint(checkpoint_dir, epoch + 1, trainable, opt, meta)
         expert.eval()
-    train_seconds = time.perf_counter() - t0
+    train_seconds = seconds_before + time.perf_counter() - t0
 
     metrics: Dict[str, Any] = {
         "epochs": epochs,
@@ -493,6 +540,78 @@ def train_expert(
         label_space=label_space,
         metrics=metrics,
     )
+
+
+def expert_storage_bytes(
+    seed_model: SeedModel, lora_rank: int, n_classes: int = 0, n_proxies: int = 0, names_bytes: int = 0
+) -> int:
+    """An upper estimate of the disk space :func:`train_expert` with ``checkpoint_dir`` and the expert package
+    need together, from the seed model's shapes before training (float32 = 4 bytes):
+
+    * the package: LoRA ``r * (in + out)`` values per FFN projection, the head ``n_classes * (D + 1)``
+      (0 classes: a causal LM, no head), the prototypes ``L * D``, plus its manifest: 24 bytes per proxy index
+      (a JSON integer and its separator), twice ``names_bytes`` (the class names, written in the label space
+      and the per-class metrics) and 64 KiB for the rest;
+    * the checkpoint: the trained values three times (weights and AdamW's two moments), twice over (a new
+      tensor file is written before the old one is removed), and 64 KiB for ``state.json``.
+    """
+    seed_model = check_seed_model(seed_model)
+    net, layers = seed_model.net, seed_model.ffn_layers()
+    lora = 0
+    for layer in layers:
+        for name in seed_model.adapter.projection_names:
+            lin = net.get_submodule(layer.projections[name])
+            lora += lora_rank * (lin.in_features + lin.out_features)
+    head = n_classes * (seed_model.feature_dim + 1)
+    protos = sum(layer.hidden_size for layer in layers)
+    package = 4 * (lora + head + protos) + 24 * n_proxies + 2 * names_bytes + 65536
+    return package + 2 * 3 * 4 * (lora + head) + 65536
+
+
+def _tensor_b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _b64_tensor(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def _rng_state(gen: torch.Generator, device: torch.device) -> Dict[str, str]:
+    """The shuffling generator's and torch's RNG states (dropout), base64 byte strings for ``state.json``."""
+    st = {"shuffle": _tensor_b64(gen.get_state()), "torch": _tensor_b64(torch.get_rng_state())}
+    if device.type == "cuda":
+        st["cuda"] = _tensor_b64(torch.cuda.get_rng_state(device))
+    return st
+
+
+def _set_rng_state(st: Mapping[str, str], gen: torch.Generator, device: torch.device) -> None:
+    gen.set_state(_b64_tensor(st["shuffle"]))
+    torch.set_rng_state(_b64_tensor(st["torch"]))
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(_b64_tensor(st["cuda"]), device)
+
+
+def _load_expert_checkpoint(
+    directory: Path, params: Mapping[str, nn.Parameter], opt, meta: Dict[str, Any], say: Callable[[str], None]
+) -> Optional[Dict[str, Any]]:
+    """:func:`load_checkpoint` of this run (its state), or None when ``directory`` holds none or another run's
+    checkpoint or an unreadable one (reported through ``say``; training starts from epoch 0)."""
+    initial = {k: p.detach().clone() for k, p in params.items()}
+    try:
+        state = load_checkpoint(directory, params, opt, meta)
+        if state is not None and not all(k in state for k in ("losses", "seconds", "rng")):
+            raise ValueError("it is not an expert-training checkpoint")
+        return state
+    except CheckpointMismatchError as exc:
+        why = f"it was written by a different run ({exc.key} differs)"
+    except (ValueError, KeyError) as exc:
+        why = str(exc)
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(initial[k])
+    opt.state.clear()
+    say(f"ignoring checkpoint {directory}: {why}; training from epoch 0")
+    return None
 
 
 def _loss(model: SeedModel, batch, y) -> Tuple[torch.Tensor, int]:
