@@ -236,6 +236,21 @@ def test_bad_files(tmp_path, capsys):
     assert "same embedding dimension D" in capsys.readouterr().err
     assert metamoe_main(base + ["--public", str(tmp_path / "xi.npy")]) == 2
     assert "public must have a floating dtype" in capsys.readouterr().err
+    whole = (tmp_path / "x5.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(whole[: len(whole) // 2])  # a copy cut short
+    assert metamoe_main(base + ["--public", str(tmp_path / "cut.npy")]) == 2
+    err = capsys.readouterr().err
+    assert f"--public {tmp_path / 'cut.npy'} is truncated or corrupt" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "afile").write_text("")
+    out = base.index("--out") + 1
+    for bad, why in ((tmp_path / "afile" / "o.json", f"{tmp_path / 'afile'} is a file, not a folder"),
+                     (tmp_path, f"--out {tmp_path} is a folder, not a file")):
+        argv = [*base[:out], str(bad), *base[out + 1:], "--public", str(tmp_path / "x5.npy")]
+        assert metamoe_main(argv) == 2  # before the D mismatch is found: the output is checked first
+        assert why in capsys.readouterr().err
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert metamoe_main(base[:2] + [str(tmp_path / "obj.npy")] + base[3:] + ["--public", str(tmp_path / "x5.npy")]) == 2
+    assert f"--private {tmp_path / 'obj.npy'} holds Python objects" in capsys.readouterr().err
 
 
 def test_method_vocabulary():

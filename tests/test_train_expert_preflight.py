@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from metamoe.data.digits import make_digits_domains
 from metamoe.models import create_seed_model, save_seed_model
 from metamoe.unify import client as uclient
-from metamoe.unify import preflight
 from metamoe.unify import train_expert_cli as tecli
 from metamoe.unify.client import expert_storage_bytes
+from metamoe.utils import preflight
 
 VIT = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=1, num_heads=2, num_classes=10)
 

@@ -44,6 +44,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..utils.files import open_npy
+from ..utils.preflight import check_file_output
 from .dpp import DEFAULT_COSINE_RIDGE, STRATEGIES
 from .methods import FACILITY_LOCATION_PRIVATE, METHOD_ALIASES, SELECT_COMMAND_METHODS, canonical_method
 
@@ -138,7 +140,7 @@ def _load(path: str, name: str) -> np.ndarray:
         raise FileNotFoundError(f"--{name}: no such file: {path}")
     if not path.endswith(".npy"):
         raise ValueError(f"--{name} must be a .npy file, got {path}")
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+    return open_npy(path, f"--{name}")
 
 
 def _load_public(path: str, distributed: bool):
@@ -203,6 +205,7 @@ def run(args: argparse.Namespace):
     t0 = time.perf_counter()
     args.method = canonical_method(args.method, "--method", SELECT_COMMAND_METHODS)
     progress = not args.no_progress
+    check_file_output(args.out, "--out")  # before any work: a selection is not lost to an unwritable path
     P = _load(args.private, "private")
     X = _load_public(args.public, getattr(args, "distributed", False))
     if X.ndim != 2:

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..utils.files import atomic_write, atomic_write_text, sha256_file
+from ..utils.preflight import check_free_space, check_output
 from .checkpoint import CheckpointMismatchError
 from .config import (
     SERVER_YAML,
@@ -63,7 +64,6 @@ from .config import (
 )
 from .data_loading import check_inputs_for_seed, load_data
 from .package_format import MANIFEST, canonical_manifest, is_sha256_hex, parse_manifest, pool_fingerprint
-from .preflight import check_free_space, check_output
 from .router_training import RouterTraining, train_router, training_storage_bytes
 
 __all__ = [
@@ -125,10 +125,10 @@ def _build(cfg: Dict[str, Any], base: Optional[str], seed_model, moe: Dict[str, 
 def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: bool = False) -> Path:
     """The server side from a parsed server.yaml (``SERVER_YAML``); returns the unified model folder.
 
-    Before any work the output folder is checked to be writable (:func:`~metamoe.unify.preflight.check_output`),
+    Before any work the output folder is checked to be writable (:func:`~metamoe.utils.preflight.check_output`),
     the public pool to fit the seed model (:func:`~metamoe.unify.data_loading.check_inputs_for_seed`) and,
     once the model is built and before the first epoch, its disk to hold :func:`unify_storage_bytes`; each
-    failure is a one-line :class:`~metamoe.unify.preflight.PreflightError` / ``ConfigError``."""
+    failure is a one-line :class:`~metamoe.utils.preflight.PreflightError` / ``ConfigError``."""
     from safetensors.torch import save_file
 
     from .server import proxy_owners, proxy_training_set
@@ -188,7 +188,7 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
             }
             for p, pk in zip(paths, pkgs)
         ],
-        "public": {"size": len(xq), "sha256": pool_fingerprint(xq, yq)},
+        "public": {"size": len(xq), "sha256": _pool_sha256(pkgs, xq, yq)},
         "moe": opts,
         "training": {**dataclasses.asdict(training), "loss": loss, "route_loss": route_loss},
     }
@@ -240,6 +240,13 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     final = metrics["loss_per_epoch"][-1] if metrics["loss_per_epoch"] else float("nan")
     say(f"wrote unified model {output} ({training.epochs} epochs, final router loss {final:.4f})")
     return output
+
+
+def _pool_sha256(pkgs, xq, yq) -> str:
+    """The pool's fingerprint: the one every package records (validate_packages checked it against this pool, so
+    it is not hashed again), else computed."""
+    recorded = {p.public_pool_sha256 for p in pkgs}
+    return recorded.pop() if len(recorded) == 1 and None not in recorded else pool_fingerprint(xq, yq)
 
 
 def unify_storage_bytes(model, training: RouterTraining, packages: List[Path]) -> int:

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..utils.files import unreadable_array
 from .config import ConfigError, check_keys, resolve_path
 
 DATA_HELP = """\
@@ -179,12 +180,7 @@ def check_inputs_for_seed(seed_model: Any, x: Any, where: str, *, flags: bool = 
 
 
 def _unreadable(path: Path, where: str, key: str, err: BaseException) -> ConfigError:
-    detail = " ".join(str(err).split())
-    if "allow_pickle" in detail:
-        return ConfigError(
-            f"{where}.{key} {path} holds Python objects (pickled arrays), which are not loaded; save numeric arrays"
-        )
-    return ConfigError(f"{where}.{key} {path} is truncated or corrupt: NumPy cannot read it ({detail})")
+    return ConfigError(unreadable_array(path, f"{where}.{key}", err))
 
 
 def _read_npy(path: Path, where: str, key: str) -> np.ndarray:

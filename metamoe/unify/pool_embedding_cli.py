@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
-
-from ..utils.files import read_json
+from ..utils.files import open_npy, read_json
 from ..utils.pool_format import DTYPES, FORMAT, MANIFEST
 from .config import ConfigError, check_keys, load_config, resolve_path, seed_model_from_config
 from .data_loading import load_data
@@ -140,7 +138,7 @@ def _from_args(a):
     if path.suffix == ".npy" and set(spec) <= {"path", "labels"}:
         if not path.is_file():
             raise FileNotFoundError(f"data.path not found: {path}")
-        data = np.load(path, mmap_mode="r", allow_pickle=False)  # each rank reads only its rows
+        data = open_npy(path, "data.path")  # a memmap: each rank reads only its rows
         if data.ndim < 2 or data.dtype.kind not in "fiu":
             raise ConfigError(f"{path}: expected (n, ...) float images or integer token ids, got shape "
                               f"{data.shape} dtype {data.dtype}")

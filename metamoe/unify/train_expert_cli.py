@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..selection.methods import canonical_method
+from ..utils.preflight import check_free_space, check_output, check_writable
 from .cli import command_parser, run_command
 from .config import (
     CLIENT_YAML,
@@ -30,7 +31,6 @@ from .config import (
     seed_model_from_config,
 )
 from .data_loading import DATA_HELP, check_inputs_for_seed, load_data
-from .preflight import check_free_space, check_output, check_writable
 
 __all__ = [
     "OVERWRITE_HINT",

@@ -98,3 +98,25 @@ def sha256_file(path: PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def unreadable_array(path: PathLike, what: str, err: BaseException) -> str:
+    """The one-line message for an array file NumPy could not read: ``what`` names it (``--public``,
+    ``private.path``); pickled object arrays are named as such, anything else as truncated or corrupt."""
+    detail = " ".join(str(err).split())
+    if "allow_pickle" in detail or "Python objects" in detail:
+        return f"{what} {path} holds Python objects (pickled arrays), which are not loaded; save numeric arrays"
+    return f"{what} {path} is truncated or corrupt: NumPy cannot read it ({detail})"
+
+
+def open_npy(path: PathLike, what: str, mmap_mode: Optional[str] = "r"):
+    """``np.load(path, mmap_mode, allow_pickle=False)``; a file NumPy cannot read raises ValueError with
+    :func:`unreadable_array`'s message."""
+    import numpy as np
+
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(unreadable_array(path, what, e)) from None

@@ -1,8 +1,8 @@
 """Checks a command runs before its work: the output can be written, holds no result it would replace unasked,
 and its disk has room. Each failure is one :class:`PreflightError` naming the path and what to do.
 
-Used by ``metamoe train-expert`` and ``metamoe unify`` before the first embedding or epoch, so that a run never
-ends in a permission or disk-full error after its training has finished.
+Used by ``metamoe train-expert`` and ``metamoe unify`` before the first embedding or epoch and by ``metamoe select``
+before the relevance step, so that a run never ends in a permission or disk-full error after its work is done.
 """
 
 from __future__ import annotations
@@ -50,6 +50,15 @@ def check_free_space(path: Any, need_bytes: int, what: str) -> None:
         )
 
 
+def check_file_output(path: Any, what: str) -> Path:
+    """``path`` (a file to be written) is not a folder and its folder can be created and written."""
+    path = Path(path).absolute()
+    if path.is_dir():
+        raise PreflightError(f"{what} {path} is a folder, not a file")
+    check_writable(path.parent, f"the folder of {what}")
+    return path
+
+
 def check_output(path: Any, what: str, *, need_bytes: int = 0, exists_hint: Optional[str] = None) -> Path:
     """:func:`check_writable` and :func:`check_free_space` for ``need_bytes``; with ``exists_hint`` an existing
     ``path`` is refused, the message ending with the hint (how to replace it)."""
@@ -65,4 +74,4 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-__all__ = ["PreflightError", "check_writable", "check_free_space", "check_output"]
+__all__ = ["PreflightError", "check_writable", "check_free_space", "check_output", "check_file_output"]
