@@ -118,8 +118,9 @@ def test_a_flipped_byte_in_any_file_is_refused_naming_that_file(pkg, name):
         f.write_bytes(original)
     if name != "manifest.json":
         _flip(f, size - 3)  # one bit of the last tensor's data
-        with pytest.raises(PackageError, match=rf"{name} was modified: its sha256 is [0-9a-f]{{64}}"):
+        with pytest.raises(PackageError, match=rf"{name} was modified: its sha256 is [0-9a-f]{{64}}") as info:
             load_expert_package(pkg)
+        assert info.value.path == str(pkg)
 
 
 def test_every_listed_file_is_hashed_on_load(pkg, monkeypatch):
@@ -223,8 +224,9 @@ def test_malformed_manifest_digest_is_rejected(pkg, kind):
     m = _manifest(pkg)
     bad = _malformed(m["manifest_sha256"])[kind]
     _write_manifest(pkg, {**m, "manifest_sha256": bad})
-    with pytest.raises(PackageError, match="manifest_sha256 must be exactly 64 lowercase hex digits"):
+    with pytest.raises(PackageError, match="manifest_sha256 must be exactly 64 lowercase hex digits") as info:
         load_expert_package(pkg)
+    assert info.value.path == str(pkg) and info.value.problem.endswith(f"got {bad!r}")
 
 
 @pytest.mark.parametrize("kind", list(_malformed("0" * 64)))
@@ -448,3 +450,104 @@ def test_package_written_without_the_pool(experts, digits, tmp_path):
     assert loaded.manifest["format_version"] == 2 and loaded.public_pool_sha256 is None
     with pytest.warns(UnverifiedPackageWarning, match=r"records no public pool fingerprint \(format_version 2\)"):
         validate_packages([p], public_x=digits.public_x, public_y=digits.public_y)
+
+
+# --------------------------------------------------------------------------- (g) what the digests leave to the loader
+
+
+def _reseal_file(pkg, name, tensors):
+    """Replace a tensor file and re-sign the package (its files' and manifest's digests recomputed): a package
+    whose digests are all valid, so only the loader's own checks can refuse it."""
+    from safetensors.torch import save_file
+
+    from metamoe.utils.files import sha256_file
+
+    save_file(tensors, str(pkg / name))
+    m = _manifest(pkg)
+    m["files"][name] = sha256_file(pkg / name)
+    _write_manifest(pkg, {k: v for k, v in m.items() if k != "manifest_sha256"}, reseal=True)
+
+
+def test_a_resealed_package_with_a_bad_head_is_refused(pkg):
+    from safetensors.torch import load_file
+
+    head = load_file(str(pkg / "head.safetensors"))
+    head["weight"][0, 0] = float("nan")
+    _reseal_file(pkg, "head.safetensors", head)
+    with pytest.raises(PackageError, match="head has NaN or inf values") as info:
+        load_expert_package(pkg)
+    assert str(info.value).startswith(f"expert package {pkg}: ")
+    head["weight"] = head["weight"][:, :-1].contiguous()  # one column short of the manifest's dim
+    _reseal_file(pkg, "head.safetensors", head)
+    with pytest.raises(PackageError, match=r"head shapes \(\d+, \d+\)/\(\d+,\) do not match"):
+        load_expert_package(pkg)
+
+
+def test_a_format_1_package_first_does_not_end_the_pool_check(pkg, built, digits):
+    """The other packages' fingerprints are still checked after a format-1 package (checked by size only)."""
+    _as_format_1(pkg)
+    x, y = digits.public_x, digits.public_y
+    perm = np.random.default_rng(2).permutation(len(x))
+    with pytest.warns(UnverifiedPackageWarning), pytest.raises(
+        PackageError, match=r"client1: the public pool differs: same size"
+    ) as info:
+        validate_packages([pkg, built[1]], public_x=x[perm], public_y=y[perm])
+    assert info.value.path == str(built[1])
+
+
+def test_changed_proxy_rows_are_named(built, digits):
+    x, y = digits.public_x.copy(), digits.public_y.copy()
+    y[PROXIES[0]] = (y[PROXIES[0]] + 1) % 10  # a proxy row's label: the pool fingerprint changes too
+    pkgs = [load_expert_package(p) for p in built]
+    from metamoe.unify.package_read import check_public_pool
+
+    for p in pkgs:
+        p.manifest["selection"]["public_pool_sha256"] = pool_fingerprint(x, y)  # as if it recorded this pool
+    with pytest.raises(PackageError, match=r"the proxy rows differ: this pool's rows at the package's proxy "
+                                           r"indices hash to [0-9a-f]{64}, the package records [0-9a-f]{64}") as info:
+        check_public_pool(pkgs, x, y)
+    assert info.value.path == str(built[0])
+
+
+@pytest.mark.parametrize("size, kind", [("120", "str"), (True, "bool"), (120.0, "float")])
+def test_public_pool_size_must_be_an_int(pkg, size, kind):
+    with pytest.raises(TypeError, match=f"public_pool_size must be an int, got {kind}"):
+        load_expert_package(pkg, public_pool_size=size)
+
+
+def test_load_errors_name_the_package(pkg, tmp_path):
+    m = {k: v for k, v in _manifest(pkg).items() if k != "manifest_sha256"}
+    cases = []
+    with pytest.raises(PackageError) as info:
+        load_expert_package(tmp_path / "nowhere")
+    cases.append((info.value, tmp_path / "nowhere", "does not exist or is not a folder"))
+    (pkg / "stray.txt").write_text("x")
+    with pytest.raises(PackageError) as info:
+        load_expert_package(pkg)
+    cases.append((info.value, pkg, "unexpected file(s) ['stray.txt'] not listed in the manifest"))
+    (pkg / "stray.txt").unlink()
+    (pkg / "manifest.json").write_text("{not json")
+    with pytest.raises(PackageError) as info:
+        load_expert_package(pkg)
+    cases.append((info.value, pkg, "manifest.json is not valid JSON"))
+    (pkg / "manifest.json").unlink()
+    with pytest.raises(PackageError) as info:
+        load_expert_package(pkg)
+    cases.append((info.value, pkg, "missing manifest.json"))
+    (pkg / "manifest.json").write_text(json.dumps({**m, "format_version": 2}))  # format 2 without its digest
+    with pytest.raises(PackageError) as info:
+        load_expert_package(pkg)
+    cases.append((info.value, pkg, "manifest.json lacks manifest_sha256 (required from format_version 2)"))
+    for exc, path, problem in cases:
+        assert exc.path == str(path) and problem in exc.problem, (exc.path, exc.problem)
+
+
+def test_load_expert_packages_passes_its_checks_on(built, seed_model):
+    from metamoe.unify import load_expert_packages
+
+    assert [p.path for p in load_expert_packages(built, seed_model=seed_model, public_pool_size=120)] == list(built)
+    with pytest.raises(PackageError, match="120"):
+        load_expert_packages(built, public_pool_size=119)
+    other = seed_model_from_config({"seed_model": {**SEED_CFG, "seed": 1}}, None)
+    with pytest.raises(PackageError, match="different weights"):
+        load_expert_packages(built, seed_model=other)

@@ -35,6 +35,7 @@ from .package_format import (
     READABLE_FORMAT_VERSIONS,
     TENSOR_FILES,
     ExpertPackage,
+    NumberText,
     PackageError,
     PathLike,
     UnverifiedPackageWarning,
@@ -62,8 +63,8 @@ def _is_int(v: Any, lo: Optional[int] = None) -> bool:
 
 
 def _shown(value: Any) -> str:
-    """``repr(value)``, cut to 80 characters (error messages stay one line)."""
-    r = repr(value)
+    """``repr(value)`` (a number as the manifest spells it), cut to 80 characters (error messages stay one line)."""
+    r = str(value) if isinstance(value, NumberText) else repr(value)
     return r if len(r) <= 80 else r[:77] + "..."
 
 
