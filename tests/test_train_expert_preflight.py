@@ -161,6 +161,19 @@ def test_learning_warning_at_chance():
     assert "within 0.050 of chance" in tecli.learning_warning({**m, "private_accuracy": 0.14, "n_private": 10_000}, 10)
 
 
+def test_learning_warning_proxy_accuracy_at_chance():
+    """An expert that fits its private data but not the proxies (proxy accuracy 0.0) is not aligned with them."""
+    m = {"loss_per_epoch": [2.3, 0.4], "private_accuracy": 0.95, "n_private": 30, "proxy_accuracy": 0.0,
+         "n_proxies": 20, "epochs": 2, "lr": 0.001}
+    w = tecli.learning_warning(m, 10, 10)
+    # chance 0.1, margin max(0.05, 2 * sqrt(0.09 / 20)) = 0.134
+    assert "its proxy accuracy 0.000 is within 0.134 of chance (0.100 for 10 classes)" in w
+    assert "private accuracy" not in w
+    assert tecli.learning_warning({**m, "proxy_accuracy": 0.6}, 10, 10) is None
+    assert tecli.learning_warning(m, 10) is None  # without the public label space's size: not judged
+    assert tecli.learning_warning({**m, "n_proxies": 0, "proxy_accuracy": None}, 10, 10) is None
+
+
 def test_learning_warning_loss_did_not_fall():
     m = {"loss_per_epoch": [1.0, 0.5, 1.0], "private_accuracy": 0.9, "n_private": 30, "epochs": 3, "lr": 0.01}
     w = tecli.learning_warning(m, 10)

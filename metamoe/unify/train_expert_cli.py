@@ -159,7 +159,7 @@ def train_expert_from_config(
     )
     for line in training_summary(ex.metrics, causal):
         say(line)
-    warning = learning_warning(ex.metrics, None if causal else len(priv_names))
+    warning = learning_warning(ex.metrics, None if causal else len(priv_names), None if causal else len(pub_names))
     if warning is not None:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     path = write_expert_package(
@@ -206,24 +206,30 @@ def _fmt(acc: Optional[float]) -> str:
     return "n/a" if acc is None else f"{acc:.3f}"
 
 
-def learning_warning(metrics: Dict[str, Any], n_classes: Optional[int]) -> Optional[str]:
+def learning_warning(
+    metrics: Dict[str, Any], n_classes: Optional[int], n_proxy_classes: Optional[int] = None
+) -> Optional[str]:
     """Why the expert barely learned (one line ending in what to try), or None when it learned.
 
     The final epoch's loss must lie below the first epoch's (with two or more epochs). For classification
     (``n_classes`` private classes; None for a causal LM, judged on the loss alone) the private accuracy must
     also exceed chance ``p = 1 / n_classes`` by more than ``max(0.05, 2 * sqrt(p * (1 - p) / n))``: two standard
-    errors of the accuracy a guessing expert would show on the ``n`` private samples, and at least 5 points.
+    errors of the accuracy a guessing expert would show on the ``n`` private samples, and at least 5 points;
+    with proxies and ``n_proxy_classes`` (the public label space's size) the proxy accuracy likewise, on the
+    ``n_proxies`` proxies (an expert that fits its private data but not the proxies is not aligned with them).
     """
     losses = metrics["loss_per_epoch"]
     reasons = []
-    acc = metrics.get("private_accuracy")
-    if n_classes is not None and acc is not None:
-        p = 1.0 / n_classes
-        margin = max(0.05, 2.0 * math.sqrt(p * (1.0 - p) / max(int(metrics["n_private"]), 1)))
+    for which, acc, k, n in (
+        ("private", metrics.get("private_accuracy"), n_classes, metrics.get("n_private")),
+        ("proxy", metrics.get("proxy_accuracy"), n_proxy_classes, metrics.get("n_proxies")),
+    ):
+        if k is None or acc is None or not n:
+            continue
+        p = 1.0 / k
+        margin = max(0.05, 2.0 * math.sqrt(p * (1.0 - p) / int(n)))
         if acc <= p + margin:
-            reasons.append(
-                f"its private accuracy {acc:.3f} is within {margin:.3f} of chance ({p:.3f} for {n_classes} classes)"
-            )
+            reasons.append(f"its {which} accuracy {acc:.3f} is within {margin:.3f} of chance ({p:.3f} for {k} classes)")
     if len(losses) >= 2 and not losses[-1] < losses[0]:
         reasons.append(f"its loss did not fall ({losses[0]:.4f} in the first epoch, {losses[-1]:.4f} in the last)")
     if not reasons:
