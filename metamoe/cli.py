@@ -8,10 +8,11 @@ Exit codes (the same for every command, so that a script can rely on them):
 * 1: an unexpected error, that is a bug: Python's traceback is printed.
 * 2: bad arguments, configuration or input data, reported by the command in one line (argparse's usage
   errors included; select, embed-pool, train-expert, unify and evaluate report a named input file that does
-  not exist this way).
-* 74 (``EX_IOERR``): an operating-system error that the command does not report itself: permission denied,
-  disk full, a folder where a file is expected, ... One line ``metamoe <command>: error: <reason>: <file>``
-  (``<file> -> <other file>`` for a rename or copy).
+  not exist this way), and an output the command's preflight finds it cannot write (not writable, a folder
+  where a file goes, too little free disk, an existing result not to be replaced): refused before any work.
+* 74 (``EX_IOERR``): an operating-system error that the command does not report itself, met during the work:
+  permission denied, disk full, a folder where a file is expected, ... One line
+  ``metamoe <command>: error: <reason>: <file>`` (``<file> -> <other file>`` for a rename or copy).
 * 130 (128 + SIGINT): interrupted by Ctrl-C; one line ``metamoe <command>: interrupted``.
 * 141 (128 + SIGPIPE): standard output was closed early (``metamoe info | head -1``); nothing is printed.
 * 143 (128 + SIGTERM): terminated by SIGTERM (``kill``, a scheduler, torchrun stopping its workers); one line
@@ -45,8 +46,10 @@ TRACEBACK_ENV = "METAMOE_TRACEBACK"
 EXIT_CODES_HELP = f"""exit codes:
   {EXIT_OK:<3}  success
   {EXIT_BUG:<3}  unexpected error (a bug; Python's traceback is printed)
-  {EXIT_USAGE:<3}  bad arguments, configuration or input data (one line)
-  {EXIT_IOERR:<3}  I/O or operating-system error: permission denied, disk full, ... (one line naming the file)
+  {EXIT_USAGE:<3}  bad arguments, configuration or input data, or an output the preflight finds unwritable
+       (one line, before any work)
+  {EXIT_IOERR:<3}  I/O or operating-system error during the work: permission denied, disk full, ... (one line
+       naming the file)
   {EXIT_INTERRUPTED:<3}  interrupted (Ctrl-C)
   {EXIT_BROKEN_PIPE:<3}  standard output closed early (e.g. piped into head)
   {EXIT_TERMINATED:<3}  terminated (SIGTERM)

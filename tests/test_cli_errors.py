@@ -60,10 +60,24 @@ def test_unreadable_input_is_one_line_naming_the_file(tmp_path, pool):
 
 def test_unwritable_output_is_one_line_naming_the_file(tmp_path, pool):
     target = tmp_path / "sel.json"
-    target.mkdir()  # the atomic rename onto a folder fails
+    target.mkdir()  # a folder where the output file goes: the preflight refuses it before any work (exit 2)
     out = _run(*_select(pool, pool, str(target)))
-    assert out.returncode == 74
-    line = _one_line(out.stderr)
+    assert out.returncode == cli.EXIT_USAGE == 2
+    assert _one_line(out.stderr) == f"metamoe select: error: --out {target} is a folder, not a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pool.npy", "sel.json"]  # nothing written
+
+
+def test_an_output_failing_during_the_work_is_exit_74(tmp_path, pool, monkeypatch, capsys):
+    """Past the preflight, an OS error while writing (here the rename onto a folder that appeared meanwhile) is
+    one line naming both files, exit 74, and no temporary file is left."""
+    import metamoe.selection.cli as select_cli
+
+    target = tmp_path / "sel.json"
+    real = select_cli.check_file_output
+    monkeypatch.setattr(select_cli, "check_file_output", lambda p, what: (real(p, what), target.mkdir()))
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    assert cli.main(list(_select(pool, pool, str(target), "--no-progress"))) == 74
+    line = _one_line(capsys.readouterr().err)
     assert line.startswith("metamoe select: error: Is a directory: ") and line.endswith(f" -> {target}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pool.npy", "sel.json"]  # no temporary file left
 
@@ -77,9 +91,9 @@ def test_read_only_output_folder_is_permission_denied(tmp_path, pool):
         out = _run(*_select(pool, pool, str(ro / "sel.json")))
     finally:
         ro.chmod(0o755)
-    assert out.returncode == 74
+    assert out.returncode == 2  # the preflight finds it before any work
     line = _one_line(out.stderr)
-    assert line.startswith("metamoe select: error: Permission denied: ") and str(ro) in line
+    assert line == f"metamoe select: error: the folder of --out {ro} cannot be written: no write permission in {ro}"
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
@@ -229,3 +243,33 @@ def test_help_documents_the_exit_codes(capsys):
     out = capsys.readouterr().out
     for code in ("74", "130", "141", "143", "--traceback", cli.TRACEBACK_ENV):
         assert code in out
+
+
+def test_a_full_disk_while_saving_tensors_is_exit_74_naming_the_file(monkeypatch, tmp_path, capsys):
+    """safetensors reports a failed write as a SafetensorError; save_safetensors turns it into the OSError it
+    stands for (errno and file), so the command ends in one line and exit 74, and the temporary file is gone."""
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    from metamoe.utils.files import atomic_write, save_safetensors
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at '
+                              f'path "{filename}"')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "router.safetensors"
+
+    def fn(argv):
+        atomic_write(out, lambda tmp: save_safetensors({"w": torch.zeros(2)}, tmp))
+
+    _fake(monkeypatch, fn)
+    assert cli.main(["fake"]) == 74
+    err = capsys.readouterr().err
+    assert err == f"metamoe fake: error: {os.strerror(errno.ENOSPC)}: {out}\n"
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(
+        SafetensorError("Error while serializing: invalid tensor")))
+    with pytest.raises(SafetensorError, match="invalid tensor"):  # not an I/O error: raised as it is
+        save_safetensors({"w": torch.zeros(2)}, out)

@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 import torch
 
-from ..utils.files import atomic_write, atomic_write_text, read_json, sha256_file
+from ..utils.files import atomic_write, atomic_write_text, read_json, save_safetensors, sha256_file
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -76,7 +76,6 @@ def save_checkpoint(
     ``meta`` (JSON-serialisable) goes into ``state.json`` next to the format tag, the step, the tensor file's
     name and sha256 and the optimizer's param groups.
     """
-    from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"param.{k}": v.detach().cpu().contiguous().clone() for k, v in params.items()}
@@ -86,7 +85,7 @@ def save_checkpoint(
             t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
             tensors[f"optim.{i}.{k}"] = t.detach().cpu().contiguous().clone()
     fname = f"ckpt-{step:08d}.safetensors"
-    atomic_write(directory / fname, lambda p: save_file(tensors, str(p)))
+    atomic_write(directory / fname, lambda p: save_safetensors(tensors, p))
 
     state = dict(meta)
     state.update(

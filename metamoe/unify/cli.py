@@ -47,7 +47,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..utils.files import atomic_write, atomic_write_text, sha256_file
+from ..utils.files import atomic_write, atomic_write_text, save_safetensors, sha256_file
 from ..utils.preflight import check_free_space, check_output
 from .checkpoint import CheckpointMismatchError
 from .config import (
@@ -129,7 +129,6 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
     the public pool to fit the seed model (:func:`~metamoe.unify.data_loading.check_inputs_for_seed`) and,
     once the model is built and before the first epoch, its disk to hold :func:`unify_storage_bytes`; each
     failure is a one-line :class:`~metamoe.utils.preflight.PreflightError` / ``ConfigError``."""
-    from safetensors.torch import save_file
 
     from .server import proxy_owners, proxy_training_set
 
@@ -214,7 +213,7 @@ def unify_from_config(cfg: Dict[str, Any], out: Optional[str] = None, quiet: boo
             "folder to start over, or write to another folder (server.yaml 'output' or --out)"
         ) from None
     state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    atomic_write(output / UNIFIED_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(output / UNIFIED_WEIGHTS, lambda tmp: save_safetensors(state, tmp))
     copies = _copy_packages(paths, output)
     manifest = {
         "format": UNIFIED_FORMAT,

@@ -179,7 +179,9 @@ def check_inputs_for_seed(seed_model: Any, x: Any, where: str, *, flags: bool = 
         )
 
 
-def _unreadable(path: Path, where: str, key: str, err: BaseException) -> ConfigError:
+def _unreadable(path: Path, where: str, key: str, err: BaseException) -> Exception:
+    if isinstance(err, OSError) and err.errno is not None:  # the OS's error (a folder, permission): as it is
+        return err
     return ConfigError(unreadable_array(path, f"{where}.{key}", err))
 
 

@@ -20,7 +20,7 @@ import torch
 
 from ..selection.methods import canonical_method
 from ..utils.checks import check_int
-from ..utils.files import current_umask, fsync_dir, make_temp_dir, sha256_file
+from ..utils.files import fsync_dir, make_temp_dir, save_safetensors, sha256_file
 from .client import TrainedExpert
 from .package_format import (
     FORMAT,
@@ -43,14 +43,7 @@ from .package_read import load_expert_package
 
 
 def _save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(
-        {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
-        str(path),
-        metadata={"format": "pt"},
-    )
-    os.chmod(path, 0o666 & ~current_umask())  # safetensors creates its files 0600
+    save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path, {"format": "pt"})
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
 

@@ -54,7 +54,8 @@ def make_temp_dir(parent: PathLike, prefix: str, suffix: str) -> Path:
 
 def atomic_write(path: PathLike, writer: Callable[[Path], None]) -> None:
     """Create ``path`` atomically: ``writer(tmp)`` writes a temporary file beside it, which is fsynced and
-    renamed over ``path``. On any error (or interrupt) the temporary file is removed and ``path`` untouched.
+    renamed over ``path``. On any error (or interrupt) the temporary file is removed and ``path`` untouched; an
+    OSError about the temporary file is raised naming ``path``.
     ``path`` gets the mode ``open(path, "w")`` would create it with (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,9 +68,11 @@ def atomic_write(path: PathLike, writer: Callable[[Path], None]) -> None:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename == tmp and exc.filename2 is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc  # name the file being written
         raise
 
 
@@ -111,12 +114,33 @@ def unreadable_array(path: PathLike, what: str, err: BaseException) -> str:
 
 def open_npy(path: PathLike, what: str, mmap_mode: Optional[str] = "r"):
     """``np.load(path, mmap_mode, allow_pickle=False)``; a file NumPy cannot read raises ValueError with
-    :func:`unreadable_array`'s message."""
+    :func:`unreadable_array`'s message (an operating-system error, such as a folder or no permission, is
+    raised as it is)."""
     import numpy as np
 
     try:
         return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
+        if isinstance(e, OSError) and e.errno is not None:  # the OS's error (a folder, permission): as it is
             raise
         raise ValueError(unreadable_array(path, what, e)) from None
+
+
+def save_safetensors(tensors: Dict[str, Any], path: PathLike, metadata: Optional[Dict[str, str]] = None) -> None:
+    """``safetensors.torch.save_file`` to ``path``, with the mode ``open(path, "w")`` gives (0666 less the umask;
+    safetensors creates 0600). An I/O failure (disk full, permission) raises the OSError it stands for, naming
+    ``path``: safetensors reports it as a SafetensorError whose text carries ``(os error N)``."""
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        m = re.search(r"\(os error (\d+)\)", str(exc))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
+    os.chmod(path, 0o666 & ~current_umask())
