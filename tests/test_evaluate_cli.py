@@ -47,6 +47,15 @@ def test_class_names_count_must_match_the_data_sets(work, capsys):  # noqa: F811
     assert "accuracy" not in out.out
 
 
+def test_json_output_is_checked_before_the_model_is_rebuilt(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evcli, "load_unified", lambda d: pytest.fail("the model was rebuilt"))
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 8, 8), np.float32), y=np.zeros(2, np.int64))
+    rc = evcli.main_evaluate(["--model", str(tmp_path / "u"), "--data", str(tmp_path / "d.npz"), "--json",
+                              str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == f"error: --json {tmp_path} is a folder, not a file", err
+
+
 def test_folder_without_a_finished_result(tmp_path, capsys):
     (tmp_path / "u" / "checkpoints").mkdir(parents=True)
     np.savez(tmp_path / "d.npz", x=np.zeros((2, 8, 8), np.float32), y=np.zeros(2, np.int64))

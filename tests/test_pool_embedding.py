@@ -327,6 +327,10 @@ def test_cli_help_and_errors(raw, tmp_path, capsys):
     assert "--shards must be comma-separated" in capsys.readouterr().err
     assert main(_cli_args(tmp_path / "none.npy", tmp_path / "z")) == 2
     assert "not found" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main(_cli_args(raw, tmp_path / "afile" / "pool")) == 2  # before any embedding
+    assert f"--out {tmp_path / 'afile' / 'pool'} cannot be created: {tmp_path / 'afile'} is a file" in \
+        capsys.readouterr().err
     from metamoe.cli import COMMANDS
 
     assert "embed-pool" in COMMANDS

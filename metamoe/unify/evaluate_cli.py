@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..utils.files import atomic_write_text
+from ..utils.preflight import check_file_output
 from .cli import UNIFIED_MANIFEST, command_parser, load_unified, run_command
 from .config import ConfigError
 from .data_loading import DATA_HELP, check_inputs_for_seed, load_data, seed_image_shape
@@ -153,6 +154,8 @@ def main_evaluate(argv: Optional[List[str]] = None) -> int:
                 f"{len(class_names)} --class-names for {len(a.data)} --data"
             )
         image_size = _parse_image_size(a.image_size)
+        if a.json:
+            check_file_output(a.json, "--json")  # before the model is rebuilt and evaluated
         model = load_unified(a.model)
         folder = _folder_options(model.seed, a.channels, image_size)
         res = {}

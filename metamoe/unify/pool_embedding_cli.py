@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional
 
 from ..utils.files import open_npy, read_json
 from ..utils.pool_format import DTYPES, FORMAT, MANIFEST
+from ..utils.preflight import check_writable
 from .config import ConfigError, check_keys, load_config, resolve_path, seed_model_from_config
 from .data_loading import load_data
 from .pool_embedding import embed_pool_sharded
@@ -147,7 +148,7 @@ def _from_args(a):
     out = a.out if a.out is not None else cfg.get("output")
     if out is None:
         raise ConfigError("give the pool folder: --out DIR (or output: in --config)")
-    a.out_resolved = str(resolve_path(base if a.out is None else None, out, "output"))
+    a.out_resolved = str(check_writable(resolve_path(base if a.out is None else None, out, "output"), "--out"))
     a.batch_size_resolved = a.batch_size if a.batch_size is not None else cfg.get("batch_size", 256)
     a.dtype_resolved = a.dtype if a.dtype is not None else cfg.get("dtype", "float16")
     a.num_shards_cfg = a.num_shards if a.num_shards is not None else cfg.get("num_shards")
