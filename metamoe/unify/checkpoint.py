@@ -64,6 +64,12 @@ def data_fingerprint(x: Any, y: Optional[np.ndarray], route_targets: Optional[np
     return h.hexdigest()
 
 
+def checkpoint_bytes(n_trained: int) -> int:
+    """Disk a :func:`save_checkpoint` series of ``n_trained`` float32 values with AdamW needs at most: the values and
+    the optimizer's two moments (3 tensors), twice (the previous checkpoint exists while the next is written)."""
+    return 4 * int(n_trained) * 3 * 2
+
+
 def save_checkpoint(
     directory: Path,
     step: int,

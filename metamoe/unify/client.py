@@ -34,7 +34,7 @@ from ..models.ffn import ffn_input_hooks
 from ..models.lora import LoRAConfig, apply_lora, has_lora, lora_state_dict
 from ..models.registry import SeedModel, seeded, weight_hash
 from ..utils.progress import progress_bar
-from .checkpoint import CheckpointMismatchError, data_fingerprint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointMismatchError, checkpoint_bytes, data_fingerprint, load_checkpoint, save_checkpoint
 
 PROTOTYPE_DATA = ("train", "private")
 
@@ -565,7 +565,7 @@ def expert_storage_bytes(
     head = n_classes * (seed_model.feature_dim + 1)
     protos = sum(layer.hidden_size for layer in layers)
     package = 4 * (lora + head + protos) + 24 * n_proxies + 2 * names_bytes + 65536
-    return package + 2 * 3 * 4 * (lora + head) + 65536
+    return package + checkpoint_bytes(lora + head) + 65536
 
 
 def _tensor_b64(t: torch.Tensor) -> str:

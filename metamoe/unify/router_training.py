@@ -22,7 +22,7 @@ from torch import nn
 
 from ..models.registry import SeedModel
 from ..utils.checks import check_float, check_int
-from .checkpoint import data_fingerprint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_bytes, data_fingerprint, load_checkpoint, save_checkpoint
 from .unified_model import UnifiedModel
 
 PathLike = Union[str, os.PathLike]
@@ -241,7 +241,7 @@ def training_storage_bytes(model: UnifiedModel, training: Optional[RouterTrainin
         else:
             trains = prm.requires_grad
         count += prm.numel() if trains else 0
-    return 4 * count * 3 * 2 + STORAGE_SLACK_BYTES
+    return checkpoint_bytes(count) + STORAGE_SLACK_BYTES
 
 
 def _cached_contexts(model: UnifiedModel, x: Any, n: int) -> Optional[torch.Tensor]:
